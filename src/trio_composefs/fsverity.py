@@ -24,7 +24,11 @@ __all__ = [
     "Algorithm",
     "Digest",
     "FsVerityHasher",
+    "descriptor_digest",
+    "digest_from_level1",
     "fsverity_digest",
+    "level1_digests",
+    "level1_group_size",
 ]
 
 BLOCK_SIZE = 4096
@@ -63,7 +67,8 @@ class Algorithm(enum.Enum):
             if name in (alg.value, alg.hash_name):
                 return alg
         raise DigestError(
-            f"unknown fs-verity algorithm {name!r}: expected fsverity-sha256-12 or fsverity-sha512-12"
+            f"unknown fs-verity algorithm {name!r}:"
+            " expected fsverity-sha256-12 or fsverity-sha512-12"
         )
 
     @classmethod
@@ -203,7 +208,9 @@ class FsVerityHasher:
         while off < n:
             room = per_block - len(level0) // ds
             stop = min(n, off + room * BLOCK_SIZE)
-            level0 += b"".join([h(mv[i : i + BLOCK_SIZE]).digest() for i in range(off, stop, BLOCK_SIZE)])
+            level0 += b"".join(
+                [h(mv[i : i + BLOCK_SIZE]).digest() for i in range(off, stop, BLOCK_SIZE)]
+            )
             off = stop
             if len(level0) == BLOCK_SIZE:
                 self._push(1, h(level0).digest())
@@ -263,7 +270,9 @@ class FsVerityHasher:
         """The fs-verity digest of everything fed. Ends the hasher."""
         size = self._size
         root = self.root_hash()
-        desc = _DESCRIPTOR.pack(1, self._algorithm.kernel_id, LOG_BLOCK_SIZE, 0, 0, size, root, b"", b"")
+        desc = _DESCRIPTOR.pack(
+            1, self._algorithm.kernel_id, LOG_BLOCK_SIZE, 0, 0, size, root, b"", b""
+        )
         return Digest(self._algorithm, self._hash(desc).digest())
 
 
@@ -273,8 +282,70 @@ def descriptor_digest(algorithm: Algorithm, size: int, root: bytes) -> Digest:
     return Digest(algorithm, algorithm.hash_constructor(desc).digest())
 
 
-def fsverity_digest(data: bytes | bytearray | memoryview, algorithm: Algorithm = Algorithm.SHA256) -> Digest:
+def fsverity_digest(
+    data: bytes | bytearray | memoryview, algorithm: Algorithm = Algorithm.SHA256
+) -> Digest:
     """One-shot fs-verity digest of ``data``."""
     h = FsVerityHasher(algorithm)
     h.update(data)
     return h.digest()
+
+
+# Parallel hashing: a file is cut into groups of data blocks that each fill
+# exactly one level-0 tree block (128 blocks for SHA-256, 64 for SHA-512).
+# Each group yields one level-1 digest; independent workers can hash groups
+# and the tree above level 1 is cheap to finish in one place.
+
+
+def level1_group_size(algorithm: Algorithm) -> int:
+    """Bytes of data covered by one level-1 digest: 512 KiB (SHA-256), 256 KiB (SHA-512)."""
+    return BLOCK_SIZE // algorithm.digest_size * BLOCK_SIZE
+
+
+def level1_digests(data: bytes | bytearray | memoryview, algorithm: Algorithm) -> bytes:
+    """The concatenated level-1 digests of ``data``.
+
+    ``data`` must start at a multiple of :func:`level1_group_size` in the file
+    and be a whole number of groups long, except for the file's last piece,
+    whose partial data block and partial tree block are zero-padded here.
+    """
+    h = algorithm.hash_constructor
+    mv = memoryview(data).cast("B")
+    n = len(mv)
+    group = level1_group_size(algorithm)
+    full_end = n - n % BLOCK_SIZE
+    out = []
+    for start in range(0, n, group):
+        stop = min(start + group, full_end)
+        level0 = [h(mv[i : i + BLOCK_SIZE]).digest() for i in range(start, stop, BLOCK_SIZE)]
+        if stop < min(start + group, n):  # the file's partial last data block
+            level0.append(h(bytes(mv[stop:n]).ljust(BLOCK_SIZE, b"\0")).digest())
+        out.append(h(b"".join(level0).ljust(BLOCK_SIZE, b"\0")).digest())
+    return b"".join(out)
+
+
+def digest_from_level1(algorithm: Algorithm, size: int, level1: bytes) -> Digest:
+    """Finish the tree over a file of ``size`` bytes from all its level-1 digests.
+
+    Only for files of more than one data block (``size > BLOCK_SIZE``); a
+    single block is its own root and has no level-1 digest.
+
+    Raises:
+        ValueError: ``size`` is too small or ``level1`` has the wrong length.
+    """
+    ds = algorithm.digest_size
+    if size <= BLOCK_SIZE:
+        raise ValueError(f"a file of {size} bytes has no level-1 digests")
+    groups = -(-size // level1_group_size(algorithm))
+    if len(level1) != groups * ds:
+        raise ValueError(
+            f"a file of {size} bytes has {groups} level-1 digests, not {len(level1) / ds:g}"
+        )
+    h = algorithm.hash_constructor
+    level = level1
+    while len(level) > ds:
+        level = b"".join(
+            h(level[i : i + BLOCK_SIZE].ljust(BLOCK_SIZE, b"\0")).digest()
+            for i in range(0, len(level), BLOCK_SIZE)
+        )
+    return descriptor_digest(algorithm, size, level)

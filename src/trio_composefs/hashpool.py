@@ -1,0 +1,504 @@
+"""fs-verity digests of open files, on every core.
+
+CPython's hashlib gives the GIL back for each 4096-byte block, but the Python
+loop around it keeps two threads well below two cores. :class:`HashPool`
+therefore hashes large files in worker *processes*. A worker is never sent the
+file's bytes: it receives the file descriptor itself over a Unix socket
+(``SCM_RIGHTS``), reads its byte range with :func:`os.preadv` and returns only
+the level-1 digests of that range (one per 128 data blocks for SHA-256, per
+64 for SHA-512). The calling thread finishes the small top of the tree and the
+descriptor.
+
+Where each file is hashed (thresholds measured on 2 cores, see
+benchmarks/README.md):
+
+- below ``inline_below`` (32 KiB): in the calling thread, always; a round trip
+  to a worker costs about as much as the hashing;
+- below ``threshold`` (1 MiB, two level-1 groups): in the calling thread when
+  it is the only caller, else whole in one worker (several threads hashing in
+  one process contend for the GIL and together run *slower* than one);
+- from ``threshold`` up: split into group-aligned ranges over all idle workers.
+
+Workers are started with the ``forkserver`` (or ``spawn``) method, never by
+forking the caller, which may be running trio and many threads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import socket
+import struct
+import threading
+from collections import deque
+from multiprocessing.context import ForkServerContext, SpawnContext
+from multiprocessing.process import BaseProcess
+
+import attrs
+
+from ._errors import ComposefsError
+from .fsverity import (
+    BLOCK_SIZE,
+    Algorithm,
+    Digest,
+    FsVerityHasher,
+    digest_from_level1,
+    level1_digests,
+    level1_group_size,
+)
+
+__all__ = [
+    "DEFAULT_INLINE_BELOW",
+    "DEFAULT_THRESHOLD",
+    "HashPool",
+    "HashPoolStatistics",
+    "digest_fd",
+]
+
+#: Files smaller than this are always hashed in the calling thread.
+DEFAULT_INLINE_BELOW = 32 << 10
+#: Files from this size up are split over several workers.
+DEFAULT_THRESHOLD = 1 << 20
+
+# Bytes read per pread; a multiple of both level-1 group sizes (512 KiB, 256 KiB).
+_READ_SIZE = 1 << 20
+# Upper bound for one worker job; smaller jobs balance better between workers.
+_MAX_JOB = 16 << 20
+
+# Job: offset, length, hash algorithm kernel id, flags. Reply: tag byte + payload:
+# level-1 digests, the file's digest (_WHOLE_FILE), or a pickled exception.
+_JOB = struct.Struct("<QQBB")
+_WHOLE_FILE = 1  # the range is the whole file: reply with its fs-verity digest
+_OK = b"\0"
+_FAILED = b"\1"
+# Largest reply: level-1 digests of _MAX_JOB bytes of SHA-512, or a pickled error.
+_REPLY_MAX = 1 << 16
+
+
+def _pread_exactly(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``, or fail if the file ends first."""
+    got = 0
+    want = len(buf)
+    while got < want:
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n == 0:
+            raise ComposefsError(
+                f"file ended at byte {offset + got} while hashing: expected at least"
+                f" {offset + want} bytes (was it truncated while being read?)"
+            )
+        got += n
+
+
+def digest_fd(fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> Digest:
+    """fs-verity digest of the first ``size`` bytes of ``fd``, in the calling thread.
+
+    Reads with :func:`os.preadv`, so the file offset is left alone and ``fd``
+    may be shared. Blocking.
+
+    Raises:
+        ComposefsError: the file has fewer than ``size`` bytes.
+        OSError: ``fd`` cannot be read.
+    """
+    if size < 0:
+        raise ValueError(f"negative file size {size}")
+    hasher = FsVerityHasher(algorithm)
+    buf = memoryview(bytearray(min(size, _READ_SIZE)))
+    offset = 0
+    while offset < size:
+        chunk = buf[: min(len(buf), size - offset)]
+        _pread_exactly(fd, chunk, offset)
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.digest()
+
+
+def _hash_range(fd: int, offset: int, length: int, algorithm: Algorithm, buf: memoryview) -> bytes:
+    """Level-1 digests of ``length`` bytes of ``fd`` from the group-aligned ``offset``."""
+    out = []
+    end = offset + length
+    while offset < end:
+        chunk = buf[: min(len(buf), end - offset)]
+        _pread_exactly(fd, chunk, offset)
+        out.append(level1_digests(chunk, algorithm))
+        offset += len(chunk)
+    return b"".join(out)
+
+
+def _worker_main(sock: socket.socket) -> None:
+    """Worker process: serve jobs from ``sock`` until the parent closes it."""
+    # Ctrl-C goes to the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    buf = memoryview(bytearray(_READ_SIZE))
+    with sock:
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(sock, _JOB.size, 1)
+            except OSError:
+                return
+            if not msg:  # the parent closed its end: shut down
+                for fd in fds:
+                    os.close(fd)
+                return
+            try:
+                if len(msg) != _JOB.size or len(fds) != 1:
+                    raise ComposefsError(f"hash worker: malformed job ({len(msg)} bytes)")
+                offset, length, alg_id, flags = _JOB.unpack(msg)
+                algorithm = Algorithm.from_kernel_id(alg_id)
+                level1 = _hash_range(fds[0], offset, length, algorithm, buf)
+                if flags & _WHOLE_FILE:
+                    level1 = digest_from_level1(algorithm, length, level1).raw
+                reply = _OK + level1
+            except Exception as exc:
+                reply = _FAILED + _pickle_error(exc)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            try:
+                sock.send(reply)
+            except OSError:  # the parent gave up on us
+                return
+
+
+def _pickle_error(exc: Exception) -> bytes:
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+    except Exception:
+        data = b""
+    if not data or len(data) >= _REPLY_MAX:
+        data = pickle.dumps(ComposefsError(f"hash worker: {type(exc).__name__}: {exc}"[:4000]))
+    return data
+
+
+def _default_workers(workers: int | None) -> int:
+    n = (os.cpu_count() or 1) if workers is None else workers
+    if n < 1:
+        raise ValueError(f"HashPool needs at least one worker, not {n}")
+    return n
+
+
+@attrs.frozen
+class HashPoolStatistics:
+    """A snapshot of what a :class:`HashPool` has done so far.
+
+    Attributes:
+        files_inline: files hashed in the calling thread.
+        files_whole: files hashed whole by one worker.
+        files_split: files split over workers.
+        jobs: byte ranges sent to workers.
+        bytes_hashed: bytes of every file digested, wherever.
+        workers_replaced: workers that died or failed (each is replaced on next use).
+    """
+
+    files_inline: int
+    files_whole: int
+    files_split: int
+    jobs: int
+    bytes_hashed: int
+    workers_replaced: int
+
+
+@attrs.define(eq=False)
+class _Worker:
+    process: BaseProcess
+    sock: socket.socket
+    pid: int
+    exitcode: int | None = None  # set once stopped
+
+
+def _split(size: int, algorithm: Algorithm, workers: int) -> list[tuple[int, int]]:
+    """Cut ``size`` bytes into group-aligned ranges, about equal, a multiple of ``workers``."""
+    group = level1_group_size(algorithm)
+    groups = -(-size // group)
+    jobs = max(workers, -(-size // _MAX_JOB))
+    jobs = min(groups, -(-jobs // workers) * workers)
+    per_job = -(-groups // jobs) * group
+    return [(off, min(per_job, size - off)) for off in range(0, size, per_job)]
+
+
+@attrs.define(eq=False)
+class HashPool:
+    """Worker processes that compute fs-verity digests of open files.
+
+    Use as a context manager, or call :meth:`close`. :meth:`digest_fd` is
+    blocking and thread-safe: call it from many threads at once (for example
+    through ``trio.to_thread.run_sync``); each call borrows idle workers and
+    returns them when its file is done. Workers start on first use.
+
+    Args:
+        workers: number of worker processes; default :func:`os.cpu_count`.
+        threshold: files of at least this many bytes are split over several
+            workers; smaller ones go whole to one worker, or are hashed in
+            the calling thread when no other call is in progress.
+        inline_below: files smaller than this are always hashed in the
+            calling thread.
+        start_method: ``"forkserver"`` (default) or ``"spawn"``. Never
+            ``"fork"``: the caller may be running threads.
+    """
+
+    workers: int = attrs.field(default=None, converter=_default_workers)
+    threshold: int = attrs.field(default=DEFAULT_THRESHOLD, kw_only=True)
+    inline_below: int = attrs.field(default=DEFAULT_INLINE_BELOW, kw_only=True)
+    start_method: str = attrs.field(
+        default="forkserver",
+        kw_only=True,
+        validator=attrs.validators.in_(("forkserver", "spawn")),
+    )
+    _context: ForkServerContext | SpawnContext = attrs.field(init=False)
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    # Signalled when a worker becomes idle (wakes one caller), and when every
+    # worker is idle (wakes close()).
+    _free: threading.Condition = attrs.field(init=False)
+    _drained: threading.Condition = attrs.field(init=False)
+    _all: list[_Worker] = attrs.field(init=False, factory=list)
+    _idle: list[_Worker] = attrs.field(init=False, factory=list)
+    _active: int = attrs.field(init=False, default=0)
+    _counts: dict[str, int] = attrs.field(init=False, factory=dict)
+    _closed: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        # A worker returns level-1 digests, which a one-block file does not have.
+        self.inline_below = max(self.inline_below, BLOCK_SIZE + 1)
+        self._free = threading.Condition(self._lock)
+        self._drained = threading.Condition(self._lock)
+        self._context = (
+            multiprocessing.get_context("spawn")
+            if self.start_method == "spawn"
+            else multiprocessing.get_context("forkserver")
+        )
+
+    def __enter__(self) -> HashPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> HashPoolStatistics:
+        """Counters since the pool was made (see :class:`HashPoolStatistics`)."""
+        with self._lock:
+            counts = dict(self._counts)
+        return HashPoolStatistics(
+            **{f.name: counts.get(f.name, 0) for f in attrs.fields(HashPoolStatistics)}
+        )
+
+    def _count(self, **increments: int) -> None:
+        with self._lock:
+            for name, n in increments.items():
+                self._counts[name] = self._counts.get(name, 0) + n
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (empty before first use and after close)."""
+        with self._lock:
+            return [w.pid for w in self._all]
+
+    def digest_fd(self, fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> Digest:
+        """fs-verity digest of the first ``size`` bytes of the readable ``fd``.
+
+        Blocking and thread-safe. ``fd`` must stay open until this returns; its
+        offset is not used or moved.
+
+        Raises:
+            RuntimeError: the pool is closed (also when it closes while this
+                call waits for a worker).
+            ComposefsError: the file has fewer than ``size`` bytes, or a worker died.
+            OSError: ``fd`` cannot be read.
+            ValueError: ``size`` is negative.
+
+        Cancellation: none; from trio, run it with ``trio.to_thread.run_sync``
+        and the default ``abandon_on_cancel=False``, so that ``fd`` stays open
+        until the workers are done with it.
+        """
+        if self._closed:
+            raise RuntimeError("HashPool is closed")
+        if size < 0:
+            raise ValueError(f"negative file size {size}")
+        if size < self.inline_below:
+            result = digest_fd(fd, size, algorithm)
+            self._count(files_inline=1, bytes_hashed=size)
+            return result
+        with self._lock:
+            self._active += 1
+            alone = self._active == 1
+        try:
+            if size < self.threshold:
+                if alone:
+                    result = digest_fd(fd, size, algorithm)
+                    self._count(files_inline=1, bytes_hashed=size)
+                    return result
+                (raw,) = self._run_jobs(fd, algorithm, [(0, size)], _WHOLE_FILE)
+                result = Digest(algorithm, raw)
+                self._count(files_whole=1, jobs=1, bytes_hashed=size)
+            else:
+                ranges = _split(size, algorithm, self.workers)
+                level1 = b"".join(self._run_jobs(fd, algorithm, ranges, 0))
+                result = digest_from_level1(algorithm, size, level1)
+                self._count(files_split=1, jobs=len(ranges), bytes_hashed=size)
+            return result
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _run_jobs(
+        self, fd: int, algorithm: Algorithm, job_ranges: list[tuple[int, int]], flags: int
+    ) -> list[bytes]:
+        """Send each (offset, length) range of ``fd`` to a worker; their replies in order."""
+        ranges = deque(enumerate(job_ranges))
+        results: list[bytes] = [b""] * len(ranges)
+        held: set[_Worker] = set()  # borrowed from the pool by this call
+        busy: dict[socket.socket, tuple[_Worker, int]] = {}  # job in flight
+        error: BaseException | None = None
+
+        def dispatch(worker: _Worker) -> None:
+            nonlocal error
+            index, (offset, length) = ranges.popleft()
+            try:
+                socket.send_fds(
+                    worker.sock, [_JOB.pack(offset, length, algorithm.kernel_id, flags)], [fd]
+                )
+            except OSError as exc:
+                held.discard(worker)
+                self._discard(worker)
+                error = ComposefsError(
+                    f"hash worker {worker.pid} is gone ({exc}; exit code {worker.exitcode})"
+                )
+                return
+            busy[worker.sock] = (worker, index)
+
+        def give_back(worker: _Worker) -> None:
+            held.discard(worker)
+            self._release(worker)
+
+        try:
+            first = self._acquire(block=True)
+            assert first is not None
+            held.add(first)
+            dispatch(first)
+            while busy:
+                while ranges and error is None:
+                    extra = self._acquire(block=False)
+                    if extra is None:
+                        break
+                    held.add(extra)
+                    dispatch(extra)
+                waiting = list(busy)
+                if len(waiting) > 1:
+                    waiting = [
+                        sock
+                        for sock in multiprocessing.connection.wait(waiting)
+                        if isinstance(sock, socket.socket)
+                    ]
+                for ready in waiting:
+                    worker, index = busy.pop(ready)
+                    try:
+                        reply = ready.recv(_REPLY_MAX)
+                    except OSError:
+                        reply = b""
+                    if not reply:
+                        held.discard(worker)
+                        self._discard(worker)
+                        error = error or ComposefsError(
+                            f"hash worker {worker.pid} died (exit code {worker.exitcode})"
+                        )
+                        continue
+                    if reply[:1] == _OK:
+                        results[index] = reply[1:]
+                    elif error is None:
+                        error = pickle.loads(reply[1:])
+                    if ranges and error is None:
+                        dispatch(worker)
+                    else:
+                        give_back(worker)
+        finally:
+            # Only after an unexpected exception (say KeyboardInterrupt): a worker
+            # may have a reply in flight, so none of them can be reused.
+            for worker in held:
+                self._discard(worker)
+        if error is not None:
+            raise error
+        return results
+
+    def close(self) -> None:
+        """Wait for calls in progress, then stop and join every worker. Idempotent."""
+        with self._lock:
+            self._closed = True
+            self._free.notify_all()
+            while len(self._idle) < len(self._all):
+                self._drained.wait()
+            workers = self._all[:]
+            self._all.clear()
+            self._idle.clear()
+        for worker in workers:
+            worker.sock.close()  # the worker reads EOF and exits
+        for worker in workers:
+            self._stop(worker)
+
+    # -- worker bookkeeping (all under self._lock) --
+
+    def _acquire(self, *, block: bool) -> _Worker | None:
+        with self._lock:
+            while True:
+                if self._closed:
+                    if block:
+                        raise RuntimeError("HashPool is closed")
+                    return None
+                # Start the workers on first use, and replace any that died. A
+                # failure to start one reaches the caller instead of a hang.
+                while len(self._all) < self.workers:
+                    self._spawn()
+                if self._idle:
+                    return self._idle.pop()
+                if not block:
+                    return None
+                self._free.wait()
+
+    def _release(self, worker: _Worker) -> None:
+        with self._lock:
+            self._idle.append(worker)
+            self._free.notify()
+            if len(self._idle) == len(self._all):
+                self._drained.notify_all()
+
+    def _spawn(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = self._context.Process(
+                target=_worker_main, args=(child,), name="trio-composefs-hash", daemon=True
+            )
+            process.start()
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        assert process.pid is not None
+        worker = _Worker(process, parent, process.pid)
+        self._all.append(worker)
+        self._idle.append(worker)
+
+    def _discard(self, worker: _Worker) -> None:
+        """Drop a worker that cannot be trusted any more (the next acquire replaces it)."""
+        worker.sock.close()
+        with self._lock:
+            self._all.remove(worker)
+            if not self._closed:
+                self._counts["workers_replaced"] = self._counts.get("workers_replaced", 0) + 1
+                self._free.notify()  # a waiting caller starts the replacement
+            if len(self._idle) == len(self._all):
+                self._drained.notify_all()
+        self._stop(worker, timeout=0)
+
+    @staticmethod
+    def _stop(worker: _Worker, timeout: float = 5) -> None:
+        worker.process.join(timeout)
+        if worker.process.exitcode is None:
+            worker.process.kill()
+            worker.process.join()
+        worker.exitcode = worker.process.exitcode
+        worker.process.close()

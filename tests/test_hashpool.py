@@ -1,0 +1,330 @@
+"""HashPool and digest_fd against the one-shot hasher (itself checked against the fsverity tool)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_composefs._errors import ComposefsError
+from trio_composefs.fsverity import BLOCK_SIZE, Algorithm, fsverity_digest, level1_group_size
+from trio_composefs.hashpool import HashPool, HashPoolStatistics, _split, digest_fd
+
+MIB = 1 << 20
+G256 = level1_group_size(Algorithm.SHA256)  # 512 KiB
+G512 = level1_group_size(Algorithm.SHA512)  # 256 KiB
+DATA = random.Random(208).randbytes(34 * MIB + 12345)
+
+
+def _sizes(group: int) -> list[int]:
+    base = {0, 1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 2 * BLOCK_SIZE, 100_000}
+    for n in (group, 2 * group, 3 * group, MIB, 16 * MIB, 32 * MIB, 2 * group * group // 4096):
+        base |= {n - 1, n, n + 1}
+    base |= {3 * group + 1234, len(DATA)}
+    return sorted(s for s in base if s <= len(DATA))
+
+
+CASES = [(alg, n) for alg in Algorithm for n in _sizes(level1_group_size(alg))]
+
+
+@pytest.fixture(scope="module")
+def data_fd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    path = tmp_path_factory.mktemp("hashpool") / "data"
+    path.write_bytes(DATA)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[tuple[Algorithm, int], str]:
+    return {(alg, n): fsverity_digest(DATA[:n], alg).hex() for alg, n in CASES}
+
+
+@pytest.fixture(scope="module")
+def split_pool() -> Iterator[HashPool]:
+    """Two workers; everything from two blocks up is split over them."""
+    with HashPool(2, threshold=0, inline_below=0) as pool:
+        yield pool
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_split_ranges_are_group_aligned_and_cover_the_file() -> None:
+    for alg in Algorithm:
+        group = level1_group_size(alg)
+        for size in (BLOCK_SIZE + 1, group, group + 1, 5 * MIB + 3, 100 * MIB, 1 << 33):
+            for workers in (1, 2, 3, 8):
+                ranges = _split(size, alg, workers)
+                assert ranges[0][0] == 0
+                assert sum(length for _off, length in ranges) == size
+                for (off, length), (next_off, _) in itertools.pairwise(ranges):
+                    assert off % group == 0
+                    assert length % group == 0
+                    assert next_off == off + length
+                assert len(ranges) <= -(-size // group)
+                assert max(length for _o, length in ranges) <= 16 * MIB + group
+
+
+@pytest.mark.parametrize(("alg", "size"), CASES, ids=[f"{a.hash_name}-{n}" for a, n in CASES])
+def test_digest_fd_single_thread(
+    data_fd: int, expected: dict[tuple[Algorithm, int], str], alg: Algorithm, size: int
+) -> None:
+    assert digest_fd(data_fd, size, alg).hex() == expected[(alg, size)]
+
+
+@pytest.mark.parametrize(("alg", "size"), CASES, ids=[f"{a.hash_name}-{n}" for a, n in CASES])
+def test_pool_split(
+    split_pool: HashPool,
+    data_fd: int,
+    expected: dict[tuple[Algorithm, int], str],
+    alg: Algorithm,
+    size: int,
+) -> None:
+    before = split_pool.statistics()
+    digest = split_pool.digest_fd(data_fd, size, alg)
+    assert digest.algorithm is alg
+    assert digest.hex() == expected[(alg, size)]
+    after = split_pool.statistics()
+    # inline_below is raised to one block + 1: one-block files have no level-1 digests.
+    assert after.files_split - before.files_split == (size > BLOCK_SIZE)
+    assert after.bytes_hashed - before.bytes_hashed == size
+
+
+def test_pool_default_thresholds_single_caller(
+    data_fd: int, expected: dict[tuple[Algorithm, int], str]
+) -> None:
+    with HashPool(2) as pool:
+        for size in (100_000, MIB - 1, MIB, 32 * MIB + 1):
+            assert pool.digest_fd(data_fd, size).hex() == expected[(Algorithm.SHA256, size)]
+        stats = pool.statistics()
+    # One caller: files under 1 MiB stay in the calling thread, larger ones are split.
+    assert stats == HashPoolStatistics(
+        files_inline=2,
+        files_whole=0,
+        files_split=2,
+        jobs=stats.jobs,
+        bytes_hashed=100_000 + 2 * MIB - 1 + 32 * MIB + 1,
+        workers_replaced=0,
+    )
+    assert stats.jobs == 2 + 4
+
+
+def test_many_threads_at_once(data_fd: int) -> None:
+    rng = random.Random(7)
+    work = [
+        (
+            rng.choice(list(Algorithm)),
+            rng.choice([rng.randrange(len(DATA)), rng.randrange(3 * MIB)]),
+        )
+        for _ in range(36)
+    ]
+    want = [fsverity_digest(DATA[:n], alg) for alg, n in work]
+    got: list[object] = [None] * len(work)
+    start = threading.Barrier(6)
+
+    def run(pool: HashPool, k: int) -> None:
+        start.wait()
+        for i in range(k, len(work), 6):
+            alg, n = work[i]
+            got[i] = pool.digest_fd(data_fd, n, alg)
+
+    with HashPool(2) as pool:
+        threads = [threading.Thread(target=run, args=(pool, k)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = pool.statistics()
+    assert got == want
+    assert stats.files_inline + stats.files_whole + stats.files_split == len(work)
+    # Concurrent callers send sub-threshold files whole to a worker.
+    assert stats.files_whole > 0
+
+
+async def test_from_trio_threads_with_a_pool_made_inside_trio(data_fd: int) -> None:
+    sizes = [5 * MIB + 1, 200 * 1024, 40_000, 3 * G256 - 1, 7, 12 * MIB]
+    results: dict[int, str] = {}
+    limiter = trio.CapacityLimiter(4)
+    with HashPool() as pool:
+
+        async def one(size: int) -> None:
+            digest = await trio.to_thread.run_sync(pool.digest_fd, data_fd, size, limiter=limiter)
+            results[size] = digest.hex()
+
+        async with trio.open_nursery() as nursery:
+            for size in sizes:
+                nursery.start_soon(one, size)
+    assert results == {n: fsverity_digest(DATA[:n]).hex() for n in sizes}
+
+
+def test_close_joins_workers_and_leaks_no_fds(data_fd: int) -> None:
+    # A first pool starts multiprocessing's forkserver and resource tracker: shared
+    # helpers that live as long as this process, not part of any pool.
+    with HashPool(1, threshold=0) as warm:
+        warm.digest_fd(data_fd, MIB)
+    fds_before = _open_fds()
+    pool = HashPool(2, threshold=0)
+    assert pool.worker_pids() == []  # started on first use
+    assert pool.digest_fd(data_fd, 3 * MIB) == fsverity_digest(DATA[: 3 * MIB])
+    pids = pool.worker_pids()
+    assert len(pids) == 2
+    assert all(_alive(pid) for pid in pids)
+    pool.close()
+    assert pool.closed
+    assert pool.worker_pids() == []
+    assert not any(_alive(pid) for pid in pids)
+    assert _open_fds() == fds_before
+    pool.close()  # idempotent
+    with pytest.raises(RuntimeError, match="HashPool is closed"):
+        pool.digest_fd(data_fd, 3 * MIB)
+    with pytest.raises(RuntimeError, match="HashPool is closed"):
+        pool.digest_fd(data_fd, 10)
+
+
+def test_close_waits_for_a_call_in_progress(data_fd: int) -> None:
+    pool = HashPool(1, threshold=0)
+    pool.digest_fd(data_fd, MIB)  # start the worker
+    result: list[object] = []
+    caller = threading.Thread(target=lambda: result.append(pool.digest_fd(data_fd, len(DATA))))
+    caller.start()
+    while pool._idle and not result:  # wait until the caller holds the worker
+        time.sleep(0.0005)
+    pool.close()
+    caller.join()
+    assert result == [fsverity_digest(DATA)]
+
+
+def test_file_shorter_than_size(tmp_path: Path) -> None:
+    path = tmp_path / "short"
+    path.write_bytes(DATA[: 2 * MIB])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ComposefsError, match="file ended at byte 2097152"):
+            digest_fd(fd, 2 * MIB + 1)
+        with HashPool(2, threshold=0) as pool:
+            with pytest.raises(ComposefsError, match="file ended at byte 2097152"):
+                pool.digest_fd(fd, 3 * MIB)
+            # The pool is still usable after a job failed.
+            assert pool.digest_fd(fd, 2 * MIB) == fsverity_digest(DATA[: 2 * MIB])
+            assert pool.statistics().workers_replaced == 0
+    finally:
+        os.close(fd)
+
+
+def test_unreadable_fd_raises_oserror(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "w", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, DATA[:MIB])
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            digest_fd(fd, MIB)
+        with HashPool(1, threshold=0) as pool, pytest.raises(OSError, match="Bad file"):
+            pool.digest_fd(fd, MIB)
+    finally:
+        os.close(fd)
+
+
+def test_dead_worker_is_reported_and_replaced(data_fd: int) -> None:
+    with HashPool(1, threshold=0) as pool:
+        assert pool.digest_fd(data_fd, MIB) == fsverity_digest(DATA[:MIB])
+        (pid,) = pool.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.001)
+        with pytest.raises(ComposefsError, match=f"hash worker {pid}"):
+            pool.digest_fd(data_fd, MIB)
+        assert pool.statistics().workers_replaced == 1
+        assert pool.worker_pids() != [pid]
+        assert pool.digest_fd(data_fd, MIB) == fsverity_digest(DATA[:MIB])
+
+
+def test_spawn_start_method(data_fd: int) -> None:
+    with HashPool(2, threshold=0, start_method="spawn") as pool:
+        assert pool.digest_fd(data_fd, 4 * MIB + 5, Algorithm.SHA512) == fsverity_digest(
+            DATA[: 4 * MIB + 5], Algorithm.SHA512
+        )
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="at least one worker"):
+        HashPool(0)
+    with pytest.raises(ValueError, match="start_method"):
+        HashPool(start_method="fork")
+    with HashPool() as pool:
+        assert pool.workers == os.cpu_count()
+
+
+def test_worker_killed_in_the_middle_of_a_job() -> None:
+    # /dev/zero never ends: a terabyte keeps the single worker busy until it is killed.
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        with HashPool(1, threshold=0) as pool:
+            assert pool.digest_fd(fd, 3 * MIB) == fsverity_digest(bytes(3 * MIB))
+            (pid,) = pool.worker_pids()
+            killer = threading.Thread(target=_kill_when_busy, args=(pool, pid))
+            killer.start()
+            try:
+                with pytest.raises(ComposefsError, match=rf"hash worker {pid} .*exit code -9"):
+                    pool.digest_fd(fd, 1 << 40)
+            finally:
+                killer.join()
+            assert pool.statistics().workers_replaced == 1
+            assert pool.digest_fd(fd, 3 * MIB) == fsverity_digest(bytes(3 * MIB))
+    finally:
+        os.close(fd)
+
+
+def _kill_when_busy(pool: HashPool, pid: int) -> None:
+    while pool._idle:  # until the caller has borrowed the worker
+        time.sleep(0.001)
+    time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_close_fails_a_caller_waiting_for_a_worker_and_lets_the_busy_one_finish() -> None:
+    zero = os.open("/dev/zero", os.O_RDONLY)
+    size = 160 * MIB  # about a quarter of a second for one SHA-512 worker
+    outcomes: dict[str, object] = {}
+
+    def call(name: str, n: int) -> None:
+        try:
+            outcomes[name] = pool.digest_fd(zero, n, Algorithm.SHA512)
+        except RuntimeError as exc:
+            outcomes[name] = exc
+
+    try:
+        pool = HashPool(1, threshold=0)
+        busy = threading.Thread(target=call, args=("busy", size))
+        busy.start()
+        while pool._idle or not pool._all:  # until "busy" holds the only worker
+            time.sleep(0.001)
+        waiting = threading.Thread(target=call, args=("waiting", 2 * MIB))
+        waiting.start()
+        while pool._active < 2:
+            time.sleep(0.001)
+        pool.close()
+        busy.join()
+        waiting.join()
+    finally:
+        os.close(zero)
+    assert outcomes["busy"] == fsverity_digest(bytes(size), Algorithm.SHA512)
+    assert isinstance(outcomes["waiting"], RuntimeError)
+    assert "HashPool is closed" in str(outcomes["waiting"])
