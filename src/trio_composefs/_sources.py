@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
 from typing import BinaryIO, Protocol, TypeAlias
 
 import trio
@@ -45,7 +45,7 @@ async def iter_source(
     *,
     limiter: trio.CapacityLimiter,
     on_data: Callable[[bytes], object] | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the source's bytes in pieces of at most :data:`READ_SIZE`.
 
     **Cancellation:** a read blocked in a worker thread (a pipe, a terminal) is
@@ -103,26 +103,28 @@ async def iter_source(
         source = [bytes(source)]
     if isinstance(source, AsyncIterable):
         async for piece in source:
-            async for data in _cut(piece, on_data, limiter):
+            for data in _cut(piece):
+                if on_data is not None:
+                    await _hash_maybe_in_thread(on_data, data, limiter)
                 yield data
         return
     if isinstance(source, Iterable):
         for piece in source:
-            async for data in _cut(piece, on_data, limiter):
+            for data in _cut(piece):
+                if on_data is not None:
+                    await _hash_maybe_in_thread(on_data, data, limiter)
                 yield data
         return
     raise TypeError(f"cannot read a layer from {type(source).__name__}")
 
 
-async def _cut(
-    piece: bytes, on_data: Callable[[bytes], object] | None, limiter: trio.CapacityLimiter
-) -> AsyncIterator[bytes]:
+def _cut(piece: bytes) -> Iterator[bytes]:
+    if len(piece) <= READ_SIZE:
+        yield bytes(piece)
+        return
     view = memoryview(piece)
     for start in range(0, len(view), READ_SIZE):
-        data = bytes(view[start : start + READ_SIZE])
-        if on_data is not None:
-            await _hash_maybe_in_thread(on_data, data, limiter)
-        yield data
+        yield bytes(view[start : start + READ_SIZE])
 
 
 async def _hash_maybe_in_thread(

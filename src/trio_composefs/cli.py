@@ -13,6 +13,7 @@ from typing import NoReturn, TextIO
 
 import trio
 
+from ._chunks import ExternalChunk
 from ._errors import ComposefsError, VerityUnsupportedError
 from ._sources import ByteSource
 from ._version import __version__
@@ -277,23 +278,27 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
             )
     layers = sample_layers()
 
-    async def run_all(repo: Repository) -> list[LayerStats]:
-        results: list[LayerStats] = []
+    async def run_all(repo: Repository) -> list[tuple[LayerStats, float]]:
+        results: list[tuple[LayerStats, float]] = []
         async with open_importer(repo) as importer:
             for layer in layers:
-                results.append(await importer.import_layer(layer.tar, layer.diff_id))
+                start = trio.current_time()
+                stats = await importer.import_layer(layer.tar, layer.diff_id)
+                results.append((stats, trio.current_time() - start))
         return results
 
     with _open_repo(args) as repo:
-        start = time.monotonic()
-        stats = trio.run(run_all, repo)
-        elapsed = time.monotonic() - start
-        for layer, st in zip(layers, stats, strict=True):
+        for layer, (st, seconds) in zip(layers, trio.run(run_all, repo), strict=True):
             print(f"\nlayer {layer.diff_id}  ({layer.description})", file=out)
             print(f"  splitstream {st.splitstream.hex()}", file=out)
-            print(f"  {_summary(st, elapsed)}", file=out)
+            print(f"  {_summary(st, seconds)}", file=out)
             for entry in iter_layer_entries(repo, layer_content_id(layer.diff_id)):
-                print("  " + format_entry(entry), file=out)
+                where = (
+                    f"   [object {entry.content.digest.object_path()[:14]}…]"
+                    if isinstance(entry.content, ExternalChunk)
+                    else ""
+                )
+                print("  " + format_entry(entry) + where, file=out)
             h = hashlib.sha256()
             copy_stream(repo, layer_content_id(layer.diff_id), h.update)
             ok = "sha256:" + h.hexdigest() == layer.diff_id

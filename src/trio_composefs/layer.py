@@ -26,20 +26,30 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, Protocol
 
 import attrs
 import trio
 
-from ._errors import DigestMismatchError, InternalError, TarError
+from ._errors import DigestMismatchError, InternalError
 from ._sources import ByteSource, iter_source
 from .builder import Digester, Item, PendingObject, SplitStreamBuilder
 from .fsverity import Algorithm, Digest
 from .hashpool import HashPool, digest_fd
 from .splitstream import ContentType, SplitStreamEncoder
-from .tarsplit import END, NEED_DATA, FileData, FileEnd, FileStart, Inline, TarSplitter
+from .tarsplit import (
+    END,
+    NEED_DATA,
+    Event,
+    FileData,
+    FileEnd,
+    FileStart,
+    Inline,
+    Sentinel,
+    TarSplitter,
+)
 
 __all__ = [
     "Importer",
@@ -62,6 +72,9 @@ _BUILDER_CHANNEL_ITEMS = 64
 
 _INLINE_BATCH = 1 << 20
 """The reader sends inline bytes to the builder in batches of about this size."""
+
+_REPORT_EVERY = 64 << 20
+"""Bytes read between two progress reports."""
 
 
 def default_jobs() -> int:
@@ -106,6 +119,7 @@ class RepositoryLike(Protocol):
     def ensure_writable(self) -> None: ...
     def begin_object(self) -> Any: ...
     def has_stream(self, content_id: str) -> Digest | None: ...
+    def sync(self) -> None: ...
     def publish_stream(
         self, content_id: str, digest: Digest, ref: str | None = None, *, sync: bool = True
     ) -> None: ...
@@ -214,6 +228,19 @@ def _store_streamed(
         return result
 
 
+def _sync_then_publish(
+    repo: RepositoryLike, content_id: str, digest: Digest, name: str | None
+) -> None:
+    """syncfs, then name the stream: a published name never points at data a crash could lose.
+
+    A cancellation that arrives before the name is linked wins: nothing is
+    published. Once linking has begun the import is complete.
+    """
+    repo.sync()
+    trio.from_thread.check_cancelled()
+    repo.publish_stream(content_id, digest, name, sync=False)
+
+
 def _store_splitstream_with(
     repo: RepositoryLike, digester: Digester | None
 ) -> Callable[[Callable[[Callable[[bytes], None]], None]], Digest]:
@@ -225,6 +252,129 @@ def _store_splitstream_with(
             return stored
 
     return store
+
+
+@attrs.define(eq=False)
+class _LayerReader:
+    """The reader task of one layer: source → splitter → builder and object jobs."""
+
+    repo: RepositoryLike
+    limiter: trio.CapacityLimiter
+    nursery: trio.Nursery
+    to_builder: trio.MemorySendChannel[Item]
+    digester: Digester | None
+    counters: _Counters
+    report: Callable[[], None]
+    _splitter: TarSplitter = attrs.field(factory=TarSplitter, init=False)
+    _inline: bytearray = attrs.field(factory=bytearray, init=False)
+    # The file being read: gathered in memory (small) or streamed to its writer (large).
+    _pending: PendingObject | None = attrs.field(default=None, init=False)
+    _parts: list[bytes] | None = attrs.field(default=None, init=False)
+    _stream: trio.MemorySendChannel[bytes] | None = attrs.field(default=None, init=False)
+
+    async def run(
+        self, source: ByteSource, on_data: Callable[[bytes], object], limiter: trio.CapacityLimiter
+    ) -> None:
+        next_report = _REPORT_EVERY
+        splitter = self._splitter
+        async with aclosing(iter_source(source, limiter=limiter, on_data=on_data)) as chunks:
+            async for data in chunks:
+                self.counters.bytes_read += len(data)
+                if self.counters.bytes_read >= next_report:
+                    next_report += _REPORT_EVERY
+                    self.report()
+                splitter.receive_data(data)
+                while (event := splitter.next_event()) is not NEED_DATA:
+                    await self._handle(event)
+        splitter.receive_data(b"")
+        while (event := splitter.next_event()) is not END:
+            await self._handle(event)
+        await self._flush_inline()
+
+    async def _handle(self, event: Event | Sentinel) -> None:
+        if isinstance(event, Inline):
+            self._inline += event.data
+            if len(self._inline) >= _INLINE_BATCH:
+                await self._flush_inline()
+        elif isinstance(event, FileData):
+            if self._stream is not None:
+                await self._stream.send(event.data)
+            elif self._parts is not None:
+                self._parts.append(event.data)
+            else:  # pragma: no cover - the splitter's contract
+                raise InternalError("file data outside a file")
+        elif isinstance(event, FileStart):
+            await self._flush_inline()
+            pending = self._pending = PendingObject(event.size)
+            self.counters.objects += 1
+            self.counters.object_bytes += event.size
+            await self.to_builder.send(pending)
+            if event.size <= SMALL_OBJECT_MAX:
+                self._parts = []
+            else:
+                self._stream = await self._start_job(pending, None)
+        elif isinstance(event, FileEnd):
+            if self._pending is None:  # pragma: no cover - the splitter's contract
+                raise InternalError("end of a file that never started")
+            if self._stream is not None:
+                await self._stream.aclose()
+                self._stream = None
+            elif self._parts is not None:
+                await self._start_job(self._pending, self._parts)
+                self._parts = None
+            self._pending = None
+        else:  # pragma: no cover - NEED_DATA and END are handled by the caller
+            raise InternalError(f"unexpected splitter event {event!r}")
+
+    async def _flush_inline(self) -> None:
+        if self._inline:
+            await self.to_builder.send(bytes(self._inline))
+            self._inline.clear()
+
+    async def _start_job(
+        self, pending: PendingObject, parts: list[bytes] | None
+    ) -> trio.MemorySendChannel[bytes] | None:
+        """Take a writer token (the backpressure point), then start the object's job."""
+        token = object()
+        await self.limiter.acquire_on_behalf_of(token)
+        self.counters.in_flight += 1
+        send: trio.MemorySendChannel[bytes] | None = None
+        repo, digester, size = self.repo, self.digester, pending.size
+        if parts is None:
+            send, receive = trio.open_memory_channel[bytes](_OBJECT_CHANNEL_ITEMS)
+
+            async def job() -> tuple[Digest, bool]:
+                return await trio.to_thread.run_sync(
+                    _store_streamed, repo, receive, size, digester, limiter=_NO_LIMIT
+                )
+        else:
+            data = parts
+
+            async def job() -> tuple[Digest, bool]:
+                return await trio.to_thread.run_sync(
+                    _store_parts, repo, data, size, digester, limiter=_NO_LIMIT
+                )
+
+        self.nursery.start_soon(self._run_job, job, pending, token)
+        return send
+
+    async def _run_job(
+        self,
+        job: Callable[[], Awaitable[tuple[Digest, bool]]],
+        pending: PendingObject,
+        token: object,
+    ) -> None:
+        counters = self.counters
+        try:
+            digest, present = await job()
+        finally:
+            self.limiter.release_on_behalf_of(token)
+            counters.in_flight -= 1
+        if present:
+            counters.deduplicated += 1
+        else:
+            counters.written += 1
+        pending.set_result(digest, present)
 
 
 @attrs.define(eq=False)
@@ -314,9 +464,10 @@ class Importer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(builder.run, receive_item)
             async with send_item:
-                await self._read_layer(
-                    nursery, source, send_item, sha.update, digester, counters, own, report
+                reader = _LayerReader(
+                    repo, self.limiter, nursery, send_item, digester, counters, report
                 )
+                await reader.run(source, sha.update, own)
                 if sha.digest() != expected:
                     raise DigestMismatchError(
                         f"layer {diff_id}: the tar's sha256 is sha256:{sha.hexdigest()},"
@@ -325,9 +476,9 @@ class Importer:
         digest = builder.digest
         if digest is None:  # pragma: no cover - run() returned normally
             raise InternalError("splitstream builder finished without a digest")
-        # publish_stream runs syncfs first: a published name never points at
-        # data that a crash could lose.
-        await trio.to_thread.run_sync(repo.publish_stream, content_id, digest, name, limiter=own)
+        await trio.to_thread.run_sync(
+            _sync_then_publish, repo, content_id, digest, name, limiter=own
+        )
         report(done=True)
         return LayerStats(
             diff_id=diff_id,
@@ -339,123 +490,6 @@ class Importer:
             object_bytes=counters.object_bytes,
             inline_bytes=builder.inline_bytes,
         )
-
-    async def _read_layer(
-        self,
-        nursery: trio.Nursery,
-        source: ByteSource,
-        to_builder: trio.MemorySendChannel[Item],
-        on_data: Callable[[bytes], object],
-        digester: Digester | None,
-        counters: _Counters,
-        reader_limiter: trio.CapacityLimiter,
-        report: Callable[[], None],
-    ) -> None:
-        splitter = TarSplitter()
-        inline = bytearray()
-        # The object being read: (pending, parts) for a small file gathered in
-        # memory, or (pending, send channel) for a large one being streamed.
-        small: list[bytes] | None = None
-        stream: trio.MemorySendChannel[bytes] | None = None
-        pending: PendingObject | None = None
-        next_report = 64 << 20
-        limiter = self.limiter
-        repo = self.repo
-
-        async def flush_inline() -> None:
-            if inline:
-                await to_builder.send(bytes(inline))
-                inline.clear()
-
-        async def start_job(
-            p: PendingObject, first: list[bytes] | None
-        ) -> trio.MemorySendChannel[bytes] | None:
-            token = object()
-            await limiter.acquire_on_behalf_of(token)
-            counters.in_flight += 1
-            send: trio.MemorySendChannel[bytes] | None = None
-            if first is None:
-                send, receive = trio.open_memory_channel[bytes](_OBJECT_CHANNEL_ITEMS)
-                job: Callable[[], Any] = lambda: trio.to_thread.run_sync(  # noqa: E731
-                    _store_streamed, repo, receive, p.size, digester, limiter=_NO_LIMIT
-                )
-            else:
-                parts = first
-                job = lambda: trio.to_thread.run_sync(  # noqa: E731
-                    _store_parts, repo, parts, p.size, digester, limiter=_NO_LIMIT
-                )
-
-            async def run() -> None:
-                try:
-                    digest, present = await job()
-                finally:
-                    limiter.release_on_behalf_of(token)
-                    counters.in_flight -= 1
-                if present:
-                    counters.deduplicated += 1
-                else:
-                    counters.written += 1
-                p.set_result(digest, present)
-
-            nursery.start_soon(run)
-            return send
-
-        async for data in iter_source(source, limiter=reader_limiter, on_data=on_data):
-            counters.bytes_read += len(data)
-            if counters.bytes_read >= next_report:
-                next_report += 64 << 20
-                report()
-            splitter.receive_data(data)
-            while True:
-                event = splitter.next_event()
-                if event is NEED_DATA:
-                    break
-                if isinstance(event, Inline):
-                    inline += event.data
-                    if len(inline) >= _INLINE_BATCH:
-                        await flush_inline()
-                elif isinstance(event, FileData):
-                    if stream is not None:
-                        await stream.send(event.data)
-                    elif small is not None:
-                        small.append(event.data)
-                    else:  # pragma: no cover - the splitter's contract
-                        raise InternalError("file data outside a file")
-                elif isinstance(event, FileStart):
-                    await flush_inline()
-                    pending = PendingObject(event.size)
-                    counters.objects += 1
-                    counters.object_bytes += event.size
-                    await to_builder.send(pending)
-                    if event.size <= SMALL_OBJECT_MAX:
-                        small = []
-                    else:
-                        stream = await start_job(pending, None)
-                elif isinstance(event, FileEnd):
-                    if pending is None:  # pragma: no cover - the splitter's contract
-                        raise InternalError("end of a file that never started")
-                    if stream is not None:
-                        await stream.aclose()
-                        stream = None
-                    elif small is not None:
-                        await start_job(pending, small)
-                        small = None
-                    pending = None
-                elif event is END:
-                    break
-                else:  # pragma: no cover
-                    raise InternalError(f"unexpected splitter event {event!r}")
-        splitter.receive_data(b"")
-        while (event := splitter.next_event()) is not END:
-            if isinstance(event, Inline):
-                inline += event.data
-            elif event is NEED_DATA:  # pragma: no cover - EOF was given
-                raise InternalError("tar splitter asked for data after EOF")
-            else:
-                raise TarError("unexpected end of input", offset=counters.bytes_read)
-        if stream is not None or small is not None:  # pragma: no cover - the splitter raises
-            raise TarError("unexpected end of input inside a file", offset=counters.bytes_read)
-        await flush_inline()
 
 
 @asynccontextmanager
