@@ -19,34 +19,44 @@ benchmarks/README.md):
   one process contend for the GIL and together run *slower* than one);
 - from ``threshold`` up: split into group-aligned ranges over all idle workers.
 
-Workers are started with the ``forkserver`` (or ``spawn``) method, never by
-forking the caller, which may be running trio and many threads.
+Workers are fresh interpreters, ``python -m trio_composefs._hashworker``,
+started with :class:`subprocess.Popen` on first use (never by forking the
+caller, which may be running trio and many threads; never through
+:mod:`multiprocessing`, which would re-import the user's ``__main__`` and keep
+helper processes alive). A worker inherits only its socket, ignores SIGINT
+(the parent handles Ctrl-C and closes the pool) and exits when the socket
+reaches EOF or, on Linux, when the parent dies (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.connection
 import os
 import pickle
-import signal
+import queue
+import select
+import site
 import socket
-import struct
+import subprocess
+import sys
+import sysconfig
 import threading
+import weakref
 from collections import deque
-from multiprocessing.context import ForkServerContext, SpawnContext
-from multiprocessing.process import BaseProcess
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
 
 import attrs
 
+from . import _hashworker
 from ._errors import ComposefsError
+from ._hashworker import JOB, OK, READ_SIZE, REPLY_MAX, WHOLE_FILE, pread_exactly
 from .fsverity import (
     BLOCK_SIZE,
     Algorithm,
     Digest,
     FsVerityHasher,
     digest_from_level1,
-    level1_digests,
     level1_group_size,
 )
 
@@ -63,33 +73,8 @@ DEFAULT_INLINE_BELOW = 32 << 10
 #: Files from this size up are split over several workers.
 DEFAULT_THRESHOLD = 1 << 20
 
-# Bytes read per pread; a multiple of both level-1 group sizes (512 KiB, 256 KiB).
-_READ_SIZE = 1 << 20
 # Upper bound for one worker job; smaller jobs balance better between workers.
 _MAX_JOB = 16 << 20
-
-# Job: offset, length, hash algorithm kernel id, flags. Reply: tag byte + payload:
-# level-1 digests, the file's digest (_WHOLE_FILE), or a pickled exception.
-_JOB = struct.Struct("<QQBB")
-_WHOLE_FILE = 1  # the range is the whole file: reply with its fs-verity digest
-_OK = b"\0"
-_FAILED = b"\1"
-# Largest reply: level-1 digests of _MAX_JOB bytes of SHA-512, or a pickled error.
-_REPLY_MAX = 1 << 16
-
-
-def _pread_exactly(fd: int, buf: memoryview, offset: int) -> None:
-    """Fill ``buf`` from ``fd`` at ``offset``, or fail if the file ends first."""
-    got = 0
-    want = len(buf)
-    while got < want:
-        n = os.preadv(fd, [buf[got:]], offset + got)
-        if n == 0:
-            raise ComposefsError(
-                f"file ended at byte {offset + got} while hashing: expected at least"
-                f" {offset + want} bytes (was it truncated while being read?)"
-            )
-        got += n
 
 
 def digest_fd(fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> Digest:
@@ -105,72 +90,14 @@ def digest_fd(fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> Di
     if size < 0:
         raise ValueError(f"negative file size {size}")
     hasher = FsVerityHasher(algorithm)
-    buf = memoryview(bytearray(min(size, _READ_SIZE)))
+    buf = memoryview(bytearray(min(size, READ_SIZE)))
     offset = 0
     while offset < size:
         chunk = buf[: min(len(buf), size - offset)]
-        _pread_exactly(fd, chunk, offset)
+        pread_exactly(fd, chunk, offset)
         hasher.update(chunk)
         offset += len(chunk)
     return hasher.digest()
-
-
-def _hash_range(fd: int, offset: int, length: int, algorithm: Algorithm, buf: memoryview) -> bytes:
-    """Level-1 digests of ``length`` bytes of ``fd`` from the group-aligned ``offset``."""
-    out = []
-    end = offset + length
-    while offset < end:
-        chunk = buf[: min(len(buf), end - offset)]
-        _pread_exactly(fd, chunk, offset)
-        out.append(level1_digests(chunk, algorithm))
-        offset += len(chunk)
-    return b"".join(out)
-
-
-def _worker_main(sock: socket.socket) -> None:
-    """Worker process: serve jobs from ``sock`` until the parent closes it."""
-    # Ctrl-C goes to the whole process group; the parent decides when we stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    buf = memoryview(bytearray(_READ_SIZE))
-    with sock:
-        while True:
-            try:
-                msg, fds, _flags, _addr = socket.recv_fds(sock, _JOB.size, 1)
-            except OSError:
-                return
-            if not msg:  # the parent closed its end: shut down
-                for fd in fds:
-                    os.close(fd)
-                return
-            try:
-                if len(msg) != _JOB.size or len(fds) != 1:
-                    raise ComposefsError(f"hash worker: malformed job ({len(msg)} bytes)")
-                offset, length, alg_id, flags = _JOB.unpack(msg)
-                algorithm = Algorithm.from_kernel_id(alg_id)
-                level1 = _hash_range(fds[0], offset, length, algorithm, buf)
-                if flags & _WHOLE_FILE:
-                    level1 = digest_from_level1(algorithm, length, level1).raw
-                reply = _OK + level1
-            except Exception as exc:
-                reply = _FAILED + _pickle_error(exc)
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            try:
-                sock.send(reply)
-            except OSError:  # the parent gave up on us
-                return
-
-
-def _pickle_error(exc: Exception) -> bytes:
-    try:
-        data = pickle.dumps(exc)
-        pickle.loads(data)
-    except Exception:
-        data = b""
-    if not data or len(data) >= _REPLY_MAX:
-        data = pickle.dumps(ComposefsError(f"hash worker: {type(exc).__name__}: {exc}"[:4000]))
-    return data
 
 
 def _default_workers(workers: int | None) -> int:
@@ -203,7 +130,7 @@ class HashPoolStatistics:
 
 @attrs.define(eq=False)
 class _Worker:
-    process: BaseProcess
+    process: subprocess.Popen[bytes]
     sock: socket.socket
     pid: int
     exitcode: int | None = None  # set once stopped
@@ -235,19 +162,12 @@ class HashPool:
             the calling thread when no other call is in progress.
         inline_below: files smaller than this are always hashed in the
             calling thread.
-        start_method: ``"forkserver"`` (default) or ``"spawn"``. Never
-            ``"fork"``: the caller may be running threads.
     """
 
     workers: int = attrs.field(default=None, converter=_default_workers)
     threshold: int = attrs.field(default=DEFAULT_THRESHOLD, kw_only=True)
     inline_below: int = attrs.field(default=DEFAULT_INLINE_BELOW, kw_only=True)
-    start_method: str = attrs.field(
-        default="forkserver",
-        kw_only=True,
-        validator=attrs.validators.in_(("forkserver", "spawn")),
-    )
-    _context: ForkServerContext | SpawnContext = attrs.field(init=False)
+    _launcher: _Launcher = attrs.field(init=False, factory=lambda: _Launcher())
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     # Signalled when a worker becomes idle (wakes one caller), and when every
     # worker is idle (wakes close()).
@@ -264,11 +184,6 @@ class HashPool:
         self.inline_below = max(self.inline_below, BLOCK_SIZE + 1)
         self._free = threading.Condition(self._lock)
         self._drained = threading.Condition(self._lock)
-        self._context = (
-            multiprocessing.get_context("spawn")
-            if self.start_method == "spawn"
-            else multiprocessing.get_context("forkserver")
-        )
 
     def __enter__(self) -> HashPool:
         return self
@@ -332,7 +247,7 @@ class HashPool:
                     result = digest_fd(fd, size, algorithm)
                     self._count(files_inline=1, bytes_hashed=size)
                     return result
-                (raw,) = self._run_jobs(fd, algorithm, [(0, size)], _WHOLE_FILE)
+                (raw,) = self._run_jobs(fd, algorithm, [(0, size)], WHOLE_FILE)
                 result = Digest(algorithm, raw)
                 self._count(files_whole=1, jobs=1, bytes_hashed=size)
             else:
@@ -360,7 +275,7 @@ class HashPool:
             index, (offset, length) = ranges.popleft()
             try:
                 socket.send_fds(
-                    worker.sock, [_JOB.pack(offset, length, algorithm.kernel_id, flags)], [fd]
+                    worker.sock, [JOB.pack(offset, length, algorithm.kernel_id, flags)], [fd]
                 )
             except OSError as exc:
                 held.discard(worker)
@@ -389,15 +304,11 @@ class HashPool:
                     dispatch(extra)
                 waiting = list(busy)
                 if len(waiting) > 1:
-                    waiting = [
-                        sock
-                        for sock in multiprocessing.connection.wait(waiting)
-                        if isinstance(sock, socket.socket)
-                    ]
+                    waiting = _wait_readable(waiting)
                 for ready in waiting:
                     worker, index = busy.pop(ready)
                     try:
-                        reply = ready.recv(_REPLY_MAX)
+                        reply = ready.recv(REPLY_MAX)
                     except OSError:
                         reply = b""
                     if not reply:
@@ -407,7 +318,7 @@ class HashPool:
                             f"hash worker {worker.pid} died (exit code {worker.exitcode})"
                         )
                         continue
-                    if reply[:1] == _OK:
+                    if reply[:1] == OK:
                         results[index] = reply[1:]
                     elif error is None:
                         error = pickle.loads(reply[1:])
@@ -438,6 +349,7 @@ class HashPool:
             worker.sock.close()  # the worker reads EOF and exits
         for worker in workers:
             self._stop(worker)
+        self._launcher.stop()
 
     # -- worker bookkeeping (all under self._lock) --
 
@@ -468,16 +380,12 @@ class HashPool:
     def _spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            process = self._context.Process(
-                target=_worker_main, args=(child,), name="trio-composefs-hash", daemon=True
-            )
-            process.start()
+            process = self._launcher.call(lambda: _start_worker(child.fileno()))
         except BaseException:
-            parent.close()
+            parent.close()  # a worker started all the same reads EOF and exits
             raise
         finally:
             child.close()
-        assert process.pid is not None
         worker = _Worker(process, parent, process.pid)
         self._all.append(worker)
         self._idle.append(worker)
@@ -496,9 +404,125 @@ class HashPool:
 
     @staticmethod
     def _stop(worker: _Worker, timeout: float = 5) -> None:
-        worker.process.join(timeout)
-        if worker.process.exitcode is None:
+        """Reap ``worker``, whose socket is closed; kill it after ``timeout`` seconds."""
+        try:
+            worker.process.wait(timeout)
+        except subprocess.TimeoutExpired:
             worker.process.kill()
-            worker.process.join()
-        worker.exitcode = worker.process.exitcode
-        worker.process.close()
+            worker.process.wait()
+        worker.exitcode = worker.process.returncode
+
+
+def _wait_readable(socks: list[socket.socket]) -> list[socket.socket]:
+    """Those of ``socks`` that can be read (or are closed), waiting for at least one."""
+    poller = select.poll()
+    by_fd = {sock.fileno(): sock for sock in socks}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    while True:
+        ready = poller.poll()
+        if ready:
+            return [by_fd[fd] for fd, _events in ready]
+
+
+class _Launcher:
+    """The one thread that starts every worker of a pool.
+
+    Linux sends a worker its parent-death signal when the *thread* that
+    started it exits, and callers of :meth:`HashPool.digest_fd` are often
+    short-lived threads (trio's thread cache retires idle ones), so no caller
+    starts a worker itself. The thread starts on first use and is joined by
+    :meth:`stop`.
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[Callable[[], object], Future[object]] | None]
+        self._requests = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def call(self, fn: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        """``fn()``, run in the launcher thread. Not thread-safe (the pool's lock is held)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=_launcher_main,
+                args=(self._requests,),
+                name="trio-composefs-hash-launcher",
+                daemon=True,  # a pool that is never closed must not block exit
+            )
+            self._thread.start()
+            # Also end the thread if the pool is dropped without close().
+            weakref.finalize(self, self._requests.put, None)
+        future: Future[object] = Future()
+        self._requests.put((fn, future))
+        try:
+            result = future.result()
+        except BaseException:
+            # Interrupted (or failed): reap whatever was started, in the background.
+            future.add_done_callback(_kill_started)
+            raise
+        assert isinstance(result, subprocess.Popen)
+        return result
+
+    def stop(self) -> None:
+        """End and join the thread, if it was started. Idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._requests.put(None)
+            thread.join()
+
+
+def _launcher_main(
+    requests: queue.SimpleQueue[tuple[Callable[[], object], Future[object]] | None],
+) -> None:
+    while (request := requests.get()) is not None:
+        fn, future = request
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+
+def _kill_started(future: Future[object]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        process = future.result()
+        assert isinstance(process, subprocess.Popen)
+        process.kill()
+        process.wait()
+
+
+def _package_root() -> str:
+    """The directory holding our top-level package."""
+    return str(Path(__file__).resolve().parents[__name__.count(".")])
+
+
+def _worker_env() -> dict[str, str] | None:
+    """The workers' environment: ours, plus our package's directory on the path.
+
+    So that a worker imports the very code its parent runs, also when the
+    parent found it through ``sys.path`` changes or its script's directory.
+    A site-packages directory is never added: it would then come before the
+    standard library.
+    """
+    root = _package_root()
+    site_dirs = {*site.getsitepackages(), site.getusersitepackages()}
+    site_dirs |= {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    if root in {str(Path(d).resolve()) for d in site_dirs}:
+        return None
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + os.pathsep + path if path else root}
+
+
+def _start_worker(sock_fd: int) -> subprocess.Popen[bytes]:
+    """Start one worker process serving the socket ``sock_fd`` (its only inherited fd)."""
+    if not sys.executable:
+        raise ComposefsError("cannot start hash workers: sys.executable is unknown")
+    return subprocess.Popen(
+        # -P: do not put the current directory on the worker's sys.path.
+        [sys.executable, "-P", "-m", _hashworker.__name__, str(sock_fd), str(os.getpid())],
+        pass_fds=(sock_fd,),
+        close_fds=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # stderr stays: a crashing worker says why
+        env=_worker_env(),
+    )
