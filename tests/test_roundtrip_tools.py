@@ -7,9 +7,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from checks import assert_consistent
 from tarfixtures import WRITERS, make_tree, profile_for, write_archive
-
 from trio_composefs._chunks import ExternalChunk
 from trio_composefs.fsverity import Algorithm
 from trio_composefs.layer import import_layer, layer_content_id
