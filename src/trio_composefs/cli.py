@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -339,6 +340,11 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if any(isinstance(e, KeyboardInterrupt) for e in leaves):
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+        if any(isinstance(e, BrokenPipeError) for e in leaves):
+            # `trio-cfsctl cat ... | head`: the reader went away; say nothing.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         if all(isinstance(e, ComposefsError | OSError) for e in leaves):
             for e in leaves:
                 if args.debug:

@@ -26,32 +26,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, asynccontextmanager
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import attrs
 import trio
 
 from ._errors import DigestMismatchError, InternalError
-from ._sources import ByteSource, iter_source
-from .builder import Digester, Item, PendingObject, SplitStreamBuilder
-from .fsverity import Algorithm, Digest
-from .hashpool import HashPool, digest_fd
+from ._reader import SMALL_OBJECT_MAX, Counters, LayerReader
+from ._sources import ByteSource
+from ._writers import RepositoryLike, digester_for, store_splitstream_with, sync_then_publish
+from .builder import Item, SplitStreamBuilder
+from .fsverity import Digest
+from .hashpool import HashPool
 from .splitstream import ContentType, SplitStreamEncoder
-from .tarsplit import (
-    END,
-    NEED_DATA,
-    Event,
-    FileData,
-    FileEnd,
-    FileStart,
-    Inline,
-    Sentinel,
-    TarSplitter,
-)
 
 __all__ = [
+    "SMALL_OBJECT_MAX",
     "Importer",
     "LayerProgress",
     "LayerStats",
@@ -59,22 +50,12 @@ __all__ = [
     "import_layer",
     "layer_content_id",
     "open_importer",
+    "RepositoryLike",
 ]
 
-SMALL_OBJECT_MAX = 1 << 20
-"""Objects up to this size are gathered in memory and stored in a single thread hop."""
-
-_OBJECT_CHANNEL_ITEMS = 4
-"""Pieces (each at most READ_SIZE) buffered between the reader and a large object's writer."""
 
 _BUILDER_CHANNEL_ITEMS = 64
-"""Items queued for the builder; each is at most SMALL_OBJECT_MAX bytes or a pending object."""
-
-_INLINE_BATCH = 1 << 20
-"""The reader sends inline bytes to the builder in batches of about this size."""
-
-_REPORT_EVERY = 64 << 20
-"""Bytes read between two progress reports."""
+"""Items queued for the builder; each is at most 1 MiB of inline bytes or a pending object."""
 
 
 def default_jobs() -> int:
@@ -94,35 +75,6 @@ def _parse_diff_id(diff_id: str) -> bytes:
             f"not a layer diff_id: {diff_id!r} (expected sha256: and 64 lowercase hex digits)"
         )
     return bytes.fromhex(hexdigest)
-
-
-class ObjectTmpfileLike(Protocol):
-    fd: int
-    size: int
-
-    def write(self, data: bytes | memoryview, /) -> None: ...
-    def finish(self, digest: Digest | None = None) -> tuple[Digest, bool]: ...
-    def abort(self) -> None: ...
-    def __enter__(self) -> ObjectTmpfileLike: ...
-    def __exit__(self, *exc: object) -> None: ...
-
-
-class RepositoryLike(Protocol):
-    """What the pipeline needs of a repository (a :class:`Repository`, or a test wrapper)."""
-
-    @property
-    def path(self) -> str: ...
-    @property
-    def algorithm(self) -> Algorithm: ...
-    @property
-    def verity_supported(self) -> bool: ...
-    def ensure_writable(self) -> None: ...
-    def begin_object(self) -> Any: ...
-    def has_stream(self, content_id: str) -> Digest | None: ...
-    def sync(self) -> None: ...
-    def publish_stream(
-        self, content_id: str, digest: Digest, ref: str | None = None, *, sync: bool = True
-    ) -> None: ...
 
 
 @attrs.frozen
@@ -152,229 +104,6 @@ class LayerProgress:
     objects_deduplicated: int
     objects_in_flight: int
     done: bool = False
-
-
-@attrs.define(eq=False)
-class _Counters:
-    bytes_read: int = 0
-    objects: int = 0
-    written: int = 0
-    deduplicated: int = 0
-    in_flight: int = 0
-    object_bytes: int = 0
-
-
-class _NoLimit:
-    """A limiter for ``to_thread`` when the job already holds a token of the real one."""
-
-    async def acquire_on_behalf_of(self, borrower: object) -> None:
-        await trio.lowlevel.checkpoint()
-
-    def release_on_behalf_of(self, borrower: object) -> None:
-        pass
-
-
-_NO_LIMIT: Any = _NoLimit()
-
-
-def _digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> Digester | None:
-    if repo.verity_supported:
-        return None  # the kernel measures every object
-    alg = repo.algorithm
-    if hash_pool is not None:
-        pool = hash_pool
-        return lambda fd, size: pool.digest_fd(fd, size, alg)
-    return lambda fd, size: digest_fd(fd, size, alg)
-
-
-def _store_parts(
-    repo: RepositoryLike, parts: list[bytes], size: int, digester: Digester | None
-) -> tuple[Digest, bool]:
-    with repo.begin_object() as tmp:
-        for part in parts:
-            tmp.write(part)
-        if tmp.size != size:
-            raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
-        digest = digester(tmp.fd, size) if digester is not None else None
-        result: tuple[Digest, bool] = tmp.finish(digest)
-        return result
-
-
-async def _receive_piece(receive: trio.MemoryReceiveChannel[bytes]) -> bytes | None:
-    try:
-        return await receive.receive()
-    except trio.EndOfChannel:
-        return None
-
-
-def _store_streamed(
-    repo: RepositoryLike,
-    receive: trio.MemoryReceiveChannel[bytes],
-    size: int,
-    digester: Digester | None,
-) -> tuple[Digest, bool]:
-    with repo.begin_object() as tmp:
-        while True:
-            trio.from_thread.check_cancelled()
-            piece = trio.from_thread.run(_receive_piece, receive)
-            if piece is None:
-                break
-            tmp.write(piece)
-        if tmp.size != size:
-            raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
-        trio.from_thread.check_cancelled()
-        digest = digester(tmp.fd, size) if digester is not None else None
-        result: tuple[Digest, bool] = tmp.finish(digest)
-        return result
-
-
-def _sync_then_publish(
-    repo: RepositoryLike, content_id: str, digest: Digest, name: str | None
-) -> None:
-    """syncfs, then name the stream: a published name never points at data a crash could lose.
-
-    A cancellation that arrives before the name is linked wins: nothing is
-    published. Once linking has begun the import is complete.
-    """
-    repo.sync()
-    trio.from_thread.check_cancelled()
-    repo.publish_stream(content_id, digest, name, sync=False)
-
-
-def _store_splitstream_with(
-    repo: RepositoryLike, digester: Digester | None
-) -> Callable[[Callable[[Callable[[bytes], None]], None]], Digest]:
-    def store(fill: Callable[[Callable[[bytes], None]], None]) -> Digest:
-        with repo.begin_object() as tmp:
-            fill(tmp.write)
-            digest = digester(tmp.fd, tmp.size) if digester is not None else None
-            stored: Digest = tmp.finish(digest)[0]
-            return stored
-
-    return store
-
-
-@attrs.define(eq=False)
-class _LayerReader:
-    """The reader task of one layer: source → splitter → builder and object jobs."""
-
-    repo: RepositoryLike
-    limiter: trio.CapacityLimiter
-    nursery: trio.Nursery
-    to_builder: trio.MemorySendChannel[Item]
-    digester: Digester | None
-    counters: _Counters
-    report: Callable[[], None]
-    _splitter: TarSplitter = attrs.field(factory=TarSplitter, init=False)
-    _inline: bytearray = attrs.field(factory=bytearray, init=False)
-    # The file being read: gathered in memory (small) or streamed to its writer (large).
-    _pending: PendingObject | None = attrs.field(default=None, init=False)
-    _parts: list[bytes] | None = attrs.field(default=None, init=False)
-    _stream: trio.MemorySendChannel[bytes] | None = attrs.field(default=None, init=False)
-
-    async def run(
-        self, source: ByteSource, on_data: Callable[[bytes], object], limiter: trio.CapacityLimiter
-    ) -> None:
-        next_report = _REPORT_EVERY
-        splitter = self._splitter
-        async with aclosing(iter_source(source, limiter=limiter, on_data=on_data)) as chunks:
-            async for data in chunks:
-                self.counters.bytes_read += len(data)
-                if self.counters.bytes_read >= next_report:
-                    next_report += _REPORT_EVERY
-                    self.report()
-                splitter.receive_data(data)
-                while (event := splitter.next_event()) is not NEED_DATA:
-                    await self._handle(event)
-        splitter.receive_data(b"")
-        while (event := splitter.next_event()) is not END:
-            await self._handle(event)
-        await self._flush_inline()
-
-    async def _handle(self, event: Event | Sentinel) -> None:
-        if isinstance(event, Inline):
-            self._inline += event.data
-            if len(self._inline) >= _INLINE_BATCH:
-                await self._flush_inline()
-        elif isinstance(event, FileData):
-            if self._stream is not None:
-                await self._stream.send(event.data)
-            elif self._parts is not None:
-                self._parts.append(event.data)
-            else:  # pragma: no cover - the splitter's contract
-                raise InternalError("file data outside a file")
-        elif isinstance(event, FileStart):
-            await self._flush_inline()
-            pending = self._pending = PendingObject(event.size)
-            self.counters.objects += 1
-            self.counters.object_bytes += event.size
-            await self.to_builder.send(pending)
-            if event.size <= SMALL_OBJECT_MAX:
-                self._parts = []
-            else:
-                self._stream = await self._start_job(pending, None)
-        elif isinstance(event, FileEnd):
-            if self._pending is None:  # pragma: no cover - the splitter's contract
-                raise InternalError("end of a file that never started")
-            if self._stream is not None:
-                await self._stream.aclose()
-                self._stream = None
-            elif self._parts is not None:
-                await self._start_job(self._pending, self._parts)
-                self._parts = None
-            self._pending = None
-        else:  # pragma: no cover - NEED_DATA and END are handled by the caller
-            raise InternalError(f"unexpected splitter event {event!r}")
-
-    async def _flush_inline(self) -> None:
-        if self._inline:
-            await self.to_builder.send(bytes(self._inline))
-            self._inline.clear()
-
-    async def _start_job(
-        self, pending: PendingObject, parts: list[bytes] | None
-    ) -> trio.MemorySendChannel[bytes] | None:
-        """Take a writer token (the backpressure point), then start the object's job."""
-        token = object()
-        await self.limiter.acquire_on_behalf_of(token)
-        self.counters.in_flight += 1
-        send: trio.MemorySendChannel[bytes] | None = None
-        repo, digester, size = self.repo, self.digester, pending.size
-        if parts is None:
-            send, receive = trio.open_memory_channel[bytes](_OBJECT_CHANNEL_ITEMS)
-
-            async def job() -> tuple[Digest, bool]:
-                return await trio.to_thread.run_sync(
-                    _store_streamed, repo, receive, size, digester, limiter=_NO_LIMIT
-                )
-        else:
-            data = parts
-
-            async def job() -> tuple[Digest, bool]:
-                return await trio.to_thread.run_sync(
-                    _store_parts, repo, data, size, digester, limiter=_NO_LIMIT
-                )
-
-        self.nursery.start_soon(self._run_job, job, pending, token)
-        return send
-
-    async def _run_job(
-        self,
-        job: Callable[[], Awaitable[tuple[Digest, bool]]],
-        pending: PendingObject,
-        token: object,
-    ) -> None:
-        counters = self.counters
-        try:
-            digest, present = await job()
-        finally:
-            self.limiter.release_on_behalf_of(token)
-            counters.in_flight -= 1
-        if present:
-            counters.deduplicated += 1
-        else:
-            counters.written += 1
-        pending.set_result(digest, present)
 
 
 @attrs.define(eq=False)
@@ -436,15 +165,15 @@ class Importer:
             return LayerStats(diff_id=diff_id, splitstream=existing, skipped=True)
         await trio.to_thread.run_sync(repo.ensure_writable, limiter=own)
 
-        digester = _digester_for(repo, self.hash_pool)
+        digester = digester_for(repo, self.hash_pool)
         encoder = SplitStreamEncoder(repo.algorithm, ContentType.OCI_LAYER)
         builder = SplitStreamBuilder(
             encoder=encoder,
-            store=_store_splitstream_with(repo, digester),
+            store=store_splitstream_with(repo, digester),
             spool_dir=repo.path,
             limiter=trio.CapacityLimiter(1),
         )
-        counters = _Counters()
+        counters = Counters()
         sha = hashlib.sha256()
 
         def report(done: bool = False) -> None:
@@ -464,7 +193,7 @@ class Importer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(builder.run, receive_item)
             async with send_item:
-                reader = _LayerReader(
+                reader = LayerReader(
                     repo, self.limiter, nursery, send_item, digester, counters, report
                 )
                 await reader.run(source, sha.update, own)
@@ -477,7 +206,7 @@ class Importer:
         if digest is None:  # pragma: no cover - run() returned normally
             raise InternalError("splitstream builder finished without a digest")
         await trio.to_thread.run_sync(
-            _sync_then_publish, repo, content_id, digest, name, limiter=own
+            sync_then_publish, repo, content_id, digest, name, limiter=own
         )
         report(done=True)
         return LayerStats(
