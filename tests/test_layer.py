@@ -16,11 +16,14 @@ import trio
 import trio.testing
 
 from checks import assert_consistent, busy_threads
+from trio_composefs._chunks import Chunk, ExternalChunk, InlineChunk
 from trio_composefs._errors import DigestMismatchError, TarError
-from trio_composefs.fsverity import Algorithm
+from trio_composefs.fsverity import Algorithm, fsverity_digest
 from trio_composefs.layer import LayerProgress, import_layer, layer_content_id, open_importer
 from trio_composefs.reassemble import copy_stream
 from trio_composefs.repository import Repository
+from trio_composefs.splitstream import ContentType, encode_splitstream
+from trio_composefs.tarsplit import END, FileData, FileEnd, FileStart, Inline, TarSplitter
 from trio_composefs.testing import FaultPoint, FaultyRepository, open_fds
 
 
@@ -319,3 +322,53 @@ async def test_error_in_one_layer_cancels_the_others(repo: Repository) -> None:
             nursery.start_soon(importer.import_layer, [bytes(bad)], diff_id_of(bytes(bad)))
     assert repo.list_streams() == {}
     assert_consistent(Path(repo.path), repo.algorithm)
+
+
+# --- the streamed builder writes what the one-shot encoder writes ----------------------------
+
+
+def one_shot_splitstream_digest(tar: bytes) -> str:
+    """The splitstream id computed without the pipeline: split, digest, encode in memory."""
+    splitter = TarSplitter()
+    if tar:
+        splitter.receive_data(tar)
+    splitter.receive_data(b"")
+    chunks: list[Chunk] = []
+    parts: list[bytes] = []
+    while (event := splitter.next_event()) is not END:
+        if isinstance(event, Inline):
+            chunks.append(InlineChunk(event.data))
+        elif isinstance(event, FileStart):
+            parts = []
+        elif isinstance(event, FileData):
+            parts.append(event.data)
+        elif isinstance(event, FileEnd):
+            content = b"".join(parts)
+            chunks.append(ExternalChunk(fsverity_digest(content), len(content)))
+    data = encode_splitstream(
+        chunks, algorithm=Algorithm.SHA256, content_type=ContentType.OCI_LAYER
+    )
+    return fsverity_digest(data).hex()
+
+
+@pytest.mark.parametrize(
+    "kind", ["mixed", "many-small-files", "small-then-big", "no-externals", "empty"]
+)
+async def test_streamed_splitstream_equals_one_shot_encoding(repo: Repository, kind: str) -> None:
+    rnd = random.Random(kind)
+    if kind == "mixed":
+        tar = mixed_tar(seed=9)
+    elif kind == "many-small-files":
+        # ~12 MiB of inline run between two objects: the builder spills it to disk
+        files = [(f"s/{i}", rnd.randbytes(rnd.randrange(65))) for i in range(12_000)]
+        tar = make_tar([("first", rnd.randbytes(1000)), *files, ("last", rnd.randbytes(70))])
+    elif kind == "small-then-big":
+        files = [(f"s/{i}", rnd.randbytes(rnd.randrange(200))) for i in range(3000)]
+        tar = make_tar([*files, ("big", rnd.randbytes(5 << 20))])
+    elif kind == "no-externals":
+        tar = make_tar([(f"s/{i}", rnd.randbytes(rnd.randrange(65))) for i in range(9000)])
+    else:
+        tar = b""
+    stats = await import_layer(repo, [tar], diff_id_of(tar))
+    assert stats.splitstream.hex() == one_shot_splitstream_digest(tar)
+    assert cat_bytes(repo, layer_content_id(diff_id_of(tar))) == tar

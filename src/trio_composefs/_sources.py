@@ -119,8 +119,10 @@ async def iter_source(
 
 
 def _cut(piece: bytes) -> Iterator[bytes]:
+    """Pieces of at most READ_SIZE bytes; an empty piece yields nothing (it is not EOF)."""
     if len(piece) <= READ_SIZE:
-        yield bytes(piece)
+        if piece:
+            yield bytes(piece)
         return
     view = memoryview(piece)
     for start in range(0, len(view), READ_SIZE):
