@@ -147,7 +147,7 @@ def _system_busy() -> float:
 def _own_cpu(pool: HashPool) -> float:
     """CPU-seconds used by this process, its children and the pool's workers."""
     total = sum(os.times()[:4])  # self and waited-for children (the fsverity tool)
-    for pid in pool.worker_pids():  # children of the forkserver, not of us
+    for pid in pool.worker_pids():  # our children, but not waited for yet
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         except OSError:
@@ -169,6 +169,27 @@ def measure(
         times.append(time.perf_counter() - t0)
     others = (_system_busy() - busy0) - (_own_cpu(pool) - own0)
     return statistics.median(times), max(0.0, others / sum(times)), result
+
+
+def worker_startup(path: Path, alg: Algorithm, pools: int = 5) -> tuple[float, float]:
+    """Median seconds of a new pool's first call on ``path``, and of its second call.
+
+    The first call starts the workers (one per CPU) and waits for them to answer.
+    """
+    first: list[float] = []
+    second: list[float] = []
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        for _ in range(pools):
+            with HashPool(threshold=0) as pool:
+                for times in (first, second):
+                    t0 = time.perf_counter()
+                    pool.digest_fd(fd, size, alg)
+                    times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return statistics.median(first), statistics.median(second)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -195,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"# files in {scratch}: {len(big)} x ~{sizes['big'] // len(big) >> 20} MiB"
             f" + {len(small)} x 200 KiB = {sizes['all'] / 2**20:.0f} MiB;"
             f" median of {args.runs} runs; load average before {os.getloadavg()[0]:.2f}"
+        )
+        first, later = worker_startup(small[0], alg)
+        print(
+            f"# worker start-up: a new pool's first call on a 200 KiB file {first * 1e3:.1f} ms,"
+            f" its second {later * 1e3:.2f} ms (median of 5 pools of {os.cpu_count()} workers)"
         )
         header = f"| {'method':<30} |" + "".join(f" {k + ' MB/s':>11} |" for k in sets)
         print(header + " ratio (all) | others' CPUs |")

@@ -6,6 +6,9 @@ import itertools
 import os
 import random
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -14,9 +17,10 @@ from pathlib import Path
 import pytest
 import trio
 
+import trio_composefs
 from trio_composefs._errors import ComposefsError
 from trio_composefs.fsverity import BLOCK_SIZE, Algorithm, fsverity_digest, level1_group_size
-from trio_composefs.hashpool import HashPool, HashPoolStatistics, _split, digest_fd
+from trio_composefs.hashpool import _BOOTSTRAP, HashPool, HashPoolStatistics, _split, digest_fd
 
 MIB = 1 << 20
 G256 = level1_group_size(Algorithm.SHA256)  # 512 KiB
@@ -176,23 +180,53 @@ async def test_from_trio_threads_with_a_pool_made_inside_trio(data_fd: int) -> N
     assert results == {n: fsverity_digest(DATA[:n]).hex() for n in sizes}
 
 
-def test_close_joins_workers_and_leaks_no_fds(data_fd: int) -> None:
-    # A first pool starts multiprocessing's forkserver and resource tracker: shared
-    # helpers that live as long as this process, not part of any pool.
-    with HashPool(1, threshold=0) as warm:
-        warm.digest_fd(data_fd, MIB)
+def _reaped(pid: int) -> bool:
+    """Whether ``pid`` is no child of ours any more, not even a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def _children() -> set[int]:
+    """Our child processes, from /proc (zombies included)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == os.getpid():
+            out.add(int(entry))
+    return out
+
+
+def test_close_leaves_no_fd_process_or_thread_behind(data_fd: int) -> None:
     fds_before = _open_fds()
+    threads_before = set(threading.enumerate())
+    children_before = _children()
     pool = HashPool(2, threshold=0)
     assert pool.worker_pids() == []  # started on first use
+    assert _open_fds() == fds_before
+    assert set(threading.enumerate()) == threads_before
     assert pool.digest_fd(data_fd, 3 * MIB) == fsverity_digest(DATA[: 3 * MIB])
     pids = pool.worker_pids()
     assert len(pids) == 2
     assert all(_alive(pid) for pid in pids)
+    # Our own children (no fork server, no resource tracker), each with its socket here.
+    assert _children() - children_before == set(pids)
+    assert len(_open_fds() - fds_before) == 2
+    assert len(set(threading.enumerate()) - threads_before) == 1  # the launcher
     pool.close()
     assert pool.closed
     assert pool.worker_pids() == []
-    assert not any(_alive(pid) for pid in pids)
+    assert all(_reaped(pid) for pid in pids)
     assert _open_fds() == fds_before
+    assert set(threading.enumerate()) == threads_before
+    assert _children() == children_before
     pool.close()  # idempotent
     with pytest.raises(RuntimeError, match="HashPool is closed"):
         pool.digest_fd(data_fd, 3 * MIB)
@@ -256,18 +290,9 @@ def test_dead_worker_is_reported_and_replaced(data_fd: int) -> None:
         assert pool.digest_fd(data_fd, MIB) == fsverity_digest(DATA[:MIB])
 
 
-def test_spawn_start_method(data_fd: int) -> None:
-    with HashPool(2, threshold=0, start_method="spawn") as pool:
-        assert pool.digest_fd(data_fd, 4 * MIB + 5, Algorithm.SHA512) == fsverity_digest(
-            DATA[: 4 * MIB + 5], Algorithm.SHA512
-        )
-
-
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         HashPool(0)
-    with pytest.raises(ValueError, match="start_method"):
-        HashPool(start_method="fork")
     with HashPool() as pool:
         assert pool.workers == os.cpu_count()
 
@@ -328,3 +353,176 @@ def test_close_fails_a_caller_waiting_for_a_worker_and_lets_the_busy_one_finish(
     assert outcomes["busy"] == fsverity_digest(bytes(size), Algorithm.SHA512)
     assert isinstance(outcomes["waiting"], RuntimeError)
     assert "HashPool is closed" in str(outcomes["waiting"])
+
+
+def test_worker_inherits_only_its_socket_and_ignores_sigint(data_fd: int) -> None:
+    # data_fd, and this one, are open here and must not reach the worker.
+    stray = os.open("/dev/null", os.O_RDONLY)
+    os.set_inheritable(stray, True)
+    try:
+        with HashPool(1, threshold=0) as pool:
+            assert pool.digest_fd(data_fd, MIB) == fsverity_digest(DATA[:MIB])
+            (pid,) = pool.worker_pids()
+            fds = {
+                int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+            }
+            assert len(fds) == 4, fds
+            assert fds[0] == fds[1] == "/dev/null"
+            (sock,) = (target for fd, target in fds.items() if fd > 2)
+            assert sock.startswith("socket:")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert cmdline[1:3] == [b"-P", b"-c"]
+            assert cmdline[3].startswith(_BOOTSTRAP.encode())
+            status = Path(f"/proc/{pid}/status").read_text()
+            (ignored,) = (int(x.split()[1], 16) for x in status.splitlines() if x[:7] == "SigIgn:")
+            assert ignored & (1 << (signal.SIGINT - 1))
+            os.kill(pid, signal.SIGINT)
+            assert pool.digest_fd(data_fd, 2 * MIB) == fsverity_digest(DATA[: 2 * MIB])
+            assert pool.worker_pids() == [pid]
+    finally:
+        os.close(stray)
+
+
+def test_worker_imports_neither_trio_nor_the_package_init() -> None:
+    package = Path(trio_composefs.__file__).parent
+    code = _BOOTSTRAP + "print(*sorted(sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code, "trio_composefs", str(package)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert "trio_composefs._hashworker" in out
+    assert "trio_composefs.fsverity" in out
+    heavy = [m for m in out if m.partition(".")[0] in ("trio", "multiprocessing", "concurrent")]
+    assert heavy == []
+    assert "trio_composefs.hashpool" not in out
+    assert "trio_composefs.layer" not in out
+
+
+def test_workers_outlive_the_thread_that_started_them(data_fd: int) -> None:
+    # Linux sends the parent-death signal when the *thread* that forked a
+    # process exits; trio retires idle worker threads after a while.
+    with HashPool(2, threshold=0) as pool:
+        first = threading.Thread(target=pool.digest_fd, args=(data_fd, 3 * MIB))
+        first.start()
+        first.join()
+        pids = pool.worker_pids()
+        time.sleep(0.2)
+        assert all(_alive(pid) for pid in pids)
+        assert pool.digest_fd(data_fd, 3 * MIB) == fsverity_digest(DATA[: 3 * MIB])
+        assert pool.worker_pids() == pids
+        assert pool.statistics().workers_replaced == 0
+
+
+def _run_script(
+    path: Path, source: str, *args: str, process_group: int | None = None
+) -> subprocess.Popen[str]:
+    """Start ``source`` as a Python script at ``path``, with its output piped."""
+    path.write_text(textwrap.dedent(source))
+    return subprocess.Popen(
+        [sys.executable, str(path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        process_group=process_group,
+    )
+
+
+def test_a_script_without_main_guard(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(DATA[: 5 * MIB + 7])
+    runs = tmp_path / "runs"
+    script = f"""
+        import os
+        from trio_composefs.hashpool import HashPool
+
+        with open({str(runs)!r}, "a") as f:
+            f.write("ran\\n")
+        fd = os.open({str(data)!r}, os.O_RDONLY)
+        with HashPool(2, threshold=0) as pool:
+            print(pool.digest_fd(fd, os.fstat(fd).st_size))
+            print(pool.statistics().files_split)
+    """
+    proc = _run_script(tmp_path / "no_guard.py", script)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (0, "")
+    assert out.split() == [fsverity_digest(DATA[: 5 * MIB + 7]).hex(), "1"]
+    assert runs.read_text() == "ran\n"  # only the parent ran the script
+
+
+_USE_POOL_AND_WAIT = """
+    import os, signal, sys, threading, time
+    from trio_composefs.hashpool import HashPool
+
+    pool = HashPool(2, threshold=0)
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    pool.digest_fd(fd, 4 << 20)
+    if sys.argv[-1] == "busy":  # keep both workers going through 16 MiB jobs
+        threading.Thread(target=pool.digest_fd, args=(fd, 1 << 40), daemon=True).start()
+        time.sleep(0.2)
+    if sys.argv[-1] == "stopped":  # they cannot read EOF: only PR_SET_PDEATHSIG ends them
+        for pid in pool.worker_pids():
+            os.kill(pid, signal.SIGSTOP)
+            while open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] != "T":
+                time.sleep(0.001)
+    print(*pool.worker_pids(), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("state", ["idle", "busy", "stopped"])
+def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, state: str) -> None:
+    proc = _run_script(tmp_path / "parent.py", _USE_POOL_AND_WAIT, state)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    pids: list[int] = []
+    try:
+        pids = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        assert all(_alive(pid) for pid in pids)
+        if state == "stopped":
+            assert all(Path(f"/proc/{pid}/stat").read_text().split()[2] == "T" for pid in pids)
+        proc.kill()
+        proc.wait()  # not communicate(): surviving workers would hold its stderr open
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        for pid in pids:  # survivors of a failed test
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_reaches_the_parent_only(tmp_path: Path) -> None:
+    script = """
+        import os, time
+        from trio_composefs.hashpool import HashPool
+
+        fd = os.open("/dev/zero", os.O_RDONLY)
+        try:
+            with HashPool(2, threshold=0) as pool:
+                pool.digest_fd(fd, 4 << 20)
+                workers = [w.process for w in pool._all]
+                print("ready", flush=True)
+                time.sleep(60)
+        except KeyboardInterrupt:
+            print(*(w.returncode for w in workers), pool.worker_pids())
+    """
+    # Its own process group, like a shell job in a terminal.
+    proc = _run_script(tmp_path / "ctrl_c.py", script, process_group=0)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    # The workers were still alive to read EOF when the parent closed the pool.
+    assert (out, err) == ("0 0 []\n", "")

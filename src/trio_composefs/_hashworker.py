@@ -1,16 +1,17 @@
 """The hash worker process of :class:`trio_composefs.hashpool.HashPool`.
 
-Run as ``python -m trio_composefs._hashworker SOCKET_FD PARENT_PID`` by the
-pool, with the worker's end of a ``SOCK_SEQPACKET`` socket pair as
-``SOCKET_FD`` and nothing else inherited. Each job is a message carrying one
+Started by the pool as a new interpreter that calls :func:`main` with
+``[SOCKET_FD, PARENT_PID]``, ``SOCKET_FD`` being the worker's end of a
+``SOCK_SEQPACKET`` socket pair and its only inherited fd (``python -m
+trio_composefs._hashworker FD PID`` works too, but imports the whole package
+and trio first, which the pool avoids). Each job is a message carrying one
 file descriptor (``SCM_RIGHTS``) and a :data:`JOB` header; the reply is
 :data:`OK` and the level-1 digests of the range (or the file's digest), or
 :data:`FAILED` and a pickled exception. The worker exits when the socket
 reaches EOF, which happens when the pool closes it or the parent dies.
 
 This module is also imported by the pool for the protocol and the pread
-helpers, so it imports only the standard library and :mod:`.fsverity`: a
-worker starts in tens of milliseconds and never imports trio.
+helpers, so it imports only the standard library and :mod:`.fsverity`.
 """
 
 from __future__ import annotations
