@@ -34,7 +34,7 @@ class ImageSourceError(ComposefsError):
     """An image that cannot be found or read at its source."""
 
 
-class MEDIA_TYPES:  # noqa: N801 - a namespace of constants
+class MEDIA_TYPES:  # a namespace of constants
     OCI_INDEX = "application/vnd.oci.image.index.v1+json"
     OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
     OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -202,7 +202,8 @@ def parse_source(text: str) -> SourceRef:
     transport, sep, rest = text.partition(":")
     if not sep or not transport or not rest:
         raise ComposefsError(
-            f"not an image reference: {text!r} (expected TRANSPORT:..., e.g. oci:/path/to/layout:tag)"
+            f"not an image reference: {text!r}"
+            " (expected TRANSPORT:..., e.g. oci:/path/to/layout:tag)"
         )
     if transport not in _LOCAL:
         return SourceRef(transport, rest)
