@@ -10,7 +10,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 import trio
 
@@ -76,9 +76,32 @@ def _build_parser() -> argparse.ArgumentParser:
     cat = sub.add_parser("cat", help="write a stream's reassembled bytes to standard output")
     cat.add_argument("name", help="a content id (oci-layer-sha256:...) or refs/NAME")
 
+    fsck = sub.add_parser("fsck", help="check the repository's consistency (reports every problem)")
+    fsck.add_argument("--json", action="store_true", help="print the report as JSON")
+    fsck.add_argument(
+        "--metadata-only", action="store_true", help="do not re-hash objects (streams, refs only)"
+    )
+    fsck.add_argument(
+        "--no-check-layers",
+        action="store_true",
+        help="do not reassemble layer streams to compare their sha256 with the diff_id",
+    )
+    fsck.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+    gc = sub.add_parser("gc", help="remove objects, streams and temporary files no ref reaches")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    gc.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also keep this stream or image (first-level name); repeatable",
+    )
+    gc.add_argument("--json", action="store_true", help="print the result as JSON")
+    gc.add_argument("-v", "--verbose", action="store_true", help="list every removed object")
+
     sub.add_parser(
         "demo",
-        help="import the built-in sample image's layers (creating the repository) and show them",
+        help="pull the built-in sample image (creating the repository) and show what was stored",
     )
 
     oci = sub.add_parser("oci", help="OCI images and layers")
@@ -98,6 +121,32 @@ def _build_parser() -> argparse.ArgumentParser:
     layer = oci_sub.add_parser("layer", help="write a layer's tar, or list its entries")
     layer.add_argument("diff_id", metavar="DIFF_ID")
     layer.add_argument("--list", action="store_true", help="one line per entry instead")
+    pull = oci_sub.add_parser("pull", help="pull an image (oci:DIR[:TAG|@DIGEST]) and tag it")
+    pull.add_argument("source", metavar="SOURCE", help="e.g. oci:/srv/layout:latest")
+    pull.add_argument(
+        "tag", nargs="?", metavar="TAG", help="tag to give the image (default: SOURCE)"
+    )
+    pull.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="image of an index to pick")
+    pull.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        metavar="N",
+        help=f"object writers at once (default {default_jobs()})",
+    )
+    pull.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+    images = oci_sub.add_parser("images", help="list tagged images")
+    images.add_argument("--json", action="store_true", help="as JSON")
+    inspect = oci_sub.add_parser("inspect", help="show an image's manifest and config (JSON)")
+    inspect.add_argument("image", metavar="IMAGE", help="a tag, or @sha256:... (manifest digest)")
+    what = inspect.add_mutually_exclusive_group()
+    what.add_argument("--manifest", action="store_true", help="only the raw manifest")
+    what.add_argument("--config", action="store_true", help="only the raw config")
+    tag = oci_sub.add_parser("tag", help="tag a stored image")
+    tag.add_argument("digest", metavar="DIGEST", help="manifest digest, sha256:...")
+    tag.add_argument("name", metavar="NAME")
+    untag = oci_sub.add_parser("untag", help="remove a tag")
+    untag.add_argument("name", metavar="NAME")
     return p
 
 
@@ -263,8 +312,13 @@ def cmd_oci_import_layer(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """Pull the built-in sample image (creating the repository if needed) and show it."""
+    import tempfile
+
+    from .oci import open_source, pull_image
+    from .oci_source import parse_source
     from .reassemble import copy_stream, iter_layer_entries
-    from .sample import sample_layers
+    from .sample_image import write_sample_layout
     from .tarentry import format_entry
 
     path = _repo_path(args)
@@ -277,23 +331,35 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
             print(
                 f"created repository {path} (insecure: this filesystem has no fs-verity)", file=out
             )
-    layers = sample_layers()
 
-    async def run_all(repo: Repository) -> list[tuple[LayerStats, float]]:
-        results: list[tuple[LayerStats, float]] = []
-        async with open_importer(repo) as importer:
-            for layer in layers:
-                start = trio.current_time()
-                stats = await importer.import_layer(layer.tar, layer.diff_id)
-                results.append((stats, trio.current_time() - start))
-        return results
+    with tempfile.TemporaryDirectory(prefix="trio-cfs-sample-") as tmp, _open_repo(args) as repo:
+        reference = write_sample_layout(os.path.join(tmp, "layout"))
+        print(f"wrote the built-in sample image as an OCI layout: {reference}", file=out)
 
-    with _open_repo(args) as repo:
-        for layer, (st, seconds) in zip(layers, trio.run(run_all, repo), strict=True):
-            print(f"\nlayer {layer.diff_id}  ({layer.description})", file=out)
-            print(f"  splitstream {st.splitstream.hex()}", file=out)
-            print(f"  {_summary(st, seconds)}", file=out)
-            for entry in iter_layer_entries(repo, layer_content_id(layer.diff_id)):
+        async def pull() -> Any:
+            async with open_importer(repo) as importer, open_source(parse_source(reference)) as src:
+                return await pull_image(importer, src, tag="sample")
+
+        start = time.monotonic()
+        stats = trio.run(pull)
+        seconds = time.monotonic() - start
+        print(f"pulled it as tag 'sample' in {seconds:.2f} s", file=out)
+        print(f"  manifest {stats.manifest_digest}", file=out)
+        print(f"  config   {stats.config_digest}", file=out)
+        for layer in stats.layers:
+            print(f"\nlayer {layer.diff_id}", file=out)
+            print(f"  splitstream {layer.splitstream.hex()}", file=out)
+            if layer.skipped:
+                print("  already in the repository", file=out)
+            else:
+                print(
+                    f"  {layer.tar_bytes / 2**20:.1f} MiB of tar; {layer.objects} objects"
+                    f" ({layer.objects_written} new, {layer.objects_deduplicated} deduplicated),"
+                    f" {layer.inline_bytes} bytes inline",
+                    file=out,
+                )
+            name = layer_content_id(layer.diff_id)
+            for entry in iter_layer_entries(repo, name):
                 where = (
                     f"   [object {entry.content.digest.object_path()[:14]}…]"
                     if isinstance(entry.content, ExternalChunk)
@@ -301,14 +367,216 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
                 )
                 print("  " + format_entry(entry) + where, file=out)
             h = hashlib.sha256()
-            copy_stream(repo, layer_content_id(layer.diff_id), h.update)
+            copy_stream(repo, name, h.update)
             ok = "sha256:" + h.hexdigest() == layer.diff_id
-            print(
-                f"  cat round trip: {'identical to the original tar' if ok else 'MISMATCH'}",
-                file=out,
-            )
+            print(f"  cat: {'identical to the original tar' if ok else 'MISMATCH'}", file=out)
             if not ok:
                 return 1
+        objects = sum(len(files) for _, _, files in os.walk(os.path.join(repo.path, "objects")))
+        print(
+            f"\nthe repository {repo.path} now holds {objects} objects;"
+            f" try: trio-cfsctl --repo {repo.path} oci images",
+            file=out,
+        )
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from .fsck import FsckProgress, fsck
+
+    show = not args.no_progress and sys.stderr.isatty()
+
+    def progress(p: FsckProgress) -> None:
+        if show:
+            sys.stderr.write(
+                f"\r\x1b[K{p.phase}: {p.done}/{p.total}, {p.objects_checked} objects,"
+                f" {p.bytes_hashed / 2**20:.1f} MiB hashed"
+            )
+            sys.stderr.flush()
+
+    with _open_repo(args) as repo:
+        try:
+            report = trio.run(
+                lambda: fsck(
+                    repo,
+                    check_objects=not args.metadata_only,
+                    check_layers=not args.no_check_layers,
+                    progress=progress,
+                )
+            )
+        finally:
+            if show:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2), file=out)
+    else:
+        for line in report.summary():
+            print(line, file=out)
+    return 0 if report.ok else 1
+
+
+def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from .gc import gc
+
+    def waiting() -> None:
+        print(
+            f"{PROG}: waiting for the repository's exclusive lock (another process has it open)",
+            file=sys.stderr,
+        )
+
+    with _open_repo(args) as repo:
+        result = gc(repo, args.root, dry_run=args.dry_run, on_wait=waiting)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2), file=out)
+        return 0
+    verb = "would remove" if result.dry_run else "removed"
+    if args.verbose:
+        for path in result.objects_removed:
+            print(f"{verb} {path}", file=out)
+    for path in result.tmpfiles_removed:
+        print(f"{verb} temporary file {path}", file=out)
+    for path in result.links_pruned:
+        print(f"{verb} dangling link {path}", file=out)
+    for note in result.notes:
+        print(f"note: {note}", file=out)
+    print(
+        f"{verb} {len(result.objects_removed)} objects ({result.objects_bytes} bytes),"
+        f" {len(result.tmpfiles_removed)} temporary files ({result.tmpfiles_bytes} bytes),"
+        f" {len(result.links_pruned)} links; {result.bytes_freed} bytes"
+        f" {'would be ' if result.dry_run else ''}freed; {result.live_objects} objects live",
+        file=out,
+    )
+    return 0
+
+
+def cmd_oci_pull(args: argparse.Namespace, out: TextIO) -> int:
+    from .oci import ImageProgress, ImageStats, open_source, pull_image
+    from .oci_source import Platform, parse_source
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    ref = parse_source(args.source)
+    platform = Platform.parse(args.platform) if args.platform else None
+    tag = args.tag if args.tag is not None else args.source
+    line = _ProgressLine(not args.no_progress)
+
+    def progress(p: ImageProgress) -> None:
+        if p.layer is None:
+            return
+        if not p.layer.done:
+            line(p.layer)
+        elif line.enabled:  # one permanent line per finished layer, on a TTY only
+            line.close()
+            line.shown = False
+            sys.stderr.write(
+                f"{p.layer.diff_id[:19]}…  {p.layer.bytes_read / 2**20:8.1f} MiB, objects"
+                f" {p.layer.objects_written} new, {p.layer.objects_deduplicated} dedup"
+                f"  [{p.layers_done}/{p.layers_total} layers]\n"
+            )
+
+    async def go(repo: Repository) -> ImageStats:
+        async with open_importer(repo, jobs=args.jobs) as importer, open_source(ref) as source:
+            return await pull_image(importer, source, tag=tag, platform=platform, progress=progress)
+
+    start = time.monotonic()
+    with _open_repo(args) as repo:
+        try:
+            stats = trio.run(go, repo)
+        finally:
+            line.close()
+    seconds = time.monotonic() - start
+    print(f"manifest {stats.manifest_digest}", file=out)
+    print(f"config   {stats.config_digest}", file=out)
+    print(f"verity   {stats.manifest_stream.hex()}", file=out)
+    print(f"tagged   {tag}", file=out)
+    if stats.skipped:
+        summary = f"{len(stats.layers)} layers, image already present"
+    else:
+        mib = stats.tar_bytes / 2**20
+        summary = (
+            f"{len(stats.layers)} layers ({stats.layers_imported} imported,"
+            f" {len(stats.layers) - stats.layers_imported} already present);"
+            f" {mib:.1f} MiB of tar; objects {stats.objects_written} new,"
+            f" {stats.objects_deduplicated} deduplicated ({stats.object_bytes} bytes of files)"
+        )
+    print(f"{summary}; {seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_oci_images(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from .oci import list_images
+
+    with _open_repo(args) as repo:
+        images = list_images(repo)
+    if args.json:
+        print(json.dumps({"images": [i.to_json() for i in images]}, indent=2), file=out)
+        return 0
+    if not images:
+        print("No images found", file=out)
+        return 0
+    rows = [["NAME", "DIGEST", "ARCH", "LAYERS", "REFS"]]
+    for i in images:
+        digest = i.manifest_digest.removeprefix("sha256:")[:12]
+        arch = i.architecture or "artifact"
+        rows.append([i.name, digest, arch, str(i.layer_count), str(i.referrer_count)])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    rows.insert(1, ["-" * w for w in widths])
+    for r in rows:
+        cells = (cell.ljust(w) for cell, w in zip(r, widths, strict=True))
+        print("  ".join(cells).rstrip(), file=out)
+    return 0
+
+
+def cmd_oci_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from .oci import open_image
+
+    with _open_repo(args) as repo:
+        image = open_image(repo, args.image)
+    if args.manifest or args.config:
+        raw = image.manifest if args.manifest else image.config
+        out.flush()
+        buffer = getattr(out, "buffer", None)
+        if buffer is not None:
+            buffer.write(raw + b"\n")
+            buffer.flush()
+        else:
+            out.write(raw.decode("utf-8", "surrogateescape") + "\n")
+        return 0
+    reply: dict[str, object] = {
+        "manifest": image.manifest.decode("utf-8", "replace"),
+        "config": image.config.decode("utf-8", "replace"),
+        "referrers": [],
+        "composefs_erofs": None,
+        "composefs_boot_erofs": None,
+    }
+    print(json.dumps(reply, indent=2), file=out)
+    return 0
+
+
+def cmd_oci_tag(args: argparse.Namespace, out: TextIO) -> int:
+    from .oci import tag_image
+
+    with _open_repo(args) as repo:
+        tag_image(repo, args.digest, args.name)
+    print(f"Tagged {args.digest} as {args.name}", file=out)
+    return 0
+
+
+def cmd_oci_untag(args: argparse.Namespace, out: TextIO) -> int:
+    from .oci import untag_image
+
+    with _open_repo(args) as repo:
+        untag_image(repo, args.name)
+    print(f"Removed tag {args.name}", file=out)
     return 0
 
 
@@ -319,6 +587,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "demo": cmd_demo,
     "oci import-layer": cmd_oci_import_layer,
     "oci layer": cmd_oci_layer,
+    "oci pull": cmd_oci_pull,
+    "oci images": cmd_oci_images,
+    "oci inspect": cmd_oci_inspect,
+    "oci tag": cmd_oci_tag,
+    "oci untag": cmd_oci_untag,
+    "fsck": cmd_fsck,
+    "gc": cmd_gc,
 }
 
 

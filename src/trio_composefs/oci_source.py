@@ -205,7 +205,8 @@ def parse_source(text: str) -> SourceRef:
             f"not an image reference: {text!r}"
             " (expected TRANSPORT:..., e.g. oci:/path/to/layout:tag)"
         )
-    if transport not in _LOCAL:
+    if transport not in _LOCAL or transport == "docker-archive":
+        # docker-archive:FILE[:REF] keeps REF (a repo tag or @N) in the path for its source.
         return SourceRef(transport, rest)
     digest = None
     tag = None

@@ -32,6 +32,7 @@ import secrets
 import stat
 import string
 import threading
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 import attrs
@@ -341,6 +342,33 @@ class Repository:
                 os.close(self._objects)
                 self._objects = None
             os.close(self.dirfd)
+
+    @contextlib.contextmanager
+    def exclusive_lock(self, *, on_wait: Callable[[], object] | None = None) -> Iterator[None]:
+        """Hold the repository's ``flock`` exclusively, then go back to shared.
+
+        Blocks while any other open repository (in this process or another)
+        holds its shared lock, e.g. a running import. As with ``flock(2)``,
+        the conversion is not atomic: the shared lock is dropped while
+        waiting, so two processes upgrading at once cannot deadlock.
+
+        Args:
+            on_wait: called once, before blocking, if the lock is busy.
+        """
+        try:
+            try:
+                fcntl.flock(self.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(self.dirfd, fcntl.LOCK_EX)
+        except BaseException:
+            fcntl.flock(self.dirfd, fcntl.LOCK_SH)  # a failed conversion dropped it
+            raise
+        try:
+            yield
+        finally:
+            fcntl.flock(self.dirfd, fcntl.LOCK_SH)
 
     def __enter__(self) -> Repository:
         return self
