@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 import trio
 
+from ._archive_source import ArchiveSource
 from ._errors import FormatError
-from ._oci_resolve import parse_json, verify_blob
-from ._tarindex import TarArchive, TarMember
+from ._oci_resolve import parse_json
+from ._tarindex import TarMember
 from .oci_source import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = ["DockerArchiveSource", "normalize_repo_tag"]
@@ -56,7 +55,7 @@ def _layer_media_type(head: bytes) -> str:
 
 
 @attrs.define(eq=False)
-class DockerArchiveSource:
+class DockerArchiveSource(ArchiveSource):
     """An :class:`~trio_composefs.oci_source.ImageSource` over a ``docker-archive:`` tar file.
 
     Args:
@@ -66,11 +65,7 @@ class DockerArchiveSource:
             N-th entry of ``manifest.json`` (from 0). Default: the only image.
     """
 
-    path: str
     ref: str | None = None
-    description: str = attrs.field(init=False)
-    """``docker-archive:FILE[:REF]``."""
-    _archive: TarArchive | None = attrs.field(default=None, init=False)
     _blobs: dict[str, TarMember] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -85,20 +80,8 @@ class DockerArchiveSource:
         return cls(path, ref or None)
 
     async def __aenter__(self) -> DockerArchiveSource:
-        self._archive = await TarArchive.open(self.path)
+        await self._open_archive()
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._archive is not None:
-            self._archive.close()
-            self._archive = None
-
-    @property
-    def archive(self) -> TarArchive:
-        """The open archive (only inside ``async with``)."""
-        if self._archive is None:
-            raise ImageSourceError(f"{self.description}: used outside 'async with'")
-        return self._archive
 
     async def _read_json(self, name: str) -> Any:
         member = self.archive.get(name)
@@ -222,32 +205,11 @@ class DockerArchiveSource:
             data, "sha256:" + hashlib.sha256(data).hexdigest(), MEDIA_TYPES.DOCKER_MANIFEST
         )
 
-    def _member(self, descriptor: Descriptor) -> TarMember:
+    def _find_member(self, descriptor: Descriptor) -> TarMember:
         member = self._blobs.get(descriptor.digest)
         if member is None:
             raise ImageSourceError(
                 f"{self.description}: no blob {descriptor.digest}"
                 + ("" if self._blobs else " (call resolve() first)")
             )
-        if member.size != descriptor.size:
-            raise FormatError(
-                f"{self.path}: member {member.name!r} has {member.size} bytes,"
-                f" the descriptor says {descriptor.size}"
-            )
         return member
-
-    async def read_blob(self, descriptor: Descriptor, *, max_size: int = 64 << 20) -> bytes:
-        """A small blob (the config), whole and checked against its digest."""
-        if descriptor.size > max_size:
-            raise ImageSourceError(
-                f"{self.path}: blob {descriptor.digest} is {descriptor.size} bytes"
-                f" (more than {max_size})"
-            )
-        member = self._member(descriptor)
-        data = await self.archive.read(member)
-        return verify_blob(data, descriptor, where=f"{self.path}: member {member.name!r}")
-
-    @asynccontextmanager
-    async def open_blob(self, descriptor: Descriptor) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Stream a layer member's bytes in chunks of at most 1 MiB (not checked here)."""
-        yield self.archive.stream(self._member(descriptor))

@@ -9,14 +9,12 @@ does not write them; ``docker save | gzip`` users can decompress first).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import attrs
 
+from ._archive_source import ArchiveSource
 from ._errors import FormatError
-from ._oci_resolve import describe_manifest, resolve_from_index, verify_blob
-from ._tarindex import TarArchive, TarMember
+from ._oci_resolve import describe_manifest, resolve_from_index
+from ._tarindex import TarMember
 from .oci_source import Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = ["OciArchiveSource", "blob_path"]
@@ -29,38 +27,22 @@ def blob_path(digest: str) -> str:
 
 
 @attrs.define(eq=False)
-class OciArchiveSource:
+class OciArchiveSource(ArchiveSource):
     """An :class:`~trio_composefs.oci_source.ImageSource` over an ``oci-archive:`` tar file.
 
     Use as ``async with OciArchiveSource(path, tag=...) as source: ...``.
     """
 
-    path: str
     tag: str | None = None
     digest: str | None = None
-    description: str = attrs.field(init=False)
-    """``oci-archive:FILE[:TAG|@DIGEST]``."""
-    _archive: TarArchive | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         suffix = f":{self.tag}" if self.tag else f"@{self.digest}" if self.digest else ""
         self.description = f"oci-archive:{self.path}{suffix}"
 
     async def __aenter__(self) -> OciArchiveSource:
-        self._archive = await TarArchive.open(self.path)
+        await self._open_archive()
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._archive is not None:
-            self._archive.close()
-            self._archive = None
-
-    @property
-    def archive(self) -> TarArchive:
-        """The open archive (only inside ``async with``)."""
-        if self._archive is None:
-            raise ImageSourceError(f"{self.description}: used outside 'async with'")
-        return self._archive
 
     async def resolve(self, platform: Platform | None = None) -> ResolvedImage:
         """The image manifest the tag, digest or single entry of ``index.json`` names."""
@@ -91,28 +73,5 @@ class OciArchiveSource:
         data = await self.archive.read(member)
         return describe_manifest(digest, data, where=f"{self.path}: member {name!r}")
 
-    def _member(self, descriptor: Descriptor) -> TarMember:
-        name = blob_path(descriptor.digest)
-        member = self.archive.get(name)
-        if member.size != descriptor.size:
-            raise FormatError(
-                f"{self.path}: member {name!r} has {member.size} bytes,"
-                f" the descriptor says {descriptor.size}"
-            )
-        return member
-
-    async def read_blob(self, descriptor: Descriptor, *, max_size: int = 64 << 20) -> bytes:
-        """A small blob, whole and checked against its digest."""
-        if descriptor.size > max_size:
-            raise ImageSourceError(
-                f"{self.path}: blob {descriptor.digest} is {descriptor.size} bytes"
-                f" (more than {max_size})"
-            )
-        member = self._member(descriptor)
-        data = await self.archive.read(member)
-        return verify_blob(data, descriptor, where=f"{self.path}: member {member.name!r}")
-
-    @asynccontextmanager
-    async def open_blob(self, descriptor: Descriptor) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Stream a blob's stored bytes in chunks of at most 1 MiB (not checked here)."""
-        yield self.archive.stream(self._member(descriptor))
+    def _find_member(self, descriptor: Descriptor) -> TarMember:
+        return self.archive.get(blob_path(descriptor.digest))
