@@ -186,7 +186,7 @@ async def test_multi_platform_index(tmp_path: Path, repo: Repository) -> None:
     layout2.add_image([make_tar(files(1))], tag="a")
     layout2.add_image([make_tar(files(2))], tag="b")
     layout2.write_index()
-    with pytest.raises(ImageSourceError, match=r"2 images .* \(tags: a, b\)"):
+    with pytest.raises(ImageSourceError, match=r"none declared; tags: a, b"):
         await pull(repo, f"oci:{layout2.path}")
     stats = await pull(repo, f"oci:{layout2.path}:b")
     assert stats.layers_imported == 0  # the same tar as theirs: already there

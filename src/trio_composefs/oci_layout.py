@@ -14,28 +14,18 @@ import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Final
 
 import trio
 
 from ._errors import DigestMismatchError, FormatError
-from .oci_source import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
+from ._oci_resolve import describe_manifest, resolve_from_index
+from .oci_source import Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = ["REF_NAME_ANNOTATION", "OciLayoutSource"]
 
 REF_NAME_ANNOTATION: Final = "org.opencontainers.image.ref.name"
 _READ_SIZE: Final = 1 << 20
-_INDEX_TYPES: Final = (MEDIA_TYPES.OCI_INDEX, MEDIA_TYPES.DOCKER_LIST)
-_MAX_DEPTH: Final = 4
-
-
-def _platform_matches(have: Platform, want: Platform) -> bool:
-    if have.os != want.os or have.architecture != want.architecture:
-        return False
-    if want.variant is None or have.variant == want.variant:
-        return True
-    # arm64's only variant is v8: treat a missing one as v8
-    return want.architecture == "arm64" and {have.variant, want.variant} <= {None, "v8"}
 
 
 class OciLayoutSource:
@@ -114,115 +104,27 @@ class OciLayoutSource:
             )
         return data
 
-    def _read_json_file(self, path: str, what: str) -> Any:
+    def _read_index(self) -> bytes:
         try:
-            with open(path, "rb") as f:
-                return json.loads(f.read(64 << 20))
+            with open(os.path.join(self.path, "index.json"), "rb") as f:
+                return f.read(64 << 20)
         except FileNotFoundError:
-            raise ImageSourceError(f"{self.description}: no {what}") from None
-        except (OSError, ValueError) as e:
-            raise ImageSourceError(f"{self.description}: unreadable {what}: {e}") from None
+            raise ImageSourceError(f"{self.description}: no index.json") from None
+        except OSError as e:
+            raise ImageSourceError(f"{self.description}: unreadable index.json: {e}") from None
 
-    def _descriptor_by_digest(self, digest: str) -> Descriptor:
-        """A descriptor for a blob named only by digest; the blob's own mediaType says what."""
+    def _find_manifest(self, digest: str) -> Descriptor | None:
+        """A descriptor for a manifest the index does not list, from the blob itself."""
         path = self._blob_path(digest)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
-            raise ImageSourceError(f"{self.description}: no blob {digest} in the layout") from None
+            return None
         if size > 64 << 20:
             raise ImageSourceError(f"{self.description}: {digest} is too big for a manifest")
-        probe = Descriptor(MEDIA_TYPES.OCI_MANIFEST, digest, size)
-        data = self._read_verified(probe, 64 << 20)
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            raise ImageSourceError(f"{self.description}: {digest} is not a JSON manifest") from None
-        media_type = obj.get("mediaType") if isinstance(obj, dict) else None
-        if not isinstance(media_type, str):
-            media_type = (
-                MEDIA_TYPES.OCI_INDEX
-                if isinstance(obj, dict) and "manifests" in obj
-                else MEDIA_TYPES.OCI_MANIFEST
-            )
-        return Descriptor(media_type, digest, size)
-
-    def _resolve(self, platform: Platform | None) -> ResolvedImage:
-        want = platform or Platform.current()
-        index = self._read_json_file(os.path.join(self.path, "index.json"), "index.json")
-        entries = self._index_entries(index, "index.json")
-        if self.digest is not None:
-            matching = [d for d in entries if d.digest == self.digest]
-            candidates = matching[:1] or [self._descriptor_by_digest(self.digest)]
-        elif self.tag is not None:
-            candidates = [d for d in entries if d.annotations.get(REF_NAME_ANNOTATION) == self.tag]
-            if not candidates:
-                tags = sorted({t for d in entries if (t := d.annotations.get(REF_NAME_ANNOTATION))})
-                known = f" (tags: {', '.join(tags)})" if tags else " (it has no tags)"
-                raise ImageSourceError(f"{self.path}: no image tagged {self.tag!r}{known}")
-        else:
-            candidates = entries
-            if not candidates:
-                raise ImageSourceError(f"{self.description}: the index lists no images")
-        return self._pick(candidates, want, platform is not None, depth=0)
-
-    def _index_entries(self, index: Any, where: str) -> list[Descriptor]:
-        if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
-            raise FormatError(f"{self.description}: {where} has no manifests list")
-        return [
-            Descriptor.from_json(m, where=f"{self.description}: {where}")
-            for m in index["manifests"]
-        ]
-
-    def _pick(
-        self, candidates: list[Descriptor], want: Platform, explicit: bool, depth: int
-    ) -> ResolvedImage:
-        if depth > _MAX_DEPTH:
-            raise FormatError(f"{self.description}: image indexes nested too deeply")
-        if len(candidates) > 1:
-            fitting = [
-                d
-                for d in candidates
-                if d.platform is not None and _platform_matches(d.platform, want)
-            ]
-            if not fitting and all(d.platform is None for d in candidates):
-                tags = sorted(
-                    {t for d in candidates if (t := d.annotations.get(REF_NAME_ANNOTATION))}
-                )
-                raise ImageSourceError(
-                    f"{self.description}: {len(candidates)} images and none declares a platform;"
-                    f" name one with :TAG or @sha256:... (tags: {', '.join(tags) or 'none'})"
-                )
-            if not fitting:
-                available = ", ".join(sorted({str(d.platform) for d in candidates if d.platform}))
-                raise ImageSourceError(
-                    f"{self.description}: no image for platform {want}"
-                    f" (available: {available or 'none declared'})"
-                )
-            chosen = fitting[0]
-        else:
-            chosen = candidates[0]
-            if (
-                explicit
-                and chosen.platform is not None
-                and not _platform_matches(chosen.platform, want)
-            ):
-                raise ImageSourceError(
-                    f"{self.description}: the image is for {chosen.platform}, not {want}"
-                )
-        data = self._read_verified(chosen, 64 << 20)
-        if chosen.media_type in _INDEX_TYPES:
-            try:
-                nested = json.loads(data)
-            except ValueError:
-                raise FormatError(
-                    f"{self.description}: index {chosen.digest} is not JSON"
-                ) from None
-            entries = self._index_entries(nested, f"index {chosen.digest}")
-            if not entries:
-                raise ImageSourceError(f"{self.description}: index {chosen.digest} is empty")
-            return self._pick(entries, want, explicit, depth + 1)
-        return ResolvedImage(manifest=data, digest=chosen.digest, media_type=chosen.media_type)
+        with open(path, "rb") as f:
+            data = f.read(size)
+        return describe_manifest(digest, data, where=self.description)
 
     # ------------------------------------------------------------ ImageSource
 
@@ -234,7 +136,25 @@ class OciLayoutSource:
             DigestMismatchError: a manifest or index blob that does not match its digest.
             FormatError: a malformed index.
         """
-        return await trio.to_thread.run_sync(self._resolve, platform, limiter=self._limiter)
+
+        async def read(desc: Descriptor) -> bytes:
+            return await trio.to_thread.run_sync(
+                self._read_verified, desc, 64 << 20, limiter=self._limiter
+            )
+
+        async def find(digest: str) -> Descriptor | None:
+            return await trio.to_thread.run_sync(self._find_manifest, digest, limiter=self._limiter)
+
+        index = await trio.to_thread.run_sync(self._read_index, limiter=self._limiter)
+        return await resolve_from_index(
+            index,
+            read,
+            tag=self.tag,
+            digest=self.digest,
+            platform=platform,
+            where=self.description,
+            find_blob=find,
+        )
 
     async def read_blob(self, descriptor: Descriptor, *, max_size: int = 64 << 20) -> bytes:
         """A small blob, whole, checked against the descriptor's size and digest."""
