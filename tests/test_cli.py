@@ -114,3 +114,26 @@ def test_demo_shows_what_was_stored(tmp_path: Path) -> None:
     out = done.stdout.decode()
     assert out.count("identical to the original tar") == 3
     assert "[object " in out
+
+
+def test_pull_through_skopeo_streams_and_checks(tmp_path: Path) -> None:
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        pytest.skip("skopeo (Debian package skopeo) is not installed")
+    from trio_composefs.sample import sample_layers
+    from trio_composefs.sample_image import write_sample_layout
+
+    reference = write_sample_layout(str(tmp_path / "layout"))
+    subprocess.run(
+        [skopeo, "copy", "-q", reference, f"dir:{tmp_path / 'dir'}"], check=True, timeout=120
+    )
+    repo = tmp_path / "r"
+    assert run("--repo", str(repo), "init", "--insecure").returncode == 0
+    done = run("--repo", str(repo), "oci", "pull", f"dir:{tmp_path / 'dir'}", "viadir")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines()[-1] == "tagged   viadir"
+    for layer in sample_layers():
+        tar = run("--repo", str(repo), "oci", "layer", layer.diff_id).stdout
+        assert "sha256:" + hashlib.sha256(tar).hexdigest() == layer.diff_id
+    check = run("--repo", str(repo), "fsck")
+    assert check.returncode == 0, check.stdout

@@ -44,7 +44,7 @@ from trio_composefs.oci_layout import OciLayoutSource
 from trio_composefs.oci_source import ImageSourceError, Platform, parse_source
 from trio_composefs.reassemble import copy_stream, open_splitstream
 from trio_composefs.repository import Repository
-from trio_composefs.skopeo import SkopeoSource
+from trio_composefs.skopeo import SkopeoProxySource
 from trio_composefs.splitstream import ContentType
 from trio_composefs.testing import open_fds
 
@@ -293,7 +293,7 @@ async def test_truncated_blob_and_bad_layout(tmp_path: Path, repo: Repository) -
     with pytest.raises(ComposefsError, match="leading '@'"):
         await pull(repo, f"oci:{layout.path}:t", tag="@x")
     # other transports go through skopeo (tests/test_skopeo.py runs it)
-    assert isinstance(open_source(parse_source("docker://quay.io/x")), SkopeoSource)
+    assert isinstance(open_source(parse_source("docker://quay.io/x")), SkopeoProxySource)
     assert isinstance(open_source(parse_source("oci-archive:/x.tar:t")), OciArchiveSource)
     assert isinstance(open_source(parse_source("docker-archive:/x.tar:a:b")), DockerArchiveSource)
 

@@ -50,7 +50,7 @@ from .oci_layout import OciLayoutSource
 from .oci_source import MEDIA_TYPES, Descriptor, ImageSource, Platform, SourceRef
 from .reassemble import open_splitstream
 from .repository import Repository
-from .skopeo import SkopeoSource
+from .skopeo import SkopeoProxySource
 from .splitstream import ContentType, encode_splitstream, iter_chunks
 
 __all__ = [
@@ -214,10 +214,8 @@ ProgressCallback = Callable[[ImageProgress], object]
 # --------------------------------------------------------------------------- sources
 
 
-def open_source(ref: SourceRef, *, workdir: str | None = None) -> ImageSource:
+def open_source(ref: SourceRef) -> ImageSource:
     """The :class:`ImageSource` for a parsed reference (enter it with ``async with``).
-
-    ``workdir`` is where a skopeo copy lands (default: the system's temporary directory).
 
     Raises:
         ImageSourceError: skopeo is needed and not installed (when entered).
@@ -229,8 +227,10 @@ def open_source(ref: SourceRef, *, workdir: str | None = None) -> ImageSource:
     if ref.transport == "docker-archive":
         return DockerArchiveSource.from_reference(ref.path)
     # Any other transport (docker://, containers-storage:, dir:, ...) goes through
-    # skopeo, copied into a temporary directory first.
-    return SkopeoSource(str(ref), workdir=workdir)
+    # skopeo's image proxy, as composefs-rs does: layers stream from the source
+    # while they are imported, nothing waits for a whole copy of the image.
+    # (SkopeoSource, which copies to a directory first, remains for callers.)
+    return SkopeoProxySource(str(ref))
 
 
 # --------------------------------------------------------------------------- JSON
