@@ -137,3 +137,32 @@ def test_pull_through_skopeo_streams_and_checks(tmp_path: Path) -> None:
         assert "sha256:" + hashlib.sha256(tar).hexdigest() == layer.diff_id
     check = run("--repo", str(repo), "fsck")
     assert check.returncode == 0, check.stdout
+
+
+def test_bad_ref_name_is_refused_before_reading_the_layer(tmp_path: Path) -> None:
+    from trio_composefs.sample import sample_layers
+
+    repo = tmp_path / "r"
+    assert run("--repo", str(repo), "init", "--insecure").returncode == 0
+    layer = sample_layers()[0]
+    for bad in ("../x", "a//b", "x" * 300):
+        done = run("--repo", str(repo), "oci", "import-layer", layer.diff_id, bad, stdin=layer.tar)
+        assert done.returncode == 1, bad
+        assert "invalid ref name" in done.stderr.decode()
+    objects = repo / "objects"
+    assert not objects.exists() or not any(objects.rglob("*"))
+
+
+def test_closed_standard_streams_are_one_line(tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    assert run("--repo", str(repo), "init", "--insecure").returncode == 0
+    diff_id = "sha256:" + "a" * 64
+    no_stdin = subprocess.run(
+        [*CLI, "--repo", str(repo), "oci", "import-layer", diff_id],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        preexec_fn=lambda: __import__("os").close(0),
+    )
+    assert no_stdin.returncode == 1
+    assert "standard input is closed" in no_stdin.stderr.decode()

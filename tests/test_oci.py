@@ -535,3 +535,37 @@ def test_cli_pull_images_inspect_tag(
     assert len(err.splitlines()) == 1
     assert cli.run([*base, "oci", "images"]) == 0
     assert capsys.readouterr().out.splitlines()[2].split()[0] == source
+
+
+async def test_a_fifo_in_a_layout_is_refused_not_waited_for(
+    tmp_path: Path, repo: Repository
+) -> None:
+    layout = Layout(tmp_path / "lay")
+    image = layout.add_image([make_tar(files(1))], tag="t")
+    layout.write_index()
+    blob = layout.blob_path(image.layer_digests[0])
+    blob.unlink()
+    os.mkfifo(blob)  # opening it for reading would block until a writer came
+    with (
+        trio.fail_after(20),
+        pytest.RaisesGroup(
+            pytest.RaisesExc(ImageSourceError, match="not a regular file"), flatten_subgroups=True
+        ),
+    ):
+        await pull(repo, f"oci:{layout.path}:t")
+    assert streams(repo) == set()
+
+
+async def test_an_impossible_tag_is_refused_before_any_work(
+    tmp_path: Path, repo: Repository
+) -> None:
+    layout = Layout(tmp_path / "lay")
+    layout.add_image([make_tar(files(1))], tag="t")
+    layout.write_index()
+    with pytest.raises(ComposefsError, match="longer than 255 bytes"):
+        await pull(repo, f"oci:{layout.path}:t", tag="x" * 300)
+    assert streams(repo) == set()
+    assert not os.listdir(os.path.join(repo.path, "objects")) or all(
+        not os.listdir(os.path.join(repo.path, "objects", d))
+        for d in os.listdir(os.path.join(repo.path, "objects"))
+    )

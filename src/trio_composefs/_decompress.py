@@ -137,11 +137,11 @@ class _PullReader:
         return out
 
     def peek(self, n: int) -> bytes:
-        """Up to ``n`` bytes from the start of what is unread, without consuming them."""
-        if not self._buffer and not self.eof:
+        """``n`` bytes from the start of what is unread (fewer only at EOF), not consumed."""
+        while len(self._buffer) < n and not self.eof:
             piece = self._next_piece()
             if piece is not None:
-                self._buffer = memoryview(piece)
+                self._buffer = memoryview(bytes(self._buffer) + piece)
         return bytes(self._buffer[:n])
 
     def drain(self) -> int:

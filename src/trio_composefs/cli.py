@@ -220,6 +220,8 @@ def cmd_oci_layer(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _stdout_writer() -> Callable[[bytes], object]:
+    if sys.stdout is None:
+        raise UsageError("standard output is closed")
     sys.stdout.flush()
     fd = sys.stdout.fileno()
 
@@ -290,22 +292,26 @@ def cmd_oci_import_layer(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError("--jobs must be at least 1")
     start = time.monotonic()
     with _open_repo(args) as repo:
+        # A plain fd, read with os.read: no buffered reader whose lock a reading
+        # thread, abandoned on Ctrl-C while blocked on a pipe, would still hold.
+        fd: int | None = None
         if args.file:
             try:
-                f = open(args.file, "rb")  # noqa: SIM115 - closed below
+                fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise ComposefsError(f"{args.file}: {e.strerror}") from None
-            source: ByteSource = f
+            source: ByteSource = fd
+        elif sys.stdin is None:
+            raise UsageError("standard input is closed: give the tar with --file PATH")
         else:
-            f = None
-            source = sys.stdin.buffer.fileno()
+            source = sys.stdin.fileno()
         try:
             stats = trio.run(
                 _import_one, repo, source, args.diff_id, args.name, args.jobs, not args.no_progress
             )
         finally:
-            if f is not None:
-                f.close()
+            if fd is not None:
+                os.close(fd)
     print(stats.splitstream.hex(), file=out)
     print(_summary(stats, time.monotonic() - start), file=sys.stderr)
     return 0

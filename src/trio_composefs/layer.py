@@ -39,6 +39,7 @@ from ._writers import RepositoryLike, digester_for, store_splitstream_with, sync
 from .builder import Item, SplitStreamBuilder
 from .fsverity import Digest
 from .hashpool import HashPool
+from .repository import check_ref_name
 from .splitstream import ContentType, SplitStreamEncoder
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 
-_BUILDER_CHANNEL_ITEMS = 64
+_BUILDER_CHANNEL_ITEMS = 16
 """Items queued for the builder; each is at most 1 MiB of inline bytes or a pending object."""
 
 
@@ -153,6 +154,8 @@ class Importer:
         stream name is published unless the import completes.
         """
         expected = _parse_diff_id(diff_id)
+        if name is not None:
+            check_ref_name(name)  # before any work, not after it
         content_id = layer_content_id(diff_id)
         repo = self.repo
         own = trio.CapacityLimiter(1)  # the reader's and builder's hops

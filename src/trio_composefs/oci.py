@@ -137,6 +137,10 @@ def _check_tag(name: str) -> str:
     encoded = encode_tag(name)
     if encoded in (".", "..") or "\0" in name:
         raise ComposefsError(f"invalid tag {name!r}")
+    if len(encoded.encode("utf-8", "surrogateescape")) > 255:
+        raise ComposefsError(
+            f"invalid tag {name!r}: longer than 255 bytes once encoded; give a shorter TAG"
+        )
     return OCI_REF_PREFIX + encoded
 
 

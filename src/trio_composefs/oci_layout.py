@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
@@ -26,6 +27,23 @@ __all__ = ["REF_NAME_ANNOTATION", "OciLayoutSource"]
 
 REF_NAME_ANNOTATION: Final = "org.opencontainers.image.ref.name"
 _READ_SIZE: Final = 1 << 20
+
+
+def _open_regular(path: str) -> int:
+    """Open a file of the layout for reading, refusing anything but a regular file.
+
+    ``O_NONBLOCK`` keeps a FIFO planted in the layout from blocking the open
+    (and with it Ctrl-C); it is cleared once the file is known to be regular.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageSourceError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class OciLayoutSource:
@@ -57,7 +75,7 @@ class OciLayoutSource:
     def _check_layout(self) -> None:
         marker = os.path.join(self.path, "oci-layout")
         try:
-            with open(marker, "rb") as f:
+            with os.fdopen(_open_regular(marker), "rb") as f:
                 data = json.loads(f.read(1 << 16))
         except FileNotFoundError:
             if not os.path.isdir(self.path):
@@ -83,7 +101,7 @@ class OciLayoutSource:
                 f" more than the {max_size} allowed for it"
             )
         try:
-            with open(self._blob_path(desc.digest), "rb") as f:
+            with os.fdopen(_open_regular(self._blob_path(desc.digest)), "rb") as f:
                 data = f.read(desc.size + 1)
         except FileNotFoundError:
             raise ImageSourceError(
@@ -106,7 +124,7 @@ class OciLayoutSource:
 
     def _read_index(self) -> bytes:
         try:
-            with open(os.path.join(self.path, "index.json"), "rb") as f:
+            with os.fdopen(_open_regular(os.path.join(self.path, "index.json")), "rb") as f:
                 return f.read(64 << 20)
         except FileNotFoundError:
             raise ImageSourceError(f"{self.description}: no index.json") from None
@@ -122,7 +140,7 @@ class OciLayoutSource:
             return None
         if size > 64 << 20:
             raise ImageSourceError(f"{self.description}: {digest} is too big for a manifest")
-        with open(path, "rb") as f:
+        with os.fdopen(_open_regular(path), "rb") as f:
             data = f.read(size)
         return describe_manifest(digest, data, where=self.description)
 
@@ -173,7 +191,7 @@ class OciLayoutSource:
 
         def open_fd() -> int:
             try:
-                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                return _open_regular(path)
             except FileNotFoundError:
                 raise ImageSourceError(
                     f"{self.description}: blob {descriptor.digest} is missing from the layout"

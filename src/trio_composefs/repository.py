@@ -141,6 +141,20 @@ def _check_name(kind: str, name: str) -> None:
             raise RepositoryError(
                 f"invalid {kind} name {name!r}: empty, '.' or '..' path component"
             )
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise RepositoryError(
+                f"invalid {kind} name {name!r}: a path component is longer than 255 bytes"
+            )
+
+
+def check_ref_name(name: str) -> None:
+    """Refuse a ref name (``streams/refs/<name>``) that could not be published.
+
+    Raises:
+        RepositoryError: empty, absolute, with ``.``/``..``/empty components,
+            a NUL, or a component longer than a file name may be.
+    """
+    _check_name("ref", name)
 
 
 @attrs.define(eq=False)
