@@ -5,8 +5,8 @@ Data flows one way. The reader task pulls bytes from the source, hashes them
 Inline bytes go to the :class:`SplitStreamBuilder` in stream order. Each file
 over 64 bytes becomes an object job:
 
-* a file of at most :data:`SMALL_OBJECT_MAX` bytes is gathered in memory and
-  stored in one thread hop;
+* files of at most :data:`SMALL_OBJECT_MAX` bytes are gathered in memory and
+  stored in batches (up to 32 files or 4 MiB), one thread hop per batch;
 * a bigger one streams through a memory channel of a few
   :data:`~trio_composefs._sources.READ_SIZE` pieces to one thread that writes
   it, pulling one piece per hop and checking for cancellation between pieces.
@@ -60,8 +60,13 @@ _BUILDER_CHANNEL_ITEMS = 16
 
 
 def default_jobs() -> int:
-    """The default number of concurrent object writers: two per CPU."""
-    return 2 * (os.cpu_count() or 2)
+    """The default number of concurrent object writers (or batches): one per CPU.
+
+    More does not help: the writers' Python work shares one GIL with the
+    reader, and on a 2-core machine 4 writers ran small files 1.6x slower than
+    2 (benchmarks/README.md). The hashing itself runs in worker processes.
+    """
+    return os.cpu_count() or 2
 
 
 def layer_content_id(diff_id: str) -> str:
