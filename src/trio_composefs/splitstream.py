@@ -156,7 +156,8 @@ class SplitStreamEncoder:
         self._run_left = 0
         self._compressed = 0
         self._stream_refs: dict[Digest, int] = {}
-        self._object_refs: dict[Digest, int] = {}
+        # Keyed by the raw digest bytes: a layer may reference millions of objects.
+        self._object_refs: dict[bytes, int] = {}
         self._named_refs: dict[str, int] = {}
         self.stream_size = 0
 
@@ -171,7 +172,7 @@ class SplitStreamEncoder:
     @property
     def object_refs(self) -> list[Digest]:
         """The external objects referenced so far, in order of first appearance."""
-        return list(self._object_refs)
+        return [Digest(self._algorithm, raw) for raw in self._object_refs]
 
     @property
     def stream_refs(self) -> list[Digest]:
@@ -248,7 +249,7 @@ class SplitStreamEncoder:
         self._check_digest(digest, "object")
         if size < 0:
             raise InternalError(f"splitstream external object of negative size {size}")
-        index = self._object_refs.setdefault(digest, len(self._object_refs))
+        index = self._object_refs.setdefault(digest.raw, len(self._object_refs))
         self.stream_size += size
         self._state = _EncoderState.IDLE
         return self._compress(_I64.pack(index))
@@ -286,7 +287,7 @@ class SplitStreamEncoder:
                 f" encoder produced {self._compressed} bytes"
             )
         stream_refs = b"".join(d.raw for d in self._stream_refs)
-        object_refs = b"".join(d.raw for d in self._object_refs)
+        object_refs = b"".join(self._object_refs)
         named = self._named_refs_frame()
         info_start = HEADER_SIZE
         stream_refs_start = info_start + INFO_SIZE
