@@ -41,6 +41,9 @@ _OBJECT_CHANNEL_ITEMS = 4
 _INLINE_BATCH = 1 << 20
 """The reader sends inline bytes to the builder in batches of about this size."""
 
+_OUTBOX_ITEMS = 64
+"""Items the reader hands the builder at once, in one channel message (one task switch)."""
+
 _REPORT_EVERY = 64 << 20
 """Bytes read between two progress reports."""
 
@@ -62,7 +65,7 @@ class LayerReader:
     repo: RepositoryLike
     limiter: trio.CapacityLimiter
     nursery: trio.Nursery
-    to_builder: trio.MemorySendChannel[Item]
+    to_builder: trio.MemorySendChannel[list[Item]]
     digester: Digester | None
     counters: Counters
     report: Callable[[], None]
@@ -75,6 +78,9 @@ class LayerReader:
     # Small objects read completely, waiting to be stored together.
     _batch: list[tuple[PendingObject, list[bytes]]] = attrs.field(factory=list, init=False)
     _batch_bytes: int = attrs.field(default=0, init=False)
+    # Items for the builder, sent together.
+    _outbox: list[Item] = attrs.field(factory=list, init=False)
+    _outbox_bytes: int = attrs.field(default=0, init=False)
 
     async def run(
         self, source: ByteSource, on_data: Callable[[bytes], object], limiter: trio.CapacityLimiter
@@ -95,6 +101,7 @@ class LayerReader:
             await self._handle(event)
         await self._flush_batch()
         await self._flush_inline()
+        await self._send_outbox()
 
     async def _handle(self, event: Event | Sentinel) -> None:
         if isinstance(event, Inline):
@@ -113,7 +120,7 @@ class LayerReader:
             pending = self._pending = PendingObject(event.size)
             self.counters.objects += 1
             self.counters.object_bytes += event.size
-            await self._send(pending)
+            await self._post(pending)
             if event.size <= SMALL_OBJECT_MAX:
                 self._parts = []
             else:
@@ -137,21 +144,33 @@ class LayerReader:
 
     async def _flush_inline(self) -> None:
         if self._inline:
-            await self._send(bytes(self._inline))
+            data = bytes(self._inline)
             self._inline.clear()
+            await self._post(data)
 
-    async def _send(self, item: Item) -> None:
-        """Send to the builder; before blocking on it, start the batch it may be waiting for.
+    async def _post(self, item: Item) -> None:
+        """Queue an item for the builder; send the queue when it is long or heavy."""
+        self._outbox.append(item)
+        if isinstance(item, bytes):
+            self._outbox_bytes += len(item)
+        if len(self._outbox) >= _OUTBOX_ITEMS or self._outbox_bytes >= _INLINE_BATCH:
+            await self._send_outbox()
+
+    async def _send_outbox(self) -> None:
+        """Send the queued items; before blocking, start the batch the builder may wait for.
 
         The builder resolves objects in stream order, so it can be waiting for a
         batched object whose job has not started: blocking here without
         flushing would deadlock.
         """
+        if not self._outbox:
+            return
+        items, self._outbox, self._outbox_bytes = self._outbox, [], 0
         try:
-            self.to_builder.send_nowait(item)
+            self.to_builder.send_nowait(items)
         except trio.WouldBlock:
             await self._flush_batch()
-            await self.to_builder.send(item)
+            await self.to_builder.send(items)
 
     async def _flush_batch(self) -> None:
         """Store the batched small objects: one writer token and one thread hop for all."""

@@ -61,6 +61,11 @@ class PendingObject:
         self.already_present = already_present
         self._done.set()
 
+    @property
+    def digest(self) -> Digest | None:
+        """The digest, once the writer has set it."""
+        return self._digest
+
     async def wait(self) -> Digest:
         await self._done.wait()
         if self._digest is None:  # pragma: no cover - set_result always sets it
@@ -203,27 +208,13 @@ class SplitStreamBuilder:
     digest: Digest | None = attrs.field(default=None, init=False)
     inline_bytes: int = attrs.field(default=0, init=False)
 
-    async def run(self, receive: trio.MemoryReceiveChannel[Item]) -> Digest:
+    async def run(self, receive: trio.MemoryReceiveChannel[list[Item]]) -> Digest:
         spool = _Spool(self.encoder, self.spool_dir)
         try:
             async with receive:
-                async for item in receive:
-                    if isinstance(item, PendingObject):
-                        digest = await item.wait()
-                        if spool.close_is_heavy():
-                            await trio.to_thread.run_sync(
-                                spool.external, digest, item.size, limiter=self.limiter
-                            )
-                        else:
-                            spool.external(digest, item.size)
-                    else:
-                        self.inline_bytes += len(item)
-                        if spool.inline_is_heavy(len(item)):
-                            await trio.to_thread.run_sync(
-                                spool.add_inline, item, limiter=self.limiter
-                            )
-                        else:
-                            spool.add_inline(item)
+                async for items in receive:
+                    for item in items:
+                        await self._add(spool, item)
 
             def finish() -> Digest:
                 return self.store(spool.finish_into)
@@ -232,3 +223,22 @@ class SplitStreamBuilder:
             return self.digest
         finally:
             spool.close()
+
+    async def _add(self, spool: _Spool, item: Item) -> None:
+        if isinstance(item, PendingObject):
+            # Most objects are resolved by the time their turn comes: don't
+            # pay a checkpoint (a trip through the scheduler) for each of those;
+            # the channel receive of every message is checkpoint enough.
+            digest = item.digest if item.digest is not None else await item.wait()
+            if spool.close_is_heavy():
+                await trio.to_thread.run_sync(
+                    spool.external, digest, item.size, limiter=self.limiter
+                )
+            else:
+                spool.external(digest, item.size)
+        else:
+            self.inline_bytes += len(item)
+            if spool.inline_is_heavy(len(item)):
+                await trio.to_thread.run_sync(spool.add_inline, item, limiter=self.limiter)
+            else:
+                spool.add_inline(item)
