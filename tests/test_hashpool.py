@@ -526,3 +526,27 @@ def test_ctrl_c_reaches_the_parent_only(tmp_path: Path) -> None:
         proc.wait()
     # The workers were still alive to read EOF when the parent closed the pool.
     assert (out, err) == ("0 0 []\n", "")
+
+
+@pytest.mark.parametrize("algorithm", [Algorithm.SHA256, Algorithm.SHA512])
+def test_digest_fds_hashes_a_batch_of_files_concurrently(
+    tmp_path: Path, algorithm: Algorithm
+) -> None:
+    sizes = [0, 1, 4096, 40_000, 200 * 1024, 700_000, (1 << 20) + 5, 33 * 1024]
+    rnd = random.Random(7)
+    contents = [rnd.randbytes(n) for n in sizes]
+    fds = []
+    try:
+        for i, data in enumerate(contents):
+            path = tmp_path / f"f{i}"
+            path.write_bytes(data)
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        with HashPool(2) as pool:
+            got = pool.digest_fds(list(zip(fds, sizes, strict=True)), algorithm)
+            stats = pool.statistics()
+        assert [d.hex() for d in got] == [fsverity_digest(c, algorithm).hex() for c in contents]
+        # the files between 32 KiB and 1 MiB went to the workers, whole
+        assert stats.files_whole == 4
+    finally:
+        for fd in fds:
+            os.close(fd)

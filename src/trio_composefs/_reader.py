@@ -10,7 +10,7 @@ import trio
 
 from ._errors import InternalError
 from ._sources import ByteSource, iter_source
-from ._writers import NO_LIMIT, RepositoryLike, store_batch, store_streamed
+from ._writers import NO_LIMIT, ManyDigester, RepositoryLike, store_batch, store_streamed
 from .builder import Digester, Item, PendingObject
 from .fsverity import Digest
 from .tarsplit import (
@@ -69,6 +69,7 @@ class LayerReader:
     digester: Digester | None
     counters: Counters
     report: Callable[[], None]
+    many_digester: ManyDigester | None = None
     _splitter: TarSplitter = attrs.field(factory=TarSplitter, init=False)
     _inline: bytearray = attrs.field(factory=bytearray, init=False)
     # The file being read: gathered in memory (small) or streamed to its writer (large).
@@ -180,7 +181,7 @@ class LayerReader:
         token = object()
         await self.limiter.acquire_on_behalf_of(token)
         self.counters.in_flight += len(batch)
-        repo, digester = self.repo, self.digester
+        repo, digester, many = self.repo, self.digester, self.many_digester
 
         async def job() -> list[tuple[Digest, bool]]:
             return await trio.to_thread.run_sync(
@@ -188,6 +189,7 @@ class LayerReader:
                 repo,
                 [(parts, p.size) for p, parts in batch],
                 digester,
+                many,
                 limiter=NO_LIMIT,
             )
 

@@ -7,6 +7,7 @@ and talks to the repository through :class:`RepositoryLike`, so a test wrapper
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -70,6 +71,18 @@ def digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> Digester |
     return lambda fd, size: digest_fd(fd, size, alg)
 
 
+ManyDigester = Callable[[list[tuple[int, int]]], list[Digest]]
+"""Computes several objects' digests at once from ``[(fd, size), ...]``."""
+
+
+def many_digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> ManyDigester | None:
+    """Hash a batch's files concurrently in the pool's processes (None: one at a time)."""
+    if repo.verity_supported or hash_pool is None:
+        return None
+    pool, alg = hash_pool, repo.algorithm
+    return lambda files: pool.digest_fds(files, alg)
+
+
 def store_parts(
     repo: RepositoryLike, parts: list[bytes], size: int, digester: Digester | None
 ) -> tuple[Digest, bool]:
@@ -84,10 +97,33 @@ def store_parts(
 
 
 def store_batch(
-    repo: RepositoryLike, batch: list[tuple[list[bytes], int]], digester: Digester | None
+    repo: RepositoryLike,
+    batch: list[tuple[list[bytes], int]],
+    digester: Digester | None,
+    many: ManyDigester | None = None,
 ) -> list[tuple[Digest, bool]]:
-    """Store several small objects, in order, in one thread hop."""
-    return [store_parts(repo, parts, size, digester) for parts, size in batch]
+    """Store several small objects, in order, in one thread hop.
+
+    With ``many``, every object of the batch is written first and their digests
+    are computed together (in the hash processes, concurrently), then each is
+    linked; an object not linked when something fails is discarded.
+    """
+    if many is None or len(batch) < 2:
+        return [store_parts(repo, parts, size, digester) for parts, size in batch]
+    with contextlib.ExitStack() as stack:
+        tmps = []
+        for parts, size in batch:
+            tmp = stack.enter_context(repo.begin_object())
+            for part in parts:
+                tmp.write(part)
+            if tmp.size != size:
+                raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
+            tmps.append(tmp)
+        digests = many([(tmp.fd, tmp.size) for tmp in tmps])
+        results: list[tuple[Digest, bool]] = [
+            tmp.finish(digest) for tmp, digest in zip(tmps, digests, strict=True)
+        ]
+        return results
 
 
 async def _receive_piece(receive: trio.MemoryReceiveChannel[bytes]) -> bytes | None:

@@ -40,7 +40,7 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import attrs
@@ -244,12 +244,12 @@ class HashPool:
                     result = digest_fd(fd, size, algorithm)
                     self._count(files_inline=1, bytes_hashed=size)
                     return result
-                (raw,) = self._run_jobs(fd, algorithm, [(0, size)], WHOLE_FILE)
+                (raw,) = self._run_jobs(algorithm, [(fd, 0, size)], WHOLE_FILE)
                 result = Digest(algorithm, raw)
                 self._count(files_whole=1, jobs=1, bytes_hashed=size)
             else:
                 ranges = _split(size, algorithm, self.workers)
-                level1 = b"".join(self._run_jobs(fd, algorithm, ranges, 0))
+                level1 = b"".join(self._run_jobs(algorithm, [(fd, off, n) for off, n in ranges], 0))
                 result = digest_from_level1(algorithm, size, level1)
                 self._count(files_split=1, jobs=len(ranges), bytes_hashed=size)
             return result
@@ -257,10 +257,50 @@ class HashPool:
             with self._lock:
                 self._active -= 1
 
+    def digest_fds(
+        self, files: Sequence[tuple[int, int]], algorithm: Algorithm = Algorithm.SHA256
+    ) -> list[Digest]:
+        """fs-verity digests of several open files ``(fd, size)`` at once, in order.
+
+        Files of ``inline_below`` bytes and more go whole to every idle worker
+        concurrently (big ones are split as by :meth:`digest_fd`), while the
+        calling thread waits without the GIL: a batch of small objects is
+        hashed on the other cores while this process's reader runs on its own.
+        Blocking and thread-safe, like :meth:`digest_fd`.
+        """
+        if self._closed:
+            raise RuntimeError("HashPool is closed")
+        results: list[Digest | None] = [None] * len(files)
+        whole: list[tuple[int, int, int]] = []
+        where: list[int] = []
+        for i, (fd, size) in enumerate(files):
+            if size < 0:
+                raise ValueError(f"negative file size {size}")
+            if size < self.inline_below:
+                results[i] = digest_fd(fd, size, algorithm)
+                self._count(files_inline=1, bytes_hashed=size)
+            elif size >= self.threshold:
+                results[i] = self.digest_fd(fd, size, algorithm)
+            else:
+                whole.append((fd, 0, size))
+                where.append(i)
+        if whole:
+            with self._lock:
+                self._active += 1
+            try:
+                raws = self._run_jobs(algorithm, whole, WHOLE_FILE)
+            finally:
+                with self._lock:
+                    self._active -= 1
+            for i, raw, (_fd, _off, size) in zip(where, raws, whole, strict=True):
+                results[i] = Digest(algorithm, raw)
+                self._count(files_whole=1, jobs=1, bytes_hashed=size)
+        return [r for r in results if r is not None]
+
     def _run_jobs(
-        self, fd: int, algorithm: Algorithm, job_ranges: list[tuple[int, int]], flags: int
+        self, algorithm: Algorithm, job_ranges: list[tuple[int, int, int]], flags: int
     ) -> list[bytes]:
-        """Send each (offset, length) range of ``fd`` to a worker; their replies in order."""
+        """Send each (fd, offset, length) range to a worker; their replies in order."""
         ranges = deque(enumerate(job_ranges))
         results: list[bytes] = [b""] * len(ranges)
         held: set[_Worker] = set()  # borrowed from the pool by this call
@@ -269,7 +309,7 @@ class HashPool:
 
         def dispatch(worker: _Worker) -> None:
             nonlocal error
-            index, (offset, length) = ranges.popleft()
+            index, (fd, offset, length) = ranges.popleft()
             try:
                 socket.send_fds(
                     worker.sock, [JOB.pack(offset, length, algorithm.kernel_id, flags)], [fd]

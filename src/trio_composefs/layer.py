@@ -35,7 +35,13 @@ import trio
 from ._errors import DigestMismatchError, InternalError
 from ._reader import SMALL_OBJECT_MAX, Counters, LayerReader
 from ._sources import ByteSource
-from ._writers import RepositoryLike, digester_for, store_splitstream_with, sync_then_publish
+from ._writers import (
+    RepositoryLike,
+    digester_for,
+    many_digester_for,
+    store_splitstream_with,
+    sync_then_publish,
+)
 from .builder import Item, SplitStreamBuilder
 from .fsverity import Digest
 from .hashpool import HashPool
@@ -204,7 +210,14 @@ class Importer:
             nursery.start_soon(builder.run, receive_item)
             async with send_item:
                 reader = LayerReader(
-                    repo, self.limiter, nursery, send_item, digester, counters, report
+                    repo,
+                    self.limiter,
+                    nursery,
+                    send_item,
+                    digester,
+                    counters,
+                    report,
+                    many_digester=many_digester_for(repo, self.hash_pool),
                 )
                 await reader.run(source, sha.update, own)
                 if sha.digest() != expected:
