@@ -34,6 +34,7 @@ import trio
 from ._chunks import ExternalChunk
 from ._decompress import Compression, open_verified_stream
 from ._errors import ComposefsError, DigestMismatchError, FormatError, ObjectNotFoundError
+from ._oci_resolve import parse_json
 from ._writers import digester_for
 from .docker_archive import DockerArchiveSource
 from .fsverity import Digest
@@ -241,13 +242,7 @@ def open_source(ref: SourceRef) -> ImageSource:
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{what} is not a JSON object")
-    return obj
+    return parse_json(data, where=what)
 
 
 def _parse_manifest(data: bytes, where: str) -> tuple[Descriptor, list[Descriptor]]:

@@ -9,7 +9,6 @@ manifest by platform (default: the current one).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -20,7 +19,7 @@ from typing import Final
 import trio
 
 from ._errors import DigestMismatchError, FormatError
-from ._oci_resolve import describe_manifest, resolve_from_index
+from ._oci_resolve import describe_manifest, resolve_from_index, verify_blob
 from .oci_source import Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = ["REF_NAME_ANNOTATION", "OciLayoutSource"]
@@ -109,18 +108,12 @@ class OciLayoutSource:
             ) from None
         except OSError as e:
             raise ImageSourceError(f"{self.description}: blob {desc.digest}: {e}") from None
-        if len(data) != desc.size:
+        if len(data) > desc.size:
             raise DigestMismatchError(
-                f"{self.description}: blob {desc.digest} has"
-                f" {'more than ' if len(data) > desc.size else ''}{len(data)} bytes,"
-                f" its descriptor says {desc.size}"
+                f"{self.description}: blob {desc.digest} has more than the"
+                f" {desc.size} bytes its descriptor says"
             )
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if actual != desc.digest:
-            raise DigestMismatchError(
-                f"{self.description}: blob {desc.digest} is corrupt: its sha256 is {actual}"
-            )
-        return data
+        return verify_blob(data, desc, where=self.description)
 
     def _read_index(self) -> bytes:
         try:
