@@ -31,6 +31,17 @@ class UsageError(ComposefsError):
     """A mistake on the command line."""
 
 
+def _add_import_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        metavar="N",
+        help=f"object writers at once (default {default_jobs()})",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -110,31 +121,22 @@ def _build_parser() -> argparse.ArgumentParser:
     il.add_argument("diff_id", metavar="DIFF_ID", help="sha256:<hex> of the uncompressed tar")
     il.add_argument("name", nargs="?", metavar="NAME", help="also publish streams/refs/NAME")
     il.add_argument("--file", metavar="PATH", help="read the tar from PATH instead")
-    il.add_argument(
-        "-j",
-        "--jobs",
-        type=int,
-        metavar="N",
-        help=f"object writers at once (default {default_jobs()})",
-    )
-    il.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+    _add_import_options(il)
     layer = oci_sub.add_parser("layer", help="write a layer's tar, or list its entries")
     layer.add_argument("diff_id", metavar="DIFF_ID")
     layer.add_argument("--list", action="store_true", help="one line per entry instead")
-    pull = oci_sub.add_parser("pull", help="pull an image (oci:DIR[:TAG|@DIGEST]) and tag it")
-    pull.add_argument("source", metavar="SOURCE", help="e.g. oci:/srv/layout:latest")
+    pull = oci_sub.add_parser("pull", help="pull an image and tag it")
+    pull.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="oci:DIR[:TAG|@DIGEST], oci-archive:FILE[:TAG], docker-archive:FILE[:REF],"
+        " or any skopeo transport (docker://...)",
+    )
     pull.add_argument(
         "tag", nargs="?", metavar="TAG", help="tag to give the image (default: SOURCE)"
     )
     pull.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="image of an index to pick")
-    pull.add_argument(
-        "-j",
-        "--jobs",
-        type=int,
-        metavar="N",
-        help=f"object writers at once (default {default_jobs()})",
-    )
-    pull.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+    _add_import_options(pull)
     images = oci_sub.add_parser("images", help="list tagged images")
     images.add_argument("--json", action="store_true", help="as JSON")
     inspect = oci_sub.add_parser("inspect", help="show an image's manifest and config (JSON)")
