@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -198,7 +198,7 @@ def split(data: bytes, feed: Sequence[int] | int | None = None, **kwargs: int) -
     splitter = TarSplitter(**kwargs)
     events: list[Event] = []
     if feed is None:
-        pieces: Iterable[bytes] = [data]
+        pieces: Iterable[bytes] = [data] if data else []  # b"" alone would mean EOF
     else:
         pieces = _pieces(data, [feed] if isinstance(feed, int) else list(feed))
     limit = 4 * len(data) + 16  # no event may be empty, so this bounds a healthy run
@@ -273,8 +273,14 @@ def fake_digest(content: bytes) -> Digest:
     return Digest(Algorithm.SHA256, hashlib.sha256(content).digest())
 
 
-def chunks_from_events(events: Iterable[Event]) -> tuple[list[Chunk], dict[Digest, bytes]]:
-    """The splitstream chunk sequence for the events, and the objects it refers to."""
+def chunks_from_events(
+    events: Iterable[Event], digest_of: Callable[[bytes], Digest] | None = None
+) -> tuple[list[Chunk], dict[Digest, bytes]]:
+    """The splitstream chunk sequence for the events, and the objects it refers to.
+
+    Objects are named by ``digest_of`` (default :func:`fake_digest`).
+    """
+    name = digest_of or fake_digest
     chunks: list[Chunk] = []
     objects: dict[Digest, bytes] = {}
     parts: list[bytes] = []
@@ -287,7 +293,7 @@ def chunks_from_events(events: Iterable[Event]) -> tuple[list[Chunk], dict[Diges
             parts.append(event.data)
         elif isinstance(event, FileEnd):
             content = b"".join(parts)
-            digest = fake_digest(content)
+            digest = name(content)
             objects[digest] = content
             chunks.append(ExternalChunk(digest, len(content)))
     return chunks, objects

@@ -16,14 +16,13 @@ import trio
 import trio.testing
 
 from checks import assert_consistent, busy_threads
-from trio_composefs._chunks import Chunk, ExternalChunk, InlineChunk
+from tarfixtures import chunks_from_events, split
 from trio_composefs._errors import DigestMismatchError, TarError
 from trio_composefs.fsverity import Algorithm, fsverity_digest
 from trio_composefs.layer import LayerProgress, import_layer, layer_content_id, open_importer
 from trio_composefs.reassemble import copy_stream
 from trio_composefs.repository import Repository
 from trio_composefs.splitstream import ContentType, encode_splitstream
-from trio_composefs.tarsplit import END, FileData, FileEnd, FileStart, Inline, TarSplitter
 from trio_composefs.testing import FaultPoint, FaultyRepository, open_fds
 
 
@@ -329,22 +328,7 @@ async def test_error_in_one_layer_cancels_the_others(repo: Repository) -> None:
 
 def one_shot_splitstream_digest(tar: bytes) -> str:
     """The splitstream id computed without the pipeline: split, digest, encode in memory."""
-    splitter = TarSplitter()
-    if tar:
-        splitter.receive_data(tar)
-    splitter.receive_data(b"")
-    chunks: list[Chunk] = []
-    parts: list[bytes] = []
-    while (event := splitter.next_event()) is not END:
-        if isinstance(event, Inline):
-            chunks.append(InlineChunk(event.data))
-        elif isinstance(event, FileStart):
-            parts = []
-        elif isinstance(event, FileData):
-            parts.append(event.data)
-        elif isinstance(event, FileEnd):
-            content = b"".join(parts)
-            chunks.append(ExternalChunk(fsverity_digest(content), len(content)))
+    chunks, _objects = chunks_from_events(split(tar), fsverity_digest)
     data = encode_splitstream(
         chunks, algorithm=Algorithm.SHA256, content_type=ContentType.OCI_LAYER
     )
