@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_composefs._errors import DigestError
-from trio_composefs.fsverity import (
+from trio_composefs.formats._fsverity import (
     BLOCK_SIZE,
     Algorithm,
     Digest,

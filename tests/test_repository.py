@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from trio_composefs import repository as repository_module
 from trio_composefs._errors import (
     DigestError,
     DigestMismatchError,
@@ -25,10 +24,11 @@ from trio_composefs._errors import (
     RepositoryError,
     VerityUnsupportedError,
 )
-from trio_composefs._ioctl import SimulatedVerityKernel, VerityOps
-from trio_composefs._meta import RepoMetadata
-from trio_composefs.fsverity import Algorithm, Digest, fsverity_digest
-from trio_composefs.repository import ObjectTmpfile, Repository
+from trio_composefs.formats._fsverity import Algorithm, Digest, fsverity_digest
+from trio_composefs.repository import _repository as repository_module
+from trio_composefs.repository._meta import RepoMetadata
+from trio_composefs.repository._repository import ObjectTmpfile, Repository
+from trio_composefs.repository._verity import SimulatedVerityKernel, VerityOps
 
 EXPECTED_META = """\
 {{

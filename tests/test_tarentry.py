@@ -28,12 +28,12 @@ from tarfixtures import (
     split,
     write_archive,
 )
-from trio_composefs._chunks import Chunk, ExternalChunk, InlineChunk
 from trio_composefs._errors import TarError
-from trio_composefs.tarentry import (
+from trio_composefs.cli._format import format_entry
+from trio_composefs.formats._chunks import Chunk, ExternalChunk, InlineChunk
+from trio_composefs.formats._tarentries import (
     EntryType,
     TarEntry,
-    format_entry,
     iter_entries,
     normalize_path,
 )

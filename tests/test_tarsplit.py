@@ -35,8 +35,8 @@ from tarfixtures import (
     write_archive,
 )
 from trio_composefs._errors import TarError
-from trio_composefs.tarentry import iter_entries
-from trio_composefs.tarsplit import (
+from trio_composefs.formats._tarentries import iter_entries
+from trio_composefs.formats._tarsplit import (
     END,
     NEED_DATA,
     Event,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from .fsverity import Digest
+from ._fsverity import Digest
 
 
 @attrs.frozen

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from ._errors import DigestError
+from .._errors import DigestError
 
 __all__ = [
     "BLOCK_SIZE",

@@ -43,9 +43,9 @@ from typing import Final, Literal, TypeAlias
 import attrs
 import zstandard
 
+from .._errors import InternalError, SplitStreamError
 from ._chunks import Chunk, ExternalChunk, InlineChunk
-from ._errors import InternalError, SplitStreamError
-from .fsverity import LOG_BLOCK_SIZE, Algorithm, Digest
+from ._fsverity import LOG_BLOCK_SIZE, Algorithm, Digest
 
 __all__ = [
     "END",

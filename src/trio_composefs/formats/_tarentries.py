@@ -10,19 +10,38 @@ composefs-rs does (``composefs-rs-notes.md`` §4.3).
 from __future__ import annotations
 
 import enum
-import os
 import stat
-import time
 from collections.abc import Iterable, Iterator
 
 import attrs
 
+from .._errors import TarError
 from ._chunks import Chunk, ExternalChunk, InlineChunk
-from ._errors import TarError
-from .tarheader import TarHeader
-from .tarsplit import END, INLINE_MAX, NEED_DATA, FileData, FileEnd, FileStart, TarSplitter
+from ._tarheader import TarHeader
+from ._tarsplit import END, INLINE_MAX, NEED_DATA, FileData, FileEnd, FileStart, TarSplitter
 
-__all__ = ["EntryType", "TarEntry", "format_entry", "iter_entries", "normalize_path"]
+__all__ = ["EntryType", "TarEntry", "iter_entries", "makedev", "normalize_path"]
+
+
+def makedev(major: int, minor: int) -> int:
+    """glibc's ``dev_t`` encoding of a device number, exactly as :func:`os.makedev` computes it.
+
+    Written out so that this module needs no ``os``: bits 0-7 of the minor, then 12 bits of
+    the major, then the minor's bits 8-31 at bit 20 and the major's bits 12-31 at bit 44.
+    The arguments are C ints (:class:`OverflowError` outside ``[-2**31, 2**31)``, as
+    ``os.makedev`` raises); the result is a signed 64-bit value, as ``os.makedev`` returns.
+    """
+    if not (-(1 << 31) <= major < 1 << 31 and -(1 << 31) <= minor < 1 << 31):
+        raise OverflowError(f"device number {major},{minor} does not fit a C int")
+    major &= 0xFFFFFFFF
+    minor &= 0xFFFFFFFF
+    dev = (
+        ((major & 0xFFF) << 8)
+        | ((major & 0xFFFFF000) << 32)
+        | (minor & 0xFF)
+        | ((minor & 0xFFFFFF00) << 12)
+    )
+    return dev - (1 << 64) if dev >= 1 << 63 else dev
 
 
 class EntryType(enum.Enum):
@@ -139,7 +158,7 @@ def _entry_from_header(header: TarHeader, content: bytes | ExternalChunk) -> Tar
     if kind in (EntryType.CHAR, EntryType.BLOCK):
         major, minor = header.device()
         try:
-            rdev = os.makedev(major, minor)
+            rdev = makedev(major, minor)
         except (OverflowError, ValueError):
             raise TarError(
                 f"device number {major},{minor} out of range",
@@ -251,32 +270,3 @@ def iter_entries(chunks: Iterable[Chunk]) -> Iterator[TarEntry]:
 def _with_end(chunks: Iterable[Chunk]) -> Iterator[Chunk | None]:
     yield from chunks
     yield None
-
-
-def format_entry(entry: TarEntry) -> str:
-    """One ``ls -l``-like line: mode, owner, size, mtime, path, link target.
-
-    Example: ``-rw-r--r-- 0/0        1234 2024-01-02 03:04:05 /etc/hosts``.
-    """
-    kind = "h" if entry.type is EntryType.HARDLINK else ""
-    mode = stat.filemode(entry.type.format_bits | (entry.mode & 0o7777))
-    if kind:
-        mode = kind + mode[1:]
-    if entry.type in (EntryType.CHAR, EntryType.BLOCK):
-        size = f"{os.major(entry.rdev)},{os.minor(entry.rdev)}"
-    else:
-        size = str(entry.size)
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.mtime))
-    line = f"{mode} {entry.uid}/{entry.gid} {size:>10} {when} {_printable(entry.path)}"
-    if entry.type is EntryType.SYMLINK:
-        line += f" -> {_printable(entry.link_target or '')}"
-    elif entry.type is EntryType.HARDLINK:
-        line += f" link to {_printable(entry.link_target or '')}"
-    return line
-
-
-def _printable(text: str) -> str:
-    """Escape control characters and undecodable bytes so that one entry stays one line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

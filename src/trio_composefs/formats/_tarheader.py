@@ -13,7 +13,7 @@ import enum
 
 import attrs
 
-from ._errors import TarError
+from .._errors import TarError
 
 __all__ = [
     "BLOCK",

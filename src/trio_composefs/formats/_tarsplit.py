@@ -20,8 +20,8 @@ from typing import Final
 
 import attrs
 
-from ._errors import TarError
-from .tarheader import (
+from .._errors import TarError
+from ._tarheader import (
     BLOCK,
     MAX_EXTENSION_BYTES,
     ZERO_BLOCK,

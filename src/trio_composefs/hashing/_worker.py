@@ -1,17 +1,15 @@
-"""The hash worker process of :class:`trio_composefs.hashpool.HashPool`.
+"""The hash worker process of :class:`trio_composefs.hashing.HashPool`.
 
-Started by the pool as a new interpreter that calls :func:`main` with
-``[SOCKET_FD, PARENT_PID]``, ``SOCKET_FD`` being the worker's end of a
-``SOCK_SEQPACKET`` socket pair and its only inherited fd (``python -m
-trio_composefs._hashworker FD PID`` works too, but imports the whole package
-and trio first, which the pool avoids). Each job is a message carrying one
-file descriptor (``SCM_RIGHTS``) and a :data:`JOB` header; the reply is
-:data:`OK` and the level-1 digests of the range (or the file's digest), or
-:data:`FAILED` and a pickled exception. The worker exits when the socket
+Started by the pool as ``python -P -m trio_composefs.hashing._worker SOCKET_FD PARENT_PID``,
+``SOCKET_FD`` being the worker's end of a ``SOCK_SEQPACKET`` socket pair and its only
+inherited fd. The package roots are lazy, so this imports neither trio nor the pool.
+Each job is a message carrying one file descriptor (``SCM_RIGHTS``) and a :data:`JOB`
+header; the reply is :data:`OK` and the level-1 digests of the range (or the file's
+digest), or :data:`FAILED` and a pickled exception. The worker exits when the socket
 reaches EOF, which happens when the pool closes it or the parent dies.
 
 This module is also imported by the pool for the protocol and the pread
-helpers, so it imports only the standard library and :mod:`.fsverity`.
+helpers, so it imports only the standard library and :mod:`trio_composefs.formats`.
 """
 
 from __future__ import annotations
@@ -23,8 +21,8 @@ import socket
 import struct
 import sys
 
-from ._errors import ComposefsError
-from .fsverity import Algorithm, digest_from_level1, level1_digests
+from .._errors import ComposefsError
+from ..formats._fsverity import Algorithm, digest_from_level1, level1_digests
 
 #: Bytes read per pread; a multiple of both level-1 group sizes (512 KiB, 256 KiB).
 READ_SIZE = 1 << 20

@@ -22,9 +22,9 @@ from typing import IO
 import attrs
 import trio
 
-from ._errors import InternalError
-from .fsverity import Digest
-from .splitstream import SplitStreamEncoder
+from .._errors import InternalError
+from ..formats._fsverity import Digest
+from ..formats._splitstream import SplitStreamEncoder
 
 __all__ = ["PendingObject", "SplitStreamBuilder"]
 

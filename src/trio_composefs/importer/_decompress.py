@@ -27,7 +27,7 @@ import attrs
 import trio
 import zstandard
 
-from ._errors import DigestMismatchError, FormatError, InternalError
+from .._errors import DigestMismatchError, FormatError, InternalError
 
 __all__ = ["OUTPUT_PIECE", "Compression", "open_verified_stream"]
 

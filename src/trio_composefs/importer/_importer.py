@@ -32,9 +32,14 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from ._errors import DigestMismatchError, InternalError
+from .._errors import DigestMismatchError, InternalError
+from ..formats._fsverity import Digest
+from ..formats._splitstream import ContentType, SplitStreamEncoder
+from ..hashing._pool import HashPool
+from ..repository._repository import check_ref_name
+from ._builder import Item, SplitStreamBuilder
+from ._bytesource import ByteSource
 from ._reader import SMALL_OBJECT_MAX, Counters, LayerReader
-from ._sources import ByteSource
 from ._writers import (
     RepositoryLike,
     digester_for,
@@ -42,11 +47,6 @@ from ._writers import (
     store_splitstream_with,
     sync_then_publish,
 )
-from .builder import Item, SplitStreamBuilder
-from .fsverity import Digest
-from .hashpool import HashPool
-from .repository import check_ref_name
-from .splitstream import ContentType, SplitStreamEncoder
 
 __all__ = [
     "SMALL_OBJECT_MAX",

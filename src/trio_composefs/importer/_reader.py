@@ -8,12 +8,9 @@ from contextlib import aclosing
 import attrs
 import trio
 
-from ._errors import InternalError
-from ._sources import ByteSource, iter_source
-from ._writers import NO_LIMIT, ManyDigester, RepositoryLike, store_batch, store_streamed
-from .builder import Digester, Item, PendingObject
-from .fsverity import Digest
-from .tarsplit import (
+from .._errors import InternalError
+from ..formats._fsverity import Digest
+from ..formats._tarsplit import (
     END,
     NEED_DATA,
     Event,
@@ -24,6 +21,9 @@ from .tarsplit import (
     Sentinel,
     TarSplitter,
 )
+from ._builder import Digester, Item, PendingObject
+from ._bytesource import ByteSource, iter_source
+from ._writers import NO_LIMIT, ManyDigester, RepositoryLike, store_batch, store_streamed
 
 SMALL_OBJECT_MAX = 1 << 20
 """Objects up to this size are gathered in memory and stored without streaming."""

@@ -13,10 +13,10 @@ from typing import Any, Protocol
 
 import trio
 
-from ._errors import InternalError
-from .builder import Digester
-from .fsverity import Algorithm, Digest
-from .hashpool import HashPool, digest_fd
+from .._errors import InternalError
+from ..formats._fsverity import Algorithm, Digest
+from ..hashing._pool import HashPool, digest_fd
+from ._builder import Digester
 
 
 class ObjectTmpfileLike(Protocol):

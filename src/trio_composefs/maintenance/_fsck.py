@@ -45,8 +45,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._chunks import InlineChunk
-from ._errors import (
+from .._errors import (
     ComposefsError,
     DigestError,
     DigestMismatchError,
@@ -55,10 +54,11 @@ from ._errors import (
     RepositoryError,
     VerityUnsupportedError,
 )
-from .fsverity import Digest
-from .hashpool import HashPool, digest_fd
-from .repository import META_JSON, TMP_SYMLINK_PREFIX, Repository, _read_meta
-from .splitstream import iter_chunks, parse_splitstream
+from ..formats._chunks import InlineChunk
+from ..formats._fsverity import Digest
+from ..formats._splitstream import iter_chunks, parse_splitstream
+from ..hashing._pool import HashPool, digest_fd
+from ..repository._repository import META_JSON, TMP_SYMLINK_PREFIX, Repository, _read_meta
 
 __all__ = ["FsckProblem", "FsckProgress", "FsckReport", "fsck", "stray_tmpfiles"]
 

@@ -38,11 +38,11 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from ._errors import ComposefsError, DigestError, RepositoryError
-from .fsck import _scan, _walk_refs, stray_tmpfiles
-from .fsverity import Digest
-from .repository import TMP_SYMLINK_PREFIX, Repository
-from .splitstream import parse_splitstream
+from .._errors import ComposefsError, DigestError, RepositoryError
+from ..formats._fsverity import Digest
+from ..formats._splitstream import parse_splitstream
+from ..repository._repository import TMP_SYMLINK_PREFIX, Repository
+from ._fsck import _scan, _walk_refs, stray_tmpfiles
 
 __all__ = ["GcResult", "gc"]
 

@@ -22,8 +22,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._errors import DigestMismatchError, FormatError
-from .oci_source import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
+from .._errors import DigestMismatchError, FormatError
+from ._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = [
     "REF_NAME",

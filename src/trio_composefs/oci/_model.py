@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from ._errors import ComposefsError, FormatError
+from .._errors import ComposefsError, FormatError
 
 __all__ = [
     "MEDIA_TYPES",

@@ -31,14 +31,12 @@ from typing import Any, Final, cast
 import attrs
 import trio
 
-from ._chunks import ExternalChunk
-from ._decompress import Compression, open_verified_stream
-from ._errors import ComposefsError, DigestMismatchError, FormatError, ObjectNotFoundError
-from ._oci_resolve import parse_json
-from ._writers import digester_for
-from .docker_archive import DockerArchiveSource
-from .fsverity import Digest
-from .layer import (
+from .._errors import ComposefsError, DigestMismatchError, FormatError, ObjectNotFoundError
+from ..formats._chunks import ExternalChunk
+from ..formats._fsverity import Digest
+from ..formats._splitstream import ContentType, encode_splitstream, iter_chunks
+from ..importer._decompress import Compression, open_verified_stream
+from ..importer._importer import (
     Importer,
     LayerProgress,
     LayerStats,
@@ -46,13 +44,15 @@ from .layer import (
     layer_content_id,
     open_importer,
 )
-from .oci_archive import OciArchiveSource
-from .oci_layout import OciLayoutSource
-from .oci_source import MEDIA_TYPES, Descriptor, ImageSource, Platform, SourceRef
-from .reassemble import open_splitstream
-from .repository import Repository
-from .skopeo import SkopeoProxySource
-from .splitstream import ContentType, encode_splitstream, iter_chunks
+from ..importer._writers import digester_for
+from ..repository._reading import open_splitstream
+from ..repository._repository import Repository
+from ._index import parse_json
+from ._model import MEDIA_TYPES, Descriptor, ImageSource, Platform, SourceRef
+from .sources._docker import DockerArchiveSource
+from .sources._layout import OciLayoutSource
+from .sources._oci_archive import OciArchiveSource
+from .sources._skopeo import SkopeoProxySource
 
 __all__ = [
     "ImageInfo",

@@ -12,8 +12,8 @@ from typing import Any
 
 import attrs
 
-from ._errors import FormatError, RepositoryError
-from .fsverity import Algorithm
+from .._errors import FormatError, RepositoryError
+from ..formats._fsverity import Algorithm
 
 __all__ = [
     "FORMAT_VERSION",

@@ -12,12 +12,12 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from ._chunks import Chunk, ExternalChunk, InlineChunk
-from ._errors import FormatError
-from .fsverity import Digest
-from .repository import Repository
-from .splitstream import SplitStreamInfo, iter_chunks, parse_splitstream
-from .tarentry import TarEntry, iter_entries
+from .._errors import FormatError
+from ..formats._chunks import Chunk, ExternalChunk, InlineChunk
+from ..formats._fsverity import Digest
+from ..formats._splitstream import SplitStreamInfo, iter_chunks, parse_splitstream
+from ..formats._tarentries import TarEntry, iter_entries
+from ._repository import Repository
 
 __all__ = ["copy_stream", "iter_layer_entries", "open_splitstream", "stream_chunks"]
 

@@ -37,7 +37,7 @@ from types import TracebackType
 
 import attrs
 
-from ._errors import (
+from .._errors import (
     ComposefsError,
     DigestError,
     DigestMismatchError,
@@ -46,9 +46,9 @@ from ._errors import (
     RepositoryError,
     VerityUnsupportedError,
 )
-from ._ioctl import EnableResult, VerityOps
+from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
 from ._meta import RepoMetadata
-from .fsverity import Algorithm, Digest, FsVerityHasher
+from ._verity import EnableResult, VerityOps
 
 __all__ = ["ObjectTmpfile", "Repository"]
 

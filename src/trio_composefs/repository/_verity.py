@@ -31,8 +31,8 @@ from collections.abc import Callable
 
 import attrs
 
-from ._errors import DigestMismatchError, RepositoryError, VerityUnsupportedError
-from .fsverity import BLOCK_SIZE, Algorithm, Digest, FsVerityHasher
+from .._errors import DigestMismatchError, RepositoryError, VerityUnsupportedError
+from ..formats._fsverity import BLOCK_SIZE, Algorithm, Digest, FsVerityHasher
 
 __all__ = [
     "FS_IOC_ENABLE_VERITY",

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from .fsverity import Algorithm, Digest
+from ..formats._fsverity import Algorithm, Digest
 
 __all__ = ["FaultPoint", "FaultyRepository", "Gate", "open_fds"]
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import zstandard
 
-from ._oci_resolve import REF_NAME
-from .oci_source import MEDIA_TYPES, Platform
-from .sample import sample_layers
+from ..oci._index import REF_NAME
+from ..oci._model import MEDIA_TYPES, Platform
+from ._sample import sample_layers
 
 __all__ = ["SAMPLE_PLATFORM", "sample_layout_files", "write_sample_layout"]
 

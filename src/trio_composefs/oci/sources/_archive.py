@@ -7,10 +7,10 @@ from contextlib import asynccontextmanager
 
 import attrs
 
-from ._errors import FormatError
-from ._oci_resolve import verify_blob
+from ..._errors import FormatError
+from .._index import verify_blob
+from .._model import Descriptor, ImageSourceError
 from ._tarindex import TarArchive, TarMember
-from .oci_source import Descriptor, ImageSourceError
 
 
 @attrs.define(eq=False)

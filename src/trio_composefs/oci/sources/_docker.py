@@ -25,11 +25,11 @@ from typing import Any
 import attrs
 import trio
 
-from ._archive_source import ArchiveSource
-from ._errors import FormatError
-from ._oci_resolve import parse_json
+from ..._errors import FormatError
+from .._index import parse_json
+from .._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
+from ._archive import ArchiveSource
 from ._tarindex import TarMember
-from .oci_source import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = ["DockerArchiveSource", "normalize_repo_tag"]
 

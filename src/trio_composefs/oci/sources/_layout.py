@@ -18,9 +18,9 @@ from typing import Final
 
 import trio
 
-from ._errors import DigestMismatchError, FormatError
-from ._oci_resolve import describe_manifest, resolve_from_index, verify_blob
-from .oci_source import Descriptor, ImageSourceError, Platform, ResolvedImage
+from ..._errors import DigestMismatchError, FormatError
+from .._index import describe_manifest, resolve_from_index, verify_blob
+from .._model import Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = ["REF_NAME_ANNOTATION", "OciLayoutSource"]
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import attrs
 
-from ._archive_source import ArchiveSource
-from ._errors import FormatError
-from ._oci_resolve import describe_manifest, resolve_from_index
+from ..._errors import FormatError
+from .._index import describe_manifest, resolve_from_index
+from .._model import Descriptor, ImageSourceError, Platform, ResolvedImage
+from ._archive import ArchiveSource
 from ._tarindex import TarMember
-from .oci_source import Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = ["OciArchiveSource", "blob_path"]
 

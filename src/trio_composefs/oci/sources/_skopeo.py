@@ -27,9 +27,9 @@ from contextlib import asynccontextmanager, suppress
 import attrs
 import trio
 
-from ._errors import FormatError
-from ._oci_resolve import parse_json, verify_blob
-from .oci_source import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
+from ..._errors import FormatError
+from .._index import parse_json, verify_blob
+from .._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = ["SkopeoProxySource", "SkopeoSource", "find_skopeo"]
 

@@ -17,8 +17,8 @@ from typing import Final
 import attrs
 import trio
 
-from ._errors import FormatError
-from .oci_source import ImageSourceError
+from ..._errors import FormatError
+from .._model import ImageSourceError
 
 __all__ = ["CHUNK", "MemberStream", "TarArchive", "TarMember", "index_tar", "normalize"]
 
