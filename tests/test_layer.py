@@ -8,7 +8,7 @@ import io
 import os
 import random
 import tarfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -61,13 +61,6 @@ def mixed_tar(seed: int = 0, big: int = 3 << 20) -> bytes:
     files.append(("big", rnd.randbytes(big)))  # streamed through a channel (> SMALL_OBJECT_MAX)
     files.append(("tail", rnd.randbytes(100)))
     return make_tar(files)
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    with Repository.init(tmp_path / "repo", algorithm=Algorithm.SHA256, insecure=True) as r:
-        r.begin_object().abort()  # open the repository's lazily opened directory fds now
-        yield r
 
 
 def cat_bytes(repo: Repository, name: str) -> bytes:

@@ -6,7 +6,7 @@ import gzip
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +49,6 @@ from trio_composefs.repository._repository import Repository
 from trio_composefs.testing._faults import open_fds
 
 SHA256 = Algorithm.SHA256
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    with Repository.init(tmp_path / "repo", algorithm=SHA256, insecure=True) as r:
-        yield r
 
 
 def streams(repo: Repository) -> set[str]:

@@ -64,9 +64,9 @@ def no_fd_leak() -> Iterator[None]:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    with Repository.init(tmp_path / "repo", insecure=True) as r:
-        yield r
+def repo_algorithm() -> Algorithm:
+    """This module's ``repo`` (conftest) uses the default algorithm of ``Repository.init``."""
+    return Algorithm.SHA512
 
 
 def tree(root: Path) -> list[str]:

@@ -51,12 +51,6 @@ FEEDS = [None, [1, 7, 500, 511, 512, 513, 4096, 65536], 1]
 
 
 @pytest.fixture(scope="module")
-def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[Profile, Path]:
-    base = tmp_path_factory.mktemp("trees")
-    return {profile: make_tree(base / profile.value, profile) for profile in Profile}
-
-
-@pytest.fixture(scope="module")
 def small_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tree(tmp_path_factory.mktemp("small") / "tree", Profile.FULL, big=False)
 
