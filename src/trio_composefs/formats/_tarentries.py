@@ -1,7 +1,7 @@
 """Read a layer's tar entries back from its splitstream chunks.
 
 The chunk sequence is the tar stream with each large regular file replaced by an
-:class:`~trio_composefs._chunks.ExternalChunk`. :func:`iter_entries` runs the same
+:class:`~trio_composefs.formats.ExternalChunk`. :func:`iter_entries` runs the same
 splitter that produced the chunks over the inline bytes and checks that every external
 chunk sits exactly where a large file's content was. Metadata is resolved as
 composefs-rs does (``composefs-rs-notes.md`` §4.3).

@@ -8,7 +8,7 @@ over 64 bytes becomes an object job:
 * files of at most :data:`SMALL_OBJECT_MAX` bytes are gathered in memory and
   stored in batches (up to 32 files or 4 MiB), one thread hop per batch;
 * a bigger one streams through a memory channel of a few
-  :data:`~trio_composefs._sources.READ_SIZE` pieces to one thread that writes
+  :data:`~trio_composefs.importer._bytesource.READ_SIZE` pieces to one thread that writes
   it, pulling one piece per hop and checking for cancellation between pieces.
 
 Every job first takes a token, on its own behalf, from the import's shared

@@ -7,7 +7,7 @@ composefs-rs uses, plus ``stream-digest-mismatch``):
    (``metadata-parse-failed``, ``metadata-algorithm-mismatch``).
 2. Every ``objects/XX/<rest>`` is named by its fs-verity digest: measured by
    the kernel where the file has fs-verity, else (insecure repository) hashed
-   in userspace by a :class:`~trio_composefs.hashpool.HashPool`, on every core
+   in userspace by a :class:`~trio_composefs.hashing.HashPool`, on every core
    (``object-invalid-name``, ``object-open-failed``, ``object-digest-mismatch``,
    ``object-verity-failed``, ``object-verity-missing``, ``unexpected-file-type``).
 3. Every first-level ``streams/<name>`` is a symlink that resolves, its

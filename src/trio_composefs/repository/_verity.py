@@ -10,7 +10,7 @@ insecure, retry on ``ETXTBSY``, copy as a last resort) can be tested anywhere.
 
 * enabling gives an :class:`EnableResult` (``ENOTTY``/``EOPNOTSUPP`` → not
   supported, ``EEXIST`` → already enabled, ``ETXTBSY`` → busy);
-* measuring gives a :class:`~trio_composefs.fsverity.Digest`, or ``None`` when
+* measuring gives a :class:`~trio_composefs.formats.Digest`, or ``None`` when
   the file has no fs-verity (``ENODATA``); a filesystem without support raises
   :class:`~trio_composefs._errors.VerityUnsupportedError`, and a file measured
   with another algorithm (``EOVERFLOW`` or a different algorithm id) raises

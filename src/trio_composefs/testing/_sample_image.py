@@ -1,6 +1,6 @@
 """The built-in sample image as an OCI image layout directory, byte for byte reproducible.
 
-The three layers of :func:`trio_composefs.sample.sample_layers` are stored
+The three layers of :func:`trio_composefs.testing.sample_layers` are stored
 gzip-compressed (level 6, mtime 0), zstd-compressed (level 3) and plain, so an
 import of the sample exercises every layer encoding. The config's timestamps
 are fixed and every JSON document is written with sorted keys and no spaces:

@@ -56,7 +56,7 @@ def _layer_media_type(head: bytes) -> str:
 
 @attrs.define(eq=False)
 class DockerArchiveSource(ArchiveSource):
-    """An :class:`~trio_composefs.oci_source.ImageSource` over a ``docker-archive:`` tar file.
+    """An :class:`~trio_composefs.oci.ImageSource` over a ``docker-archive:`` tar file.
 
     Args:
         path: the archive.

@@ -1,4 +1,4 @@
-"""An OCI image layout directory as an :class:`~trio_composefs.oci_source.ImageSource`.
+"""An OCI image layout directory as an :class:`~trio_composefs.oci.ImageSource`.
 
 The layout (``oci-layout``, ``index.json``, ``blobs/sha256/<hex>``) is read
 directly, as composefs-rs does for the ``oci:`` transport. A tag selects the

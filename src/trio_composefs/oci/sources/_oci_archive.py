@@ -3,7 +3,7 @@
 The archive's headers are scanned once; ``index.json`` and ``blobs/sha256/*``
 are then read by ``pread`` at their offsets, never unpacked to disk. Tags,
 digests and platforms follow the layout rules of
-:mod:`trio_composefs._oci_resolve`. A compressed archive is refused (skopeo
+:mod:`trio_composefs.oci._index`. A compressed archive is refused (skopeo
 does not write them; ``docker save | gzip`` users can decompress first).
 """
 
@@ -28,7 +28,7 @@ def blob_path(digest: str) -> str:
 
 @attrs.define(eq=False)
 class OciArchiveSource(ArchiveSource):
-    """An :class:`~trio_composefs.oci_source.ImageSource` over an ``oci-archive:`` tar file.
+    """An :class:`~trio_composefs.oci.ImageSource` over an ``oci-archive:`` tar file.
 
     Use as ``async with OciArchiveSource(path, tag=...) as source: ...``.
     """

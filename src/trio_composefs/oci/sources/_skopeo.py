@@ -89,7 +89,7 @@ class _FileStream:
 
 @attrs.define(eq=False)
 class SkopeoSource:
-    """An :class:`~trio_composefs.oci_source.ImageSource` for any transport skopeo knows.
+    """An :class:`~trio_composefs.oci.ImageSource` for any transport skopeo knows.
 
     Args:
         reference: the full skopeo reference, e.g. ``docker://quay.io/fedora/fedora:41``.
@@ -410,7 +410,7 @@ class _PipeStream:
 
 @attrs.define(eq=False)
 class SkopeoProxySource:
-    """An :class:`~trio_composefs.oci_source.ImageSource` that streams through skopeo's
+    """An :class:`~trio_composefs.oci.ImageSource` that streams through skopeo's
     image proxy (``skopeo experimental-image-proxy``, protocol 0.2): no temporary copy;
     each layer flows from the source through a pipe as it is imported.
 
