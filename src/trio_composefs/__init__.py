@@ -21,6 +21,7 @@ from ._errors import ComposefsError as ComposefsError
 from ._errors import DigestError as DigestError
 from ._errors import DigestMismatchError as DigestMismatchError
 from ._errors import FormatError as FormatError
+from ._errors import ImageSourceError as ImageSourceError
 from ._errors import InternalError as InternalError
 from ._errors import ObjectNotFoundError as ObjectNotFoundError
 from ._errors import RepositoryError as RepositoryError
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
     from .oci import Descriptor as Descriptor
     from .oci import ImageProgress as ImageProgress
     from .oci import ImageSource as ImageSource
-    from .oci import ImageSourceError as ImageSourceError
     from .oci import ImageStats as ImageStats
     from .oci import Platform as Platform
     from .oci import list_images as list_images
@@ -114,7 +114,6 @@ _LAZY: dict[str, str] = {
     "Descriptor": ".oci",
     "ImageProgress": ".oci",
     "ImageSource": ".oci",
-    "ImageSourceError": ".oci",
     "ImageStats": ".oci",
     "Platform": ".oci",
     "list_images": ".oci",

@@ -1,6 +1,6 @@
 """``python -m trio_composefs``: the same CLI as ``trio-cfsctl``."""
 
-from .cli._app import main
+from .cli import main
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from .._errors import ComposefsError, FormatError
+from .._errors import ComposefsError, FormatError, ImageSourceError
 
 __all__ = [
     "MEDIA_TYPES",
@@ -28,10 +28,6 @@ __all__ = [
     "SourceRef",
     "parse_source",
 ]
-
-
-class ImageSourceError(ComposefsError):
-    """An image that cannot be found or read at its source."""
 
 
 class MEDIA_TYPES:  # a namespace of constants
