@@ -58,9 +58,9 @@ from typing import Any
 import attrs
 import trio
 
-from trio_composefs.formats._fsverity import Algorithm, Digest
-from trio_composefs.importer._importer import LayerStats, open_importer
-from trio_composefs.repository._repository import Repository
+from trio_composefs.formats import Algorithm, Digest
+from trio_composefs.importer import LayerStats, open_importer
+from trio_composefs.repository import Repository
 
 WORK_DIR = Path("/var/tmp/trio-composefs-bench")
 KiB = 1024

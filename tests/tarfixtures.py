@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_composefs.formats._chunks import Chunk, ExternalChunk, InlineChunk
-from trio_composefs.formats._fsverity import Algorithm, Digest
+from trio_composefs.formats import Algorithm, Chunk, Digest, ExternalChunk, InlineChunk
 from trio_composefs.formats._tarsplit import (
     END,
     NEED_DATA,

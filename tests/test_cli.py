@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_composefs.formats._fsverity import Algorithm, fsverity_digest
+from trio_composefs.formats import Algorithm, fsverity_digest
 
 CLI = [sys.executable, "-m", "trio_composefs"]
 

@@ -17,8 +17,8 @@ from typing import IO
 import pytest
 
 from checks import assert_consistent
-from trio_composefs.formats._fsverity import Algorithm
-from trio_composefs.repository._repository import Repository
+from trio_composefs.formats import Algorithm
+from trio_composefs.repository import Repository
 
 CLI = [sys.executable, "-m", "trio_composefs"]
 

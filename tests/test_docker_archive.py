@@ -14,12 +14,10 @@ from typing import Any
 import pytest
 import zstandard
 
-from trio_composefs._errors import FormatError
-from trio_composefs.oci._model import MEDIA_TYPES, Descriptor, ImageSourceError
-from trio_composefs.oci.sources._docker import DockerArchiveSource, normalize_repo_tag
-from trio_composefs.testing._faults import open_fds
-from trio_composefs.testing._sample import sample_layers
-from trio_composefs.testing._sample_image import write_sample_layout
+from trio_composefs import FormatError
+from trio_composefs.oci import MEDIA_TYPES, Descriptor, ImageSourceError
+from trio_composefs.oci.sources import DockerArchiveSource, normalize_repo_tag
+from trio_composefs.testing import open_fds, sample_layers, write_sample_layout
 
 
 def need(tool: str) -> str:

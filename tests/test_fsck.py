@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_composefs.cli._app import run
-from trio_composefs.formats._chunks import ExternalChunk
-from trio_composefs.formats._fsverity import Algorithm, Digest
-from trio_composefs.formats._splitstream import ContentType, encode_splitstream
-from trio_composefs.importer._importer import layer_content_id, open_importer
-from trio_composefs.maintenance._fsck import FsckProgress, fsck
-from trio_composefs.repository._reading import open_splitstream
-from trio_composefs.repository._repository import Repository
-from trio_composefs.testing._sample import sample_layers
+from trio_composefs.cli import run
+from trio_composefs.formats import Algorithm, ContentType, Digest, ExternalChunk, encode_splitstream
+from trio_composefs.importer import layer_content_id, open_importer
+from trio_composefs.maintenance import FsckProgress, fsck
+from trio_composefs.repository import Repository, open_splitstream
+from trio_composefs.testing import sample_layers
 
 FSVERITY = shutil.which("fsverity")
 

@@ -13,14 +13,12 @@ import pytest
 import trio
 
 from test_fsck import FSVERITY, cli, content, diff_id, import_all, make_tar, tool_digest
-from trio_composefs._errors import RepositoryError
-from trio_composefs.formats._fsverity import Algorithm
-from trio_composefs.importer._importer import import_layer, layer_content_id
-from trio_composefs.maintenance._fsck import fsck
-from trio_composefs.maintenance._gc import gc
-from trio_composefs.repository._reading import copy_stream
-from trio_composefs.repository._repository import Repository
-from trio_composefs.testing._faults import FaultyRepository
+from trio_composefs import RepositoryError
+from trio_composefs.formats import Algorithm
+from trio_composefs.importer import import_layer, layer_content_id
+from trio_composefs.maintenance import fsck, gc
+from trio_composefs.repository import Repository, copy_stream
+from trio_composefs.testing import FaultyRepository
 
 ALG = Algorithm.SHA256
 SHARED = content("shared", 6000)

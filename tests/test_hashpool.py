@@ -17,13 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_composefs._errors import ComposefsError
-from trio_composefs.formats._fsverity import (
-    BLOCK_SIZE,
-    Algorithm,
-    fsverity_digest,
-    level1_group_size,
-)
+from trio_composefs import ComposefsError
+from trio_composefs.formats import BLOCK_SIZE, Algorithm, fsverity_digest, level1_group_size
 from trio_composefs.hashing._pool import HashPool, HashPoolStatistics, _split, digest_fd
 
 MIB = 1 << 20

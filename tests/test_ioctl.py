@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trio_composefs._errors import DigestMismatchError, RepositoryError, VerityUnsupportedError
-from trio_composefs.formats._fsverity import Algorithm, Digest, fsverity_digest
+from trio_composefs import DigestMismatchError, RepositoryError, VerityUnsupportedError
+from trio_composefs.formats import Algorithm, Digest, fsverity_digest
 from trio_composefs.repository._verity import (
     ENABLE_ARG,
     FS_IOC_ENABLE_VERITY,

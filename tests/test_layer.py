@@ -17,18 +17,11 @@ import trio.testing
 
 from checks import assert_consistent, busy_threads
 from tarfixtures import chunks_from_events, split
-from trio_composefs._errors import DigestMismatchError, TarError
-from trio_composefs.formats._fsverity import Algorithm, fsverity_digest
-from trio_composefs.formats._splitstream import ContentType, encode_splitstream
-from trio_composefs.importer._importer import (
-    LayerProgress,
-    import_layer,
-    layer_content_id,
-    open_importer,
-)
-from trio_composefs.repository._reading import copy_stream
-from trio_composefs.repository._repository import Repository
-from trio_composefs.testing._faults import FaultPoint, FaultyRepository, open_fds
+from trio_composefs import DigestMismatchError, TarError
+from trio_composefs.formats import Algorithm, ContentType, encode_splitstream, fsverity_digest
+from trio_composefs.importer import LayerProgress, import_layer, layer_content_id, open_importer
+from trio_composefs.repository import Repository, copy_stream
+from trio_composefs.testing import FaultPoint, FaultyRepository, open_fds
 
 
 def make_tar(files: list[tuple[str, bytes]], fmt: int = tarfile.GNU_FORMAT) -> bytes:

@@ -17,16 +17,15 @@ import zstandard
 from checks import assert_consistent, busy_threads
 from ocifixtures import Layout, compact, make_tar, sha256, umoci_layout
 from test_splitstream import LAYERS, layer_tar
-from trio_composefs import cli
-from trio_composefs._errors import ComposefsError, DigestMismatchError, FormatError
-from trio_composefs.formats._fsverity import Algorithm
-from trio_composefs.formats._splitstream import ContentType
+from trio_composefs import ComposefsError, DigestMismatchError, FormatError, cli
+from trio_composefs.formats import Algorithm, ContentType
+from trio_composefs.importer import LayerStats, open_importer
 from trio_composefs.importer._decompress import OUTPUT_PIECE, open_verified_stream
-from trio_composefs.importer._importer import LayerStats, open_importer
-from trio_composefs.oci._model import ImageSourceError, Platform, parse_source
-from trio_composefs.oci._pull import (
+from trio_composefs.oci import (
     ImageProgress,
+    ImageSourceError,
     ImageStats,
+    Platform,
     config_content_id,
     decode_tag,
     encode_tag,
@@ -35,18 +34,20 @@ from trio_composefs.oci._pull import (
     manifest_content_id,
     open_image,
     open_source,
+    parse_source,
     pull_image,
     resolve_tag,
     tag_image,
     untag_image,
 )
-from trio_composefs.oci.sources._docker import DockerArchiveSource
-from trio_composefs.oci.sources._layout import OciLayoutSource
-from trio_composefs.oci.sources._oci_archive import OciArchiveSource
-from trio_composefs.oci.sources._skopeo import SkopeoProxySource
-from trio_composefs.repository._reading import copy_stream, open_splitstream
-from trio_composefs.repository._repository import Repository
-from trio_composefs.testing._faults import open_fds
+from trio_composefs.oci.sources import (
+    DockerArchiveSource,
+    OciArchiveSource,
+    OciLayoutSource,
+    SkopeoProxySource,
+)
+from trio_composefs.repository import Repository, copy_stream, open_splitstream
+from trio_composefs.testing import open_fds
 
 SHA256 = Algorithm.SHA256
 

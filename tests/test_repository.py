@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from trio_composefs._errors import (
+from trio_composefs import (
     DigestError,
     DigestMismatchError,
     FormatError,
@@ -24,10 +24,9 @@ from trio_composefs._errors import (
     RepositoryError,
     VerityUnsupportedError,
 )
-from trio_composefs.formats._fsverity import Algorithm, Digest, fsverity_digest
+from trio_composefs.formats import Algorithm, Digest, fsverity_digest
+from trio_composefs.repository import ObjectTmpfile, RepoMetadata, Repository
 from trio_composefs.repository import _repository as repository_module
-from trio_composefs.repository._meta import RepoMetadata
-from trio_composefs.repository._repository import ObjectTmpfile, Repository
 from trio_composefs.repository._verity import SimulatedVerityKernel, VerityOps
 
 EXPECTED_META = """\

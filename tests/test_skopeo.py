@@ -14,12 +14,10 @@ import pytest
 import trio
 import zstandard
 
+from trio_composefs.oci import MEDIA_TYPES, Descriptor, ImageSourceError, Platform
 from trio_composefs.oci._index import REF_NAME
-from trio_composefs.oci._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform
-from trio_composefs.oci.sources._skopeo import SkopeoProxySource, SkopeoSource, find_skopeo
-from trio_composefs.testing._faults import open_fds
-from trio_composefs.testing._sample import sample_layers
-from trio_composefs.testing._sample_image import write_sample_layout
+from trio_composefs.oci.sources import SkopeoProxySource, SkopeoSource, find_skopeo
+from trio_composefs.testing import open_fds, sample_layers, write_sample_layout
 
 
 def need(tool: str) -> str:

@@ -20,9 +20,15 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_composefs._errors import InternalError, SplitStreamError
-from trio_composefs.formats._chunks import Chunk, ExternalChunk, InlineChunk
-from trio_composefs.formats._fsverity import Algorithm, Digest, fsverity_digest
+from trio_composefs import InternalError, SplitStreamError
+from trio_composefs.formats import (
+    Algorithm,
+    Chunk,
+    Digest,
+    ExternalChunk,
+    InlineChunk,
+    fsverity_digest,
+)
 from trio_composefs.formats._splitstream import (
     END,
     NEED_DATA,

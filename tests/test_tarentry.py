@@ -28,11 +28,13 @@ from tarfixtures import (
     split,
     write_archive,
 )
-from trio_composefs._errors import TarError
+from trio_composefs import TarError
 from trio_composefs.cli._format import format_entry
-from trio_composefs.formats._chunks import Chunk, ExternalChunk, InlineChunk
-from trio_composefs.formats._tarentries import (
+from trio_composefs.formats import (
+    Chunk,
     EntryType,
+    ExternalChunk,
+    InlineChunk,
     TarEntry,
     iter_entries,
     normalize_path,

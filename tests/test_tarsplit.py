@@ -34,8 +34,8 @@ from tarfixtures import (
     split,
     write_archive,
 )
-from trio_composefs._errors import TarError
-from trio_composefs.formats._tarentries import iter_entries
+from trio_composefs import TarError
+from trio_composefs.formats import iter_entries
 from trio_composefs.formats._tarsplit import (
     END,
     NEED_DATA,
