@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from trio_composefs.fsverity import Algorithm
-from trio_composefs.hashpool import HashPool, digest_fd
+from trio_composefs.formats import Algorithm
+from trio_composefs.hashing import HashPool, digest_fd
 
 SMALL = 200 * 1024
 BIG_FILES = 4

@@ -17,7 +17,7 @@ importer plus that of every descendant, read from ``/proc`` just before the hash
 pool is closed; for peers, the largest process as GNU time reports it) and the
 CPUs that other processes used meanwhile (from ``/proc/stat``; a high value means a disturbed run).
 
-Modes (ours: :func:`trio_composefs.layer.open_importer` on a SHA-256 insecure
+Modes (ours: :func:`trio_composefs.importer.open_importer` on a SHA-256 insecure
 repository; the kernel here has no fs-verity, so digests are computed in
 userspace):
 
@@ -58,8 +58,8 @@ from typing import Any
 import attrs
 import trio
 
-from trio_composefs.fsverity import Algorithm, Digest
-from trio_composefs.layer import LayerStats, open_importer
+from trio_composefs.formats import Algorithm, Digest
+from trio_composefs.importer import LayerStats, open_importer
 from trio_composefs.repository import Repository
 
 WORK_DIR = Path("/var/tmp/trio-composefs-bench")

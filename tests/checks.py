@@ -7,9 +7,8 @@ import os
 import threading
 from pathlib import Path
 
-from trio_composefs.fsverity import Algorithm, Digest, FsVerityHasher
-from trio_composefs.reassemble import copy_stream
-from trio_composefs.repository import Repository
+from trio_composefs.formats import Algorithm, Digest, FsVerityHasher
+from trio_composefs.repository import Repository, copy_stream
 
 
 def digest_path(path: Path, algorithm: Algorithm) -> Digest:

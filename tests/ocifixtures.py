@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import zstandard
 
-from trio_composefs.oci_source import MEDIA_TYPES, Platform
+from trio_composefs.oci import MEDIA_TYPES, Platform
 
 LAYER_TYPES = {
     None: MEDIA_TYPES.OCI_LAYER,

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from trio_composefs._chunks import Chunk, ExternalChunk, InlineChunk
-from trio_composefs.fsverity import Algorithm, Digest
-from trio_composefs.tarsplit import (
+from trio_composefs.formats import Algorithm, Chunk, Digest, ExternalChunk, InlineChunk
+from trio_composefs.formats._tarsplit import (
     END,
     NEED_DATA,
     Event,

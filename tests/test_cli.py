@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_composefs.fsverity import Algorithm, fsverity_digest
+from trio_composefs.formats import Algorithm, fsverity_digest
 
 CLI = [sys.executable, "-m", "trio_composefs"]
 
@@ -82,7 +82,7 @@ def test_measure_file_missing_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_import_list_and_cat(tmp_path: Path) -> None:
-    from trio_composefs.sample import sample_layers
+    from trio_composefs.testing._sample import sample_layers
 
     repo = tmp_path / "r"
     assert run("--repo", str(repo), "init", "--insecure").returncode == 0
@@ -120,8 +120,8 @@ def test_pull_through_skopeo_streams_and_checks(tmp_path: Path) -> None:
     skopeo = shutil.which("skopeo")
     if skopeo is None:
         pytest.skip("skopeo (Debian package skopeo) is not installed")
-    from trio_composefs.sample import sample_layers
-    from trio_composefs.sample_image import write_sample_layout
+    from trio_composefs.testing._sample import sample_layers
+    from trio_composefs.testing._sample_image import write_sample_layout
 
     reference = write_sample_layout(str(tmp_path / "layout"))
     subprocess.run(
@@ -140,7 +140,7 @@ def test_pull_through_skopeo_streams_and_checks(tmp_path: Path) -> None:
 
 
 def test_bad_ref_name_is_refused_before_reading_the_layer(tmp_path: Path) -> None:
-    from trio_composefs.sample import sample_layers
+    from trio_composefs.testing._sample import sample_layers
 
     repo = tmp_path / "r"
     assert run("--repo", str(repo), "init", "--insecure").returncode == 0

@@ -17,7 +17,7 @@ from typing import IO
 import pytest
 
 from checks import assert_consistent
-from trio_composefs.fsverity import Algorithm
+from trio_composefs.formats import Algorithm
 from trio_composefs.repository import Repository
 
 CLI = [sys.executable, "-m", "trio_composefs"]

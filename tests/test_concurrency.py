@@ -19,13 +19,11 @@ import pytest
 import trio
 
 from test_gc import objects
-from trio_composefs.fsck import FsckReport, fsck
-from trio_composefs.fsverity import Algorithm
-from trio_composefs.gc import gc
-from trio_composefs.layer import open_importer
+from trio_composefs.formats import Algorithm
+from trio_composefs.importer import open_importer
+from trio_composefs.maintenance import FsckReport, fsck, gc
 from trio_composefs.repository import Repository
-from trio_composefs.sample import sample_layers
-from trio_composefs.testing import FaultPoint, FaultyRepository
+from trio_composefs.testing import FaultPoint, FaultyRepository, sample_layers
 
 ALG = Algorithm.SHA256
 
@@ -33,10 +31,10 @@ CHILD = textwrap.dedent(
     """
     import os, sys, time
     import trio
-    from trio_composefs.layer import open_importer
-    from trio_composefs.repository import Repository
-    from trio_composefs.sample import sample_layers
-    from trio_composefs.testing import FaultyRepository
+    from trio_composefs.importer._importer import open_importer
+    from trio_composefs.repository._repository import Repository
+    from trio_composefs.testing._sample import sample_layers
+    from trio_composefs.testing._faults import FaultyRepository
 
     path, go, delay, named, gate_point = sys.argv[1:6]
     repo = Repository.open(path)

@@ -14,12 +14,10 @@ from typing import Any
 import pytest
 import zstandard
 
-from trio_composefs._errors import FormatError
-from trio_composefs.docker_archive import DockerArchiveSource, normalize_repo_tag
-from trio_composefs.oci_source import MEDIA_TYPES, Descriptor, ImageSourceError
-from trio_composefs.sample import sample_layers
-from trio_composefs.sample_image import write_sample_layout
-from trio_composefs.testing import open_fds
+from trio_composefs import FormatError
+from trio_composefs.oci import MEDIA_TYPES, Descriptor, ImageSourceError
+from trio_composefs.oci.sources import DockerArchiveSource, normalize_repo_tag
+from trio_composefs.testing import open_fds, sample_layers, write_sample_layout
 
 
 def need(tool: str) -> str:

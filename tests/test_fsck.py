@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_composefs._chunks import ExternalChunk
 from trio_composefs.cli import run
-from trio_composefs.fsck import FsckProgress, fsck
-from trio_composefs.fsverity import Algorithm, Digest
-from trio_composefs.layer import layer_content_id, open_importer
-from trio_composefs.reassemble import open_splitstream
-from trio_composefs.repository import Repository
-from trio_composefs.sample import sample_layers
-from trio_composefs.splitstream import ContentType, encode_splitstream
+from trio_composefs.formats import Algorithm, ContentType, Digest, ExternalChunk, encode_splitstream
+from trio_composefs.importer import layer_content_id, open_importer
+from trio_composefs.maintenance import FsckProgress, fsck
+from trio_composefs.repository import Repository, open_splitstream
+from trio_composefs.testing import sample_layers
 
 FSVERITY = shutil.which("fsverity")
 
@@ -271,7 +268,7 @@ async def test_structure_problems(tmp_path: Path) -> None:
 
 async def test_secure_repository_needs_verity(tmp_path: Path) -> None:
     """A secure repository (simulated kernel fs-verity): a file without verity is reported."""
-    from trio_composefs._ioctl import SimulatedVerityKernel, VerityOps
+    from trio_composefs.repository._verity import SimulatedVerityKernel, VerityOps
 
     path = tmp_path / "repo"
     with SimulatedVerityKernel() as kernel:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_composefs._errors import DigestError
-from trio_composefs.fsverity import (
+from trio_composefs import DigestError
+from trio_composefs.formats import (
     BLOCK_SIZE,
     Algorithm,
     Digest,

@@ -13,13 +13,11 @@ import pytest
 import trio
 
 from test_fsck import FSVERITY, cli, content, diff_id, import_all, make_tar, tool_digest
-from trio_composefs._errors import RepositoryError
-from trio_composefs.fsck import fsck
-from trio_composefs.fsverity import Algorithm
-from trio_composefs.gc import gc
-from trio_composefs.layer import import_layer, layer_content_id
-from trio_composefs.reassemble import copy_stream
-from trio_composefs.repository import Repository
+from trio_composefs import RepositoryError
+from trio_composefs.formats import Algorithm
+from trio_composefs.importer import import_layer, layer_content_id
+from trio_composefs.maintenance import fsck, gc
+from trio_composefs.repository import Repository, copy_stream
 from trio_composefs.testing import FaultyRepository
 
 ALG = Algorithm.SHA256

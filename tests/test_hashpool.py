@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import trio
 
-import trio_composefs
-from trio_composefs._errors import ComposefsError
-from trio_composefs.fsverity import BLOCK_SIZE, Algorithm, fsverity_digest, level1_group_size
-from trio_composefs.hashpool import _BOOTSTRAP, HashPool, HashPoolStatistics, _split, digest_fd
+from trio_composefs import ComposefsError
+from trio_composefs.formats import BLOCK_SIZE, Algorithm, fsverity_digest, level1_group_size
+from trio_composefs.hashing._pool import HashPool, HashPoolStatistics, _split, digest_fd
 
 MIB = 1 << 20
 G256 = level1_group_size(Algorithm.SHA256)  # 512 KiB
@@ -371,8 +370,7 @@ def test_worker_inherits_only_its_socket_and_ignores_sigint(data_fd: int) -> Non
             (sock,) = (target for fd, target in fds.items() if fd > 2)
             assert sock.startswith("socket:")
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            assert cmdline[1:3] == [b"-P", b"-c"]
-            assert cmdline[3].startswith(_BOOTSTRAP.encode())
+            assert cmdline[1:4] == [b"-P", b"-m", b"trio_composefs.hashing._worker"]
             status = Path(f"/proc/{pid}/status").read_text()
             (ignored,) = (int(x.split()[1], 16) for x in status.splitlines() if x[:7] == "SigIgn:")
             assert ignored & (1 << (signal.SIGINT - 1))
@@ -384,20 +382,21 @@ def test_worker_inherits_only_its_socket_and_ignores_sigint(data_fd: int) -> Non
 
 
 def test_worker_imports_neither_trio_nor_the_package_init() -> None:
-    package = Path(trio_composefs.__file__).parent
-    code = _BOOTSTRAP + "print(*sorted(sys.modules))"
+    # The worker runs as ``python -P -m trio_composefs.hashing._worker``: importing it must
+    # not run the pool's or the importer's imports (the package roots are lazy).
+    code = "import sys, trio_composefs.hashing._worker; print(*sorted(sys.modules))"
     out = subprocess.run(
-        [sys.executable, "-P", "-c", code, "trio_composefs", str(package)],
+        [sys.executable, "-P", "-c", code],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.split()
-    assert "trio_composefs._hashworker" in out
-    assert "trio_composefs.fsverity" in out
+    assert "trio_composefs.hashing._worker" in out
+    assert "trio_composefs.formats._fsverity" in out
     heavy = [m for m in out if m.partition(".")[0] in ("trio", "multiprocessing", "concurrent")]
     assert heavy == []
-    assert "trio_composefs.hashpool" not in out
-    assert "trio_composefs.layer" not in out
+    assert "trio_composefs.hashing._pool" not in out
+    assert "trio_composefs.importer._importer" not in out
 
 
 def test_workers_outlive_the_thread_that_started_them(data_fd: int) -> None:
@@ -435,7 +434,7 @@ def test_a_script_without_main_guard(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     script = f"""
         import os
-        from trio_composefs.hashpool import HashPool
+        from trio_composefs.hashing._pool import HashPool
 
         with open({str(runs)!r}, "a") as f:
             f.write("ran\\n")
@@ -453,7 +452,7 @@ def test_a_script_without_main_guard(tmp_path: Path) -> None:
 
 _USE_POOL_AND_WAIT = """
     import os, signal, sys, threading, time
-    from trio_composefs.hashpool import HashPool
+    from trio_composefs.hashing._pool import HashPool
 
     pool = HashPool(2, threshold=0)
     fd = os.open("/dev/zero", os.O_RDONLY)
@@ -502,7 +501,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, state: str) -> N
 def test_ctrl_c_reaches_the_parent_only(tmp_path: Path) -> None:
     script = """
         import os, time
-        from trio_composefs.hashpool import HashPool
+        from trio_composefs.hashing._pool import HashPool
 
         fd = os.open("/dev/zero", os.O_RDONLY)
         try:

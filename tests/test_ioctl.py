@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from trio_composefs._errors import DigestMismatchError, RepositoryError, VerityUnsupportedError
-from trio_composefs._ioctl import (
+from trio_composefs import DigestMismatchError, RepositoryError, VerityUnsupportedError
+from trio_composefs.formats import Algorithm, Digest, fsverity_digest
+from trio_composefs.repository._verity import (
     ENABLE_ARG,
     FS_IOC_ENABLE_VERITY,
     FS_IOC_MEASURE_VERITY,
@@ -20,7 +21,6 @@ from trio_composefs._ioctl import (
     SimulatedVerityKernel,
     VerityOps,
 )
-from trio_composefs.fsverity import Algorithm, Digest, fsverity_digest
 
 
 def _ioc(direction: int, kind: str, nr: int, size: int) -> int:

@@ -8,7 +8,7 @@ import io
 import os
 import random
 import tarfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,12 +17,10 @@ import trio.testing
 
 from checks import assert_consistent, busy_threads
 from tarfixtures import chunks_from_events, split
-from trio_composefs._errors import DigestMismatchError, TarError
-from trio_composefs.fsverity import Algorithm, fsverity_digest
-from trio_composefs.layer import LayerProgress, import_layer, layer_content_id, open_importer
-from trio_composefs.reassemble import copy_stream
-from trio_composefs.repository import Repository
-from trio_composefs.splitstream import ContentType, encode_splitstream
+from trio_composefs import DigestMismatchError, TarError
+from trio_composefs.formats import Algorithm, ContentType, encode_splitstream, fsverity_digest
+from trio_composefs.importer import LayerProgress, import_layer, layer_content_id, open_importer
+from trio_composefs.repository import Repository, copy_stream
 from trio_composefs.testing import FaultPoint, FaultyRepository, open_fds
 
 
@@ -56,13 +54,6 @@ def mixed_tar(seed: int = 0, big: int = 3 << 20) -> bytes:
     files.append(("big", rnd.randbytes(big)))  # streamed through a channel (> SMALL_OBJECT_MAX)
     files.append(("tail", rnd.randbytes(100)))
     return make_tar(files)
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    with Repository.init(tmp_path / "repo", algorithm=Algorithm.SHA256, insecure=True) as r:
-        r.begin_object().abort()  # open the repository's lazily opened directory fds now
-        yield r
 
 
 def cat_bytes(repo: Repository, name: str) -> bytes:

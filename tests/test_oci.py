@@ -6,7 +6,7 @@ import gzip
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +17,15 @@ import zstandard
 from checks import assert_consistent, busy_threads
 from ocifixtures import Layout, compact, make_tar, sha256, umoci_layout
 from test_splitstream import LAYERS, layer_tar
-from trio_composefs import cli
-from trio_composefs._decompress import OUTPUT_PIECE, open_verified_stream
-from trio_composefs._errors import ComposefsError, DigestMismatchError, FormatError
-from trio_composefs.docker_archive import DockerArchiveSource
-from trio_composefs.fsverity import Algorithm
-from trio_composefs.layer import LayerStats, open_importer
+from trio_composefs import ComposefsError, DigestMismatchError, FormatError, cli
+from trio_composefs.formats import Algorithm, ContentType
+from trio_composefs.importer import LayerStats, open_importer
+from trio_composefs.importer._decompress import OUTPUT_PIECE, open_verified_stream
 from trio_composefs.oci import (
     ImageProgress,
+    ImageSourceError,
     ImageStats,
+    Platform,
     config_content_id,
     decode_tag,
     encode_tag,
@@ -34,27 +34,22 @@ from trio_composefs.oci import (
     manifest_content_id,
     open_image,
     open_source,
+    parse_source,
     pull_image,
     resolve_tag,
     tag_image,
     untag_image,
 )
-from trio_composefs.oci_archive import OciArchiveSource
-from trio_composefs.oci_layout import OciLayoutSource
-from trio_composefs.oci_source import ImageSourceError, Platform, parse_source
-from trio_composefs.reassemble import copy_stream, open_splitstream
-from trio_composefs.repository import Repository
-from trio_composefs.skopeo import SkopeoProxySource
-from trio_composefs.splitstream import ContentType
+from trio_composefs.oci.sources import (
+    DockerArchiveSource,
+    OciArchiveSource,
+    OciLayoutSource,
+    SkopeoProxySource,
+)
+from trio_composefs.repository import Repository, copy_stream, open_splitstream
 from trio_composefs.testing import open_fds
 
 SHA256 = Algorithm.SHA256
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    with Repository.init(tmp_path / "repo", algorithm=SHA256, insecure=True) as r:
-        yield r
 
 
 def streams(repo: Repository) -> set[str]:

@@ -15,19 +15,11 @@ from typing import Any
 import pytest
 import zstandard
 
-from trio_composefs._errors import DigestMismatchError, FormatError
-from trio_composefs._oci_resolve import REF_NAME, pick_from_index, pick_platform
-from trio_composefs.oci_archive import OciArchiveSource
-from trio_composefs.oci_source import (
-    MEDIA_TYPES,
-    Descriptor,
-    ImageSourceError,
-    Platform,
-    ResolvedImage,
-)
-from trio_composefs.sample import sample_layers
-from trio_composefs.sample_image import write_sample_layout
-from trio_composefs.testing import open_fds
+from trio_composefs import DigestMismatchError, FormatError
+from trio_composefs.oci import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
+from trio_composefs.oci._index import REF_NAME, pick_from_index, pick_platform
+from trio_composefs.oci.sources import OciArchiveSource
+from trio_composefs.testing import open_fds, sample_layers, write_sample_layout
 
 
 def need(tool: str) -> str:

@@ -20,7 +20,7 @@ def repo(tmp_path):
 
 @pytest.fixture
 def tar():
-    from trio_composefs.sample import sample_layers
+    from trio_composefs.testing._sample import sample_layers
     return sample_layers()[0].tar
 
 @pytest.fixture

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from trio_composefs import repository as repository_module
-from trio_composefs._errors import (
+from trio_composefs import (
     DigestError,
     DigestMismatchError,
     FormatError,
@@ -25,10 +24,10 @@ from trio_composefs._errors import (
     RepositoryError,
     VerityUnsupportedError,
 )
-from trio_composefs._ioctl import SimulatedVerityKernel, VerityOps
-from trio_composefs._meta import RepoMetadata
-from trio_composefs.fsverity import Algorithm, Digest, fsverity_digest
-from trio_composefs.repository import ObjectTmpfile, Repository
+from trio_composefs.formats import Algorithm, Digest, fsverity_digest
+from trio_composefs.repository import ObjectTmpfile, RepoMetadata, Repository
+from trio_composefs.repository import _repository as repository_module
+from trio_composefs.repository._verity import SimulatedVerityKernel, VerityOps
 
 EXPECTED_META = """\
 {{
@@ -64,9 +63,9 @@ def no_fd_leak() -> Iterator[None]:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    with Repository.init(tmp_path / "repo", insecure=True) as r:
-        yield r
+def repo_algorithm() -> Algorithm:
+    """This module's ``repo`` (conftest) uses the default algorithm of ``Repository.init``."""
+    return Algorithm.SHA512
 
 
 def tree(root: Path) -> list[str]:

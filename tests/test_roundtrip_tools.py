@@ -10,11 +10,9 @@ import pytest
 
 from checks import assert_consistent
 from tarfixtures import WRITERS, make_tree, profile_for, write_archive
-from trio_composefs._chunks import ExternalChunk
-from trio_composefs.fsverity import Algorithm
-from trio_composefs.layer import import_layer, layer_content_id
-from trio_composefs.reassemble import copy_stream, iter_layer_entries
-from trio_composefs.repository import Repository
+from trio_composefs.formats import Algorithm, ExternalChunk
+from trio_composefs.importer import import_layer, layer_content_id
+from trio_composefs.repository import Repository, copy_stream, iter_layer_entries
 
 
 @pytest.mark.parametrize("writer", WRITERS)

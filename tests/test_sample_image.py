@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trio_composefs.oci_source import MEDIA_TYPES, Platform
-from trio_composefs.sample import sample_layers
-from trio_composefs.sample_image import sample_layout_files, write_sample_layout
+from trio_composefs.oci import MEDIA_TYPES, Platform
+from trio_composefs.testing import sample_layers, sample_layout_files, write_sample_layout
 
 
 def need(tool: str) -> str:

@@ -14,12 +14,10 @@ import pytest
 import trio
 import zstandard
 
-from trio_composefs._oci_resolve import REF_NAME
-from trio_composefs.oci_source import MEDIA_TYPES, Descriptor, ImageSourceError, Platform
-from trio_composefs.sample import sample_layers
-from trio_composefs.sample_image import write_sample_layout
-from trio_composefs.skopeo import SkopeoProxySource, SkopeoSource, find_skopeo
-from trio_composefs.testing import open_fds
+from trio_composefs.oci import MEDIA_TYPES, Descriptor, ImageSourceError, Platform
+from trio_composefs.oci._index import REF_NAME
+from trio_composefs.oci.sources import SkopeoProxySource, SkopeoSource, find_skopeo
+from trio_composefs.testing import open_fds, sample_layers, write_sample_layout
 
 
 def need(tool: str) -> str:

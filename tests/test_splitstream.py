@@ -20,10 +20,16 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_composefs._chunks import Chunk, ExternalChunk, InlineChunk
-from trio_composefs._errors import InternalError, SplitStreamError
-from trio_composefs.fsverity import Algorithm, Digest, fsverity_digest
-from trio_composefs.splitstream import (
+from trio_composefs import InternalError, SplitStreamError
+from trio_composefs.formats import (
+    Algorithm,
+    Chunk,
+    Digest,
+    ExternalChunk,
+    InlineChunk,
+    fsverity_digest,
+)
+from trio_composefs.formats._splitstream import (
     END,
     NEED_DATA,
     ChunkDecoder,

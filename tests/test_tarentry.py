@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import NSEC_FILE
 from tarfixtures import (
     EOA,
     FIXED_MTIME,
@@ -20,7 +21,6 @@ from tarfixtures import (
     chunks_from_events,
     fake_digest,
     has_xattrs,
-    make_tree,
     member,
     pax_records,
     profile_for,
@@ -28,12 +28,14 @@ from tarfixtures import (
     split,
     write_archive,
 )
-from trio_composefs._chunks import Chunk, ExternalChunk, InlineChunk
-from trio_composefs._errors import TarError
-from trio_composefs.tarentry import (
+from trio_composefs import TarError
+from trio_composefs.cli._format import format_entry
+from trio_composefs.formats import (
+    Chunk,
     EntryType,
+    ExternalChunk,
+    InlineChunk,
     TarEntry,
-    format_entry,
     iter_entries,
     normalize_path,
 )
@@ -49,19 +51,6 @@ _TYPES = {
     tarfile.DIRTYPE: EntryType.DIRECTORY,
     tarfile.FIFOTYPE: EntryType.FIFO,
 }
-NSEC_FILE = "files/s511"
-
-
-@pytest.fixture(scope="module")
-def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[Profile, Path]:
-    base = tmp_path_factory.mktemp("trees")
-    result = {}
-    for profile in Profile:
-        tree = make_tree(base / profile.value, profile)
-        ns = FIXED_MTIME * 10**9 + 123_456_789
-        os.utime(tree / NSEC_FILE, ns=(ns, ns))
-        result[profile] = tree
-    return result
 
 
 def expected_entries(data: bytes) -> list[TarEntry]:

@@ -34,9 +34,9 @@ from tarfixtures import (
     split,
     write_archive,
 )
-from trio_composefs._errors import TarError
-from trio_composefs.tarentry import iter_entries
-from trio_composefs.tarsplit import (
+from trio_composefs import TarError
+from trio_composefs.formats import iter_entries
+from trio_composefs.formats._tarsplit import (
     END,
     NEED_DATA,
     Event,
@@ -48,12 +48,6 @@ from trio_composefs.tarsplit import (
 )
 
 FEEDS = [None, [1, 7, 500, 511, 512, 513, 4096, 65536], 1]
-
-
-@pytest.fixture(scope="module")
-def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[Profile, Path]:
-    base = tmp_path_factory.mktemp("trees")
-    return {profile: make_tree(base / profile.value, profile) for profile in Profile}
 
 
 @pytest.fixture(scope="module")

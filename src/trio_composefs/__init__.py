@@ -1,63 +1,198 @@
 """trio-composefs: import OCI images into a composefs repository, with trio.
 
-The public API is re-exported here; submodules whose names start with ``_`` are
-private.
+The public API is re-exported here. The root is lazy (PEP 562): a name is imported from its
+sub-package on first use, so ``import trio_composefs.formats`` (pure, sans-IO) does not
+import trio. The sub-packages, one layer each (a module imports only from layers below):
+
+- L0 ``formats`` (byte formats) and ``fs`` (filesystem trees): pure, never trio or ``os``;
+- L1 ``hashing`` (the fs-verity process pool) and ``repository``: blocking I/O, never trio;
+- L2 ``importer``, ``oci`` (with ``oci.sources``), ``maintenance`` (fsck, gc): the trio shell;
+- L3 ``cli``; and ``testing``, public test support.
+
+Modules whose names start with ``_`` are private.
 """
 
-from ._chunks import Chunk as Chunk
-from ._chunks import ExternalChunk as ExternalChunk
-from ._chunks import InlineChunk as InlineChunk
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import _lazy
 from ._errors import ComposefsError as ComposefsError
 from ._errors import DigestError as DigestError
 from ._errors import DigestMismatchError as DigestMismatchError
 from ._errors import FormatError as FormatError
+from ._errors import ImageSourceError as ImageSourceError
 from ._errors import InternalError as InternalError
 from ._errors import ObjectNotFoundError as ObjectNotFoundError
 from ._errors import RepositoryError as RepositoryError
 from ._errors import SplitStreamError as SplitStreamError
 from ._errors import TarError as TarError
 from ._errors import VerityUnsupportedError as VerityUnsupportedError
-from ._sources import ByteSource as ByteSource
 from ._version import __version__ as __version__
-from .builder import PendingObject as PendingObject
-from .builder import SplitStreamBuilder as SplitStreamBuilder
-from .fsck import FsckReport as FsckReport
-from .fsck import fsck as fsck
-from .fsverity import Algorithm as Algorithm
-from .fsverity import Digest as Digest
-from .fsverity import FsVerityHasher as FsVerityHasher
-from .fsverity import fsverity_digest as fsverity_digest
-from .gc import GcResult as GcResult
-from .gc import gc as gc
-from .hashpool import HashPool as HashPool
-from .hashpool import digest_fd as digest_fd
-from .layer import Importer as Importer
-from .layer import LayerProgress as LayerProgress
-from .layer import LayerStats as LayerStats
-from .layer import default_jobs as default_jobs
-from .layer import import_layer as import_layer
-from .layer import layer_content_id as layer_content_id
-from .layer import open_importer as open_importer
-from .oci import ImageProgress as ImageProgress
-from .oci import ImageStats as ImageStats
-from .oci import list_images as list_images
-from .oci import open_image as open_image
-from .oci import open_source as open_source
-from .oci import pull_image as pull_image
-from .oci_layout import OciLayoutSource as OciLayoutSource
-from .oci_source import Descriptor as Descriptor
-from .oci_source import ImageSource as ImageSource
-from .oci_source import Platform as Platform
-from .oci_source import parse_source as parse_source
-from .reassemble import copy_stream as copy_stream
-from .reassemble import iter_layer_entries as iter_layer_entries
-from .repository import ObjectTmpfile as ObjectTmpfile
-from .repository import Repository as Repository
-from .splitstream import ContentType as ContentType
-from .splitstream import SplitStreamEncoder as SplitStreamEncoder
-from .splitstream import SplitStreamInfo as SplitStreamInfo
-from .splitstream import parse_splitstream as parse_splitstream
-from .tarentry import EntryType as EntryType
-from .tarentry import TarEntry as TarEntry
-from .tarentry import iter_entries as iter_entries
-from .tarsplit import TarSplitter as TarSplitter
+
+if TYPE_CHECKING:
+    from .formats import Algorithm as Algorithm
+    from .formats import Chunk as Chunk
+    from .formats import ContentType as ContentType
+    from .formats import Digest as Digest
+    from .formats import EntryType as EntryType
+    from .formats import ExternalChunk as ExternalChunk
+    from .formats import FsVerityHasher as FsVerityHasher
+    from .formats import InlineChunk as InlineChunk
+    from .formats import SplitStreamEncoder as SplitStreamEncoder
+    from .formats import SplitStreamInfo as SplitStreamInfo
+    from .formats import TarEntry as TarEntry
+    from .formats import TarSplitter as TarSplitter
+    from .formats import fsverity_digest as fsverity_digest
+    from .formats import iter_entries as iter_entries
+    from .formats import parse_splitstream as parse_splitstream
+    from .hashing import HashPool as HashPool
+    from .hashing import digest_fd as digest_fd
+    from .importer import ByteSource as ByteSource
+    from .importer import Importer as Importer
+    from .importer import LayerProgress as LayerProgress
+    from .importer import LayerStats as LayerStats
+    from .importer import PendingObject as PendingObject
+    from .importer import SplitStreamBuilder as SplitStreamBuilder
+    from .importer import default_jobs as default_jobs
+    from .importer import import_layer as import_layer
+    from .importer import layer_content_id as layer_content_id
+    from .importer import open_importer as open_importer
+    from .maintenance import FsckReport as FsckReport
+    from .maintenance import GcResult as GcResult
+    from .maintenance import fsck as fsck
+    from .maintenance import gc as gc
+    from .oci import Descriptor as Descriptor
+    from .oci import ImageProgress as ImageProgress
+    from .oci import ImageSource as ImageSource
+    from .oci import ImageStats as ImageStats
+    from .oci import Platform as Platform
+    from .oci import list_images as list_images
+    from .oci import open_image as open_image
+    from .oci import open_source as open_source
+    from .oci import parse_source as parse_source
+    from .oci import pull_image as pull_image
+    from .oci.sources import OciLayoutSource as OciLayoutSource
+    from .repository import ObjectTmpfile as ObjectTmpfile
+    from .repository import Repository as Repository
+    from .repository import copy_stream as copy_stream
+    from .repository import iter_layer_entries as iter_layer_entries
+
+#: Where each lazily imported public name lives (relative to this package).
+_LAZY: dict[str, str] = {
+    "Algorithm": ".formats",
+    "Chunk": ".formats",
+    "ContentType": ".formats",
+    "Digest": ".formats",
+    "EntryType": ".formats",
+    "ExternalChunk": ".formats",
+    "FsVerityHasher": ".formats",
+    "InlineChunk": ".formats",
+    "SplitStreamEncoder": ".formats",
+    "SplitStreamInfo": ".formats",
+    "TarEntry": ".formats",
+    "TarSplitter": ".formats",
+    "fsverity_digest": ".formats",
+    "iter_entries": ".formats",
+    "parse_splitstream": ".formats",
+    "HashPool": ".hashing",
+    "digest_fd": ".hashing",
+    "ByteSource": ".importer",
+    "Importer": ".importer",
+    "LayerProgress": ".importer",
+    "LayerStats": ".importer",
+    "PendingObject": ".importer",
+    "SplitStreamBuilder": ".importer",
+    "default_jobs": ".importer",
+    "import_layer": ".importer",
+    "layer_content_id": ".importer",
+    "open_importer": ".importer",
+    "FsckReport": ".maintenance",
+    "GcResult": ".maintenance",
+    "fsck": ".maintenance",
+    "gc": ".maintenance",
+    "Descriptor": ".oci",
+    "ImageProgress": ".oci",
+    "ImageSource": ".oci",
+    "ImageStats": ".oci",
+    "Platform": ".oci",
+    "list_images": ".oci",
+    "open_image": ".oci",
+    "open_source": ".oci",
+    "parse_source": ".oci",
+    "pull_image": ".oci",
+    "OciLayoutSource": ".oci.sources",
+    "ObjectTmpfile": ".repository",
+    "Repository": ".repository",
+    "copy_stream": ".repository",
+    "iter_layer_entries": ".repository",
+}
+
+__all__ = [
+    "Algorithm",
+    "ByteSource",
+    "Chunk",
+    "ComposefsError",
+    "ContentType",
+    "Descriptor",
+    "Digest",
+    "DigestError",
+    "DigestMismatchError",
+    "EntryType",
+    "ExternalChunk",
+    "FormatError",
+    "FsVerityHasher",
+    "FsckReport",
+    "GcResult",
+    "HashPool",
+    "ImageProgress",
+    "ImageSource",
+    "ImageSourceError",
+    "ImageStats",
+    "Importer",
+    "InlineChunk",
+    "InternalError",
+    "LayerProgress",
+    "LayerStats",
+    "ObjectNotFoundError",
+    "ObjectTmpfile",
+    "OciLayoutSource",
+    "PendingObject",
+    "Platform",
+    "Repository",
+    "RepositoryError",
+    "SplitStreamBuilder",
+    "SplitStreamEncoder",
+    "SplitStreamError",
+    "SplitStreamInfo",
+    "TarEntry",
+    "TarError",
+    "TarSplitter",
+    "VerityUnsupportedError",
+    "__version__",
+    "copy_stream",
+    "default_jobs",
+    "digest_fd",
+    "fsck",
+    "fsverity_digest",
+    "gc",
+    "import_layer",
+    "iter_entries",
+    "iter_layer_entries",
+    "layer_content_id",
+    "list_images",
+    "open_image",
+    "open_importer",
+    "open_source",
+    "parse_source",
+    "parse_splitstream",
+    "pull_image",
+]
+
+
+def __getattr__(name: str) -> object:
+    return _lazy.load(__name__, _LAZY, name)
+
+
+def __dir__() -> list[str]:
+    return _lazy.names(__name__, __all__)

@@ -55,6 +55,10 @@ class ObjectNotFoundError(RepositoryError, LookupError):
     """No object, stream or ref of that name exists in the repository."""
 
 
+class ImageSourceError(ComposefsError):
+    """An image that cannot be found or read at its source."""
+
+
 class DigestMismatchError(ComposefsError):
     """Data whose digest differs from the one it was promised to have."""
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import attrs
 
-from ..fsverity import Digest
+from ..formats._fsverity import Digest
 
 __all__ = [
     "S_IFBLK",

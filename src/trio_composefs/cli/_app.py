@@ -1,0 +1,222 @@
+"""trio-cfsctl: the command line, mirroring composefs-rs's cfsctl.
+
+This module holds the parser, the dispatch table and the error → exit status mapping;
+the command bodies are in ``_commands``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TextIO
+
+from .._errors import ComposefsError
+from .._version import __version__
+from ..formats import Algorithm
+from ..importer import (
+    default_jobs,
+)
+from ._commands import (
+    PROG,
+    SYSTEM_REPO,
+    USER_REPO,
+    cmd_cat,
+    cmd_demo,
+    cmd_fsck,
+    cmd_gc,
+    cmd_init,
+    cmd_measure_file,
+    cmd_oci_images,
+    cmd_oci_import_layer,
+    cmd_oci_inspect,
+    cmd_oci_layer,
+    cmd_oci_pull,
+    cmd_oci_tag,
+    cmd_oci_untag,
+)
+
+
+def _add_import_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        metavar="N",
+        help=f"object writers at once (default {default_jobs()})",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Import OCI images into a composefs repository (a Python peer of cfsctl).",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--repo", metavar="PATH", help="the repository to use")
+    where.add_argument("--user", action="store_true", help=f"use {USER_REPO}")
+    where.add_argument("--system", action="store_true", help=f"use {SYSTEM_REPO}")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not require fs-verity (digests are computed in userspace)",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    init = sub.add_parser("init", help="create a repository")
+    init.add_argument("path", nargs="?", help="where (default: the --repo path)")
+    init.add_argument(
+        "--algorithm",
+        default=Algorithm.SHA512.value,
+        choices=[a.value for a in Algorithm],
+        help="fs-verity algorithm (default: %(default)s, as cfsctl)",
+    )
+    init.add_argument(
+        "--insecure",
+        action="store_true",
+        dest="init_insecure",
+        help="allow a filesystem without fs-verity; digests are computed in userspace",
+    )
+
+    measure = sub.add_parser("measure-file", help="print the fs-verity digest of files")
+    measure.add_argument(
+        "--algorithm",
+        default=Algorithm.SHA256.value,
+        choices=[a.value for a in Algorithm],
+        help="(default: %(default)s)",
+    )
+    measure.add_argument("files", nargs="+", metavar="FILE")
+
+    cat = sub.add_parser("cat", help="write a stream's reassembled bytes to standard output")
+    cat.add_argument("name", help="a content id (oci-layer-sha256:...) or refs/NAME")
+
+    fsck = sub.add_parser("fsck", help="check the repository's consistency (reports every problem)")
+    fsck.add_argument("--json", action="store_true", help="print the report as JSON")
+    fsck.add_argument(
+        "--metadata-only", action="store_true", help="do not re-hash objects (streams, refs only)"
+    )
+    fsck.add_argument(
+        "--no-check-layers",
+        action="store_true",
+        help="do not reassemble layer streams to compare their sha256 with the diff_id",
+    )
+    fsck.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+    gc = sub.add_parser("gc", help="remove objects, streams and temporary files no ref reaches")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    gc.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also keep this stream or image (first-level name); repeatable",
+    )
+    gc.add_argument("--json", action="store_true", help="print the result as JSON")
+    gc.add_argument("-v", "--verbose", action="store_true", help="list every removed object")
+
+    sub.add_parser(
+        "demo",
+        help="pull the built-in sample image (creating the repository) and show what was stored",
+    )
+
+    oci = sub.add_parser("oci", help="OCI images and layers")
+    oci_sub = oci.add_subparsers(dest="oci_command", metavar="COMMAND", required=True)
+    il = oci_sub.add_parser("import-layer", help="import a tar layer from standard input")
+    il.add_argument("diff_id", metavar="DIFF_ID", help="sha256:<hex> of the uncompressed tar")
+    il.add_argument("name", nargs="?", metavar="NAME", help="also publish streams/refs/NAME")
+    il.add_argument("--file", metavar="PATH", help="read the tar from PATH instead")
+    _add_import_options(il)
+    layer = oci_sub.add_parser("layer", help="write a layer's tar, or list its entries")
+    layer.add_argument("diff_id", metavar="DIFF_ID")
+    layer.add_argument("--list", action="store_true", help="one line per entry instead")
+    pull = oci_sub.add_parser("pull", help="pull an image and tag it")
+    pull.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="oci:DIR[:TAG|@DIGEST], oci-archive:FILE[:TAG], docker-archive:FILE[:REF],"
+        " or any skopeo transport (docker://...)",
+    )
+    pull.add_argument(
+        "tag", nargs="?", metavar="TAG", help="tag to give the image (default: SOURCE)"
+    )
+    pull.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="image of an index to pick")
+    _add_import_options(pull)
+    images = oci_sub.add_parser("images", help="list tagged images")
+    images.add_argument("--json", action="store_true", help="as JSON")
+    inspect = oci_sub.add_parser("inspect", help="show an image's manifest and config (JSON)")
+    inspect.add_argument("image", metavar="IMAGE", help="a tag, or @sha256:... (manifest digest)")
+    what = inspect.add_mutually_exclusive_group()
+    what.add_argument("--manifest", action="store_true", help="only the raw manifest")
+    what.add_argument("--config", action="store_true", help="only the raw config")
+    tag = oci_sub.add_parser("tag", help="tag a stored image")
+    tag.add_argument("digest", metavar="DIGEST", help="manifest digest, sha256:...")
+    tag.add_argument("name", metavar="NAME")
+    untag = oci_sub.add_parser("untag", help="remove a tag")
+    untag.add_argument("name", metavar="NAME")
+    return p
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
+    "init": cmd_init,
+    "measure-file": cmd_measure_file,
+    "cat": cmd_cat,
+    "demo": cmd_demo,
+    "oci import-layer": cmd_oci_import_layer,
+    "oci layer": cmd_oci_layer,
+    "oci pull": cmd_oci_pull,
+    "oci images": cmd_oci_images,
+    "oci inspect": cmd_oci_inspect,
+    "oci tag": cmd_oci_tag,
+    "oci untag": cmd_oci_untag,
+    "fsck": cmd_fsck,
+    "gc": cmd_gc,
+}
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the CLI; return the exit status (what :func:`main` exits with)."""
+    args = _build_parser().parse_args(argv)
+    out = out or sys.stdout
+    key = args.command if args.command != "oci" else f"oci {args.oci_command}"
+    try:
+        return COMMANDS[key](args, out)
+    except BaseException as exc:
+        leaves = _leaves(exc)
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        if any(isinstance(e, BrokenPipeError) for e in leaves):
+            # `trio-cfsctl cat ... | head`: the reader went away; say nothing.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        if all(isinstance(e, ComposefsError | OSError) for e in leaves):
+            for e in leaves:
+                if args.debug:
+                    traceback.print_exception(e)
+                print(f"{PROG}: error: {_describe(e)}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, ComposefsError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    return str(e)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``trio-cfsctl`` console script."""
+    sys.exit(run(argv))

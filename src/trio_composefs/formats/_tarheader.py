@@ -1,0 +1,326 @@
+"""Tar header parsing shared by the splitter and the entry reader.
+
+Sans-IO and allocation-light: a header is one 512-byte block, parsed with slicing.
+The dialects understood are ustar (with ``prefix``), GNU and old GNU (``L``/``K`` long
+names and links, base-256 numbers), POSIX PAX (``x`` and ``g`` headers) and V7. The
+strictness rules follow composefs-rs (tar-core defaults); see
+``composefs-rs-notes.md`` §4.2-4.3.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from .._errors import TarError
+
+__all__ = [
+    "BLOCK",
+    "MAX_EXTENSION_BYTES",
+    "MAX_SIZE",
+    "ZERO_BLOCK",
+    "Dialect",
+    "TarHeader",
+    "decode_name",
+    "dialect_of",
+    "is_extension",
+    "parse_number",
+    "parse_pax_records",
+    "roundup",
+    "verify_checksum",
+]
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+#: Combined size of the L, K and x extension data that may precede one entry.
+MAX_EXTENSION_BYTES = 1024 * 1024
+#: Largest entry size we accept; anything above is treated as a corrupt header.
+MAX_SIZE = (1 << 63) - 1
+
+REGULAR_TYPES = frozenset(b"0\x007")
+#: Types whose size field must be zero.
+SIZELESS_TYPES = frozenset(b"123456")
+
+_LOW_BYTES = bytes(range(128))
+_OCTAL_DIGITS = b"01234567"
+_DECIMAL_DIGITS = b"0123456789"
+
+
+def roundup(size: int) -> int:
+    """Round ``size`` up to a multiple of the 512-byte block."""
+    return (size + BLOCK - 1) & ~(BLOCK - 1)
+
+
+class Dialect(enum.Enum):
+    """The header flavour, told by its magic field."""
+
+    USTAR = "ustar"  # POSIX ustar / pax: magic "ustar\0"
+    GNU = "gnu"  # GNU and old GNU: magic "ustar " (version " \0")
+    V7 = "v7"  # no magic
+
+
+def dialect_of(block: bytes) -> Dialect:
+    """The dialect of a header block, from its magic field."""
+    magic = block[257:263]
+    if magic == b"ustar\x00":
+        return Dialect.USTAR
+    if magic == b"ustar ":
+        return Dialect.GNU
+    return Dialect.V7
+
+
+def is_extension(typeflag: int, dialect: Dialect) -> bool:
+    """Whether a header is an extension (L, K, x, g) rather than an entry of its own.
+
+    In V7 headers these type letters mean nothing special: they are ordinary entries.
+    """
+    return dialect is not Dialect.V7 and typeflag in b"LKxg"
+
+
+def decode_name(raw: bytes) -> str:
+    """Decode a name from the archive (UTF-8, undecodable bytes kept as surrogates)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _cstring(field: bytes) -> bytes:
+    end = field.find(0)
+    return field if end < 0 else field[:end]
+
+
+def parse_number(
+    field: bytes, what: str, *, entry: str | None = None, offset: int | None = None
+) -> int:
+    """Parse a numeric header field: octal text or GNU base-256.
+
+    An all-NUL or all-space field is 0. Negative base-256 values and anything that is
+    not octal digits (with optional surrounding spaces, NUL-terminated) raise
+    :class:`TarError`.
+    """
+    first = field[0] if field else 0
+    if first & 0x80:
+        if first & 0x40:
+            raise TarError(f"negative number in header field {what}", entry=entry, offset=offset)
+        return int.from_bytes(bytes([first & 0x3F]) + field[1:], "big")
+    text = _cstring(field).strip(b" ")
+    if not text:
+        return 0
+    if text.translate(None, _OCTAL_DIGITS):
+        raise TarError(
+            f"malformed number {text!r} in header field {what}", entry=entry, offset=offset
+        )
+    return int(text, 8)
+
+
+def verify_checksum(block: bytes, *, offset: int) -> None:
+    """Check a header's checksum; unsigned and (historic BSD) signed sums are accepted."""
+    stored = parse_number(block[148:156], "chksum", offset=offset)
+    rest = block[:148] + block[156:]
+    unsigned = sum(rest) + 8 * 0x20
+    if stored == unsigned:
+        return
+    high = len(rest.translate(None, _LOW_BYTES))
+    if stored == unsigned - 256 * high:
+        return
+    name = decode_name(_cstring(block[:100]))
+    raise TarError("header checksum mismatch", entry=name or None, offset=offset)
+
+
+def parse_pax_records(
+    data: bytes, *, entry: str | None = None, offset: int | None = None
+) -> dict[bytes, bytes]:
+    """Parse PAX extended header records (``"<len> <key>=<value>\\n"``).
+
+    Later records override earlier ones with the same key. Trailing NUL bytes after
+    the last record are tolerated; anything else malformed raises :class:`TarError`.
+    """
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if data[pos] == 0 and not data[pos:].strip(b"\x00"):
+            break
+        space = data.find(b" ", pos, pos + 21)
+        length_text = data[pos:space] if space > pos else b""
+        if not length_text or length_text.translate(None, _DECIMAL_DIGITS):
+            raise TarError("malformed PAX record length", entry=entry, offset=offset)
+        record_end = pos + int(length_text)
+        if record_end <= space + 1 or record_end > end or data[record_end - 1] != 0x0A:
+            raise TarError("malformed PAX record", entry=entry, offset=offset)
+        record = data[space + 1 : record_end - 1]
+        equals = record.find(b"=")
+        if equals <= 0:
+            raise TarError("malformed PAX record (no key)", entry=entry, offset=offset)
+        records[record[:equals]] = record[equals + 1 :]
+        pos = record_end
+    return records
+
+
+def _pax_decimal(value: bytes, key: str, *, entry: str | None, offset: int) -> int:
+    if not value or value.translate(None, _DECIMAL_DIGITS):
+        raise TarError(f"malformed PAX {key} {value!r}", entry=entry, offset=offset)
+    return int(value)
+
+
+def _pax_time(value: bytes, *, entry: str | None, offset: int) -> tuple[int, int]:
+    seconds, dot, fraction = value.partition(b".")
+    if (
+        not seconds
+        or seconds.translate(None, _DECIMAL_DIGITS)
+        or (dot and fraction.translate(None, _DECIMAL_DIGITS))
+    ):
+        raise TarError(f"malformed PAX mtime {value!r}", entry=entry, offset=offset)
+    nsec = int(fraction[:9].ljust(9, b"0")) if fraction else 0
+    return int(seconds), nsec
+
+
+@attrs.frozen
+class TarHeader:
+    """One entry's header with its L/K/x extensions applied.
+
+    Created by the splitter once the main header block has been read. ``path``,
+    ``size`` and the type are resolved eagerly (the splitter needs them); the other
+    fields are parsed on demand by the methods, which raise :class:`TarError`.
+
+    Attributes:
+        offset: byte offset of the main header block in the stream.
+        block: the raw 512-byte main header.
+        pax: the entry's PAX ``x`` records (raw keys and values).
+        long_name: the GNU ``L`` name, NULs stripped, if there was one.
+        long_link: the GNU ``K`` link target, NULs stripped, if there was one.
+        path: the resolved path as stored (PAX ``path`` > GNU long name > ustar prefix/name).
+        size: the resolved content size (PAX ``size`` over the header field).
+    """
+
+    offset: int
+    block: bytes
+    pax: dict[bytes, bytes] = attrs.field(hash=False)
+    long_name: bytes | None
+    long_link: bytes | None
+    path: str
+    size: int
+
+    @property
+    def typeflag(self) -> bytes:
+        """The one-byte type flag (``b"0"``, ``b"5"``, ...)."""
+        return self.block[156:157]
+
+    @property
+    def dialect(self) -> Dialect:
+        """The header's dialect."""
+        return dialect_of(self.block)
+
+    @property
+    def is_regular(self) -> bool:
+        """Whether the entry is a regular file (types ``0``, NUL and ``7``)."""
+        return self.block[156] in REGULAR_TYPES
+
+    def _number(self, start: int, stop: int, what: str) -> int:
+        return parse_number(self.block[start:stop], what, entry=self.path, offset=self.offset)
+
+    def _pax_int(self, key: bytes) -> int | None:
+        value = self.pax.get(key)
+        if value is None:
+            return None
+        return _pax_decimal(value, key.decode(), entry=self.path, offset=self.offset)
+
+    def mode(self) -> int:
+        """The raw header mode field (not masked)."""
+        return self._number(100, 108, "mode")
+
+    def uid(self) -> int:
+        """The owner's uid; a PAX ``uid`` overrides it and is cast to 32 bits."""
+        value = self._pax_int(b"uid")
+        return self._number(108, 116, "uid") if value is None else value & 0xFFFFFFFF
+
+    def gid(self) -> int:
+        """The group's gid; a PAX ``gid`` overrides it and is cast to 32 bits."""
+        value = self._pax_int(b"gid")
+        return self._number(116, 124, "gid") if value is None else value & 0xFFFFFFFF
+
+    def mtime(self) -> tuple[int, int]:
+        """``(seconds, nanoseconds)``; nanoseconds only come from a PAX ``mtime``."""
+        value = self.pax.get(b"mtime")
+        if value is None:
+            return self._number(136, 148, "mtime"), 0
+        return _pax_time(value, entry=self.path, offset=self.offset)
+
+    def linkname(self) -> str:
+        """The link target (PAX ``linkpath`` > GNU long link > header); ``""`` if none."""
+        value = self.pax.get(b"linkpath")
+        if value is None:
+            value = self.long_link if self.long_link is not None else _cstring(self.block[157:257])
+        return decode_name(value)
+
+    def device(self) -> tuple[int, int]:
+        """``(major, minor)`` from the header's device fields."""
+        return self._number(329, 337, "devmajor"), self._number(337, 345, "devminor")
+
+    def xattrs(self) -> dict[str, bytes]:
+        """Extended attributes from PAX ``SCHILY.xattr.*`` records."""
+        prefix = b"SCHILY.xattr."
+        return {
+            decode_name(key[len(prefix) :]): value
+            for key, value in self.pax.items()
+            if key.startswith(prefix)
+        }
+
+    @classmethod
+    def from_block(
+        cls,
+        block: bytes,
+        *,
+        offset: int,
+        pax: dict[bytes, bytes],
+        long_name: bytes | None,
+        long_link: bytes | None,
+    ) -> TarHeader:
+        """Resolve a main header block (checksum already verified) and its extensions.
+
+        Raises:
+            TarError: empty path, bad or absurd size, sparse entry, non-zero size on a
+                link, device, directory or fifo.
+        """
+        dialect = dialect_of(block)
+        raw_path = pax.get(b"path") or None
+        if raw_path is None:
+            raw_path = long_name or None
+        if raw_path is None:
+            raw_path = _cstring(block[:100])
+            if dialect is Dialect.USTAR:
+                prefix = _cstring(block[345:500])
+                if prefix:
+                    raw_path = prefix + b"/" + raw_path
+        path = decode_name(raw_path)
+        if not path:
+            raise TarError("entry with an empty path", offset=offset)
+        typeflag = block[156]
+        if typeflag == ord("S"):
+            raise TarError("sparse entries are not supported", entry=path, offset=offset)
+        pax_size = pax.get(b"size")
+        if pax_size is not None:
+            size = _pax_decimal(pax_size, "size", entry=path, offset=offset)
+        else:
+            size = parse_number(block[124:136], "size", entry=path, offset=offset)
+        for key in (b"uid", b"gid"):
+            if key in pax:
+                _pax_decimal(pax[key], key.decode(), entry=path, offset=offset)
+        if b"mtime" in pax:
+            _pax_time(pax[b"mtime"], entry=path, offset=offset)
+        if size > MAX_SIZE:
+            raise TarError(f"absurd entry size {size}", entry=path, offset=offset)
+        if size and typeflag in SIZELESS_TYPES:
+            raise TarError(
+                f"non-zero size {size} on an entry of type {chr(typeflag)!r}",
+                entry=path,
+                offset=offset,
+            )
+        return cls(
+            offset=offset,
+            block=block,
+            pax=pax,
+            long_name=long_name,
+            long_link=long_link,
+            path=path,
+            size=size,
+        )

@@ -1,0 +1,458 @@
+"""Sans-IO tar splitter: which bytes of a tar stream stay inline, which become objects.
+
+Modelled on h11: feed bytes with :meth:`TarSplitter.receive_data` (``b""`` means end
+of input), then call :meth:`TarSplitter.next_event` until it returns :data:`NEED_DATA`
+(feed more) or :data:`END` (done). No I/O happens here.
+
+Concatenating the ``data`` of every :class:`Inline` and :class:`FileData` event, in
+order, gives back the input byte for byte: headers, extension headers and their data,
+small files, padding, the end-of-archive blocks and everything after them. Regular
+files (types ``0``, NUL, ``7``) larger than ``inline_max`` (64, as composefs-rs) are
+announced with :class:`FileStart`, streamed as :class:`FileData` and closed with
+:class:`FileEnd`; their padding follows inline. Rules: ``composefs-rs-notes.md`` §4.1-4.2.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from typing import Final
+
+import attrs
+
+from .._errors import TarError
+from ._tarheader import (
+    BLOCK,
+    MAX_EXTENSION_BYTES,
+    ZERO_BLOCK,
+    TarHeader,
+    decode_name,
+    dialect_of,
+    is_extension,
+    parse_number,
+    parse_pax_records,
+    roundup,
+    verify_checksum,
+)
+
+__all__ = [
+    "END",
+    "INLINE_MAX",
+    "NEED_DATA",
+    "Event",
+    "FileData",
+    "FileEnd",
+    "FileStart",
+    "Inline",
+    "Sentinel",
+    "TarSplitter",
+]
+
+#: composefs-rs ``INLINE_CONTENT_MAX_V0``: regular files up to this size stay inline.
+INLINE_MAX: Final = 64
+
+
+class Sentinel(enum.Enum):
+    """The two non-event results of :meth:`TarSplitter.next_event`.
+
+    An enum so that ``if event is NEED_DATA or event is END: ...`` narrows the
+    type of ``event`` to :data:`Event` for mypy.
+    """
+
+    NEED_DATA = "NEED_DATA"
+    END = "END"
+
+    def __repr__(self) -> str:
+        return self.value
+
+    __str__ = __repr__
+
+
+#: Returned by :meth:`TarSplitter.next_event` when more input is needed.
+NEED_DATA: Final = Sentinel.NEED_DATA
+#: Returned by :meth:`TarSplitter.next_event` once the whole input has been handed out.
+END: Final = Sentinel.END
+
+
+@attrs.frozen
+class Inline:
+    """Bytes that stay inline in the splitstream, in stream order."""
+
+    data: bytes
+
+
+@attrs.frozen
+class FileStart:
+    """A regular file larger than ``inline_max`` begins.
+
+    Attributes:
+        path: the entry's path as stored in the archive (not normalised).
+        size: its content size in bytes.
+        offset: stream offset of the first content byte.
+    """
+
+    path: str
+    size: int
+    offset: int
+
+
+@attrs.frozen
+class FileData:
+    """Part of the current external file's content."""
+
+    data: bytes
+
+
+@attrs.frozen
+class FileEnd:
+    """The current external file's content is complete (its padding follows inline)."""
+
+
+Event = Inline | FileStart | FileData | FileEnd
+
+
+class _State(enum.Enum):
+    HEADER = enum.auto()  # expecting a header block (or the end-of-archive marker)
+    CONTENT = enum.auto()  # passing `_remaining` bytes through inline
+    FILE_START = enum.auto()  # a FileStart event is due
+    FILE = enum.auto()  # streaming `_remaining` bytes of an external file
+    TRAILER = enum.auto()  # after the end-of-archive marker: everything inline
+    DONE = enum.auto()
+    ERROR = enum.auto()
+
+
+class _Buffer:
+    """A queue of received chunks; hands out whole chunks without copying when it can."""
+
+    __slots__ = ("_chunks", "_pos", "size")
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._pos = 0  # read position in the first chunk
+        self.size = 0  # bytes available
+
+    def append(self, data: bytes) -> None:
+        chunks = self._chunks
+        # Merge tiny pieces (a peer sending a byte at a time) so that the queue's
+        # overhead stays proportional to the bytes it holds.
+        if chunks and len(data) < 256 and len(chunks[-1]) < 4096:
+            chunks[-1] += data
+        else:
+            chunks.append(data)
+        self.size += len(data)
+
+    def peek(self, n: int) -> bytes:
+        """The next ``n`` bytes (the caller checked ``size >= n``), not consumed."""
+        first = self._chunks[0]
+        pos = self._pos
+        if len(first) - pos >= n:
+            return first[pos : pos + n]
+        # Join just enough leading chunks into one so that later peeks are cheap.
+        parts = [first[pos:]]
+        have = len(parts[0])
+        self._chunks.popleft()
+        while have < n:
+            chunk = self._chunks.popleft()
+            parts.append(chunk)
+            have += len(chunk)
+        joined = b"".join(parts)
+        self._chunks.appendleft(joined)
+        self._pos = 0
+        return joined[:n]
+
+    def consume(self, n: int) -> None:
+        """Drop ``n`` bytes (the caller checked ``size >= n``)."""
+        self.size -= n
+        chunks = self._chunks
+        while n:
+            left = len(chunks[0]) - self._pos
+            if n < left:
+                self._pos += n
+                return
+            n -= left
+            chunks.popleft()
+            self._pos = 0
+
+    def take(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes from the first chunk (the caller checked ``size > 0``)."""
+        first = self._chunks[0]
+        pos = self._pos
+        left = len(first) - pos
+        if left <= limit:
+            self._chunks.popleft()
+            self._pos = 0
+            self.size -= left
+            return first if pos == 0 else first[pos:]
+        self._pos = pos + limit
+        self.size -= limit
+        return first[pos : pos + limit]
+
+    def take_all(self) -> bytes:
+        """Everything buffered, consumed."""
+        if self._pos:
+            self._chunks[0] = self._chunks[0][self._pos :]
+            self._pos = 0
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self.size = 0
+        return data
+
+
+class TarSplitter:
+    """Split a tar stream into inline bytes and external file contents.
+
+    Args:
+        inline_max: regular files of at most this many bytes stay inline. Changing
+            it from 64 makes splitstreams incompatible with composefs-rs.
+
+    Attributes:
+        offset: bytes of the stream handed out in events so far.
+        header: the resolved header of the latest entry (set when its header
+            block is handed out), or ``None`` before the first entry.
+        entries: how many entries (main headers) have been handed out.
+
+    Memory: at most one header plus its extension data (1 MiB) is held beyond
+    what the latest :meth:`receive_data` call gave. File data is handed out as soon
+    as it is buffered.
+    """
+
+    def __init__(self, *, inline_max: int = INLINE_MAX) -> None:
+        self._inline_max = inline_max
+        self._buf = _Buffer()
+        self._eof = False
+        self._state = _State.HEADER
+        self._remaining = 0
+        self._pad = 0
+        self._error: TarError | None = None
+        self.offset = 0
+        self.header: TarHeader | None = None
+        self.entries = 0
+        self._reset_pending()
+
+    def _reset_pending(self) -> None:
+        self._pax: dict[bytes, bytes] | None = None
+        self._long_name: bytes | None = None
+        self._long_link: bytes | None = None
+        self._ext_bytes = 0
+        self._ext_offset: int | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the stream; ``b""`` signals the end of the input.
+
+        Raises:
+            RuntimeError: data after the end of input was signalled.
+        """
+        if self._eof:
+            raise RuntimeError("receive_data() after end of input")
+        if data:
+            self._buf.append(bytes(data))
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | Sentinel:
+        """The next event, :data:`NEED_DATA` or :data:`END`.
+
+        Raises:
+            TarError: the stream is malformed or truncated. Once raised, every later
+                call raises the same error.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            event = self._next()
+        except TarError as error:
+            self._state = _State.ERROR
+            self._error = error
+            raise
+        if isinstance(event, Inline | FileData):
+            self.offset += len(event.data)
+        return event
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet handed out in events."""
+        return self._buf.size
+
+    def _skip_file_content(self) -> None:
+        """Account for a large file's content that is supplied elsewhere.
+
+        For the entry reader: right after :class:`FileStart`, with nothing buffered,
+        treat the file's content as consumed, as though the :class:`FileData` and
+        :class:`FileEnd` events had been handed out.
+
+        Raises:
+            TarError: bytes are buffered where the content should be, or no file's
+                content is due.
+        """
+        header = self.header
+        if self._state is not _State.FILE or header is None or self._remaining != header.size:
+            raise TarError("external content where none is due", offset=self.offset)
+        if self._buf.size:
+            raise TarError(
+                "inline bytes where an external file's content belongs",
+                entry=header.path,
+                offset=self.offset,
+            )
+        self.offset += header.size
+        self._remaining = 0
+        self._enter_content(self._pad)
+
+    def _truncated(self, what: str, *, in_entry: bool = True) -> TarError:
+        if in_entry:
+            entry = self.header.path if self.header is not None else None
+        else:
+            entry = self._pending_name()
+        return TarError(
+            f"truncated archive: end of input {what}",
+            entry=entry,
+            offset=self.offset + self._buf.size,
+        )
+
+    def _next(self) -> Event | Sentinel:
+        state = self._state
+        buf = self._buf
+        if state is _State.FILE:
+            if self._remaining == 0:
+                self._enter_content(self._pad)
+                return FileEnd()
+            if buf.size:
+                data = buf.take(self._remaining)
+                self._remaining -= len(data)
+                return FileData(data)
+            if self._eof:
+                raise self._truncated("inside a file's content")
+            return NEED_DATA
+        if state is _State.CONTENT:
+            if buf.size:
+                data = buf.take(self._remaining)
+                self._remaining -= len(data)
+                if self._remaining == 0:
+                    self._state = _State.HEADER
+                return Inline(data)
+            if self._eof:
+                raise self._truncated("inside an entry's content or padding")
+            return NEED_DATA
+        if state is _State.HEADER:
+            return self._header()
+        if state is _State.FILE_START:
+            assert self.header is not None
+            self._state = _State.FILE
+            self._remaining = self.header.size
+            self._pad = roundup(self.header.size) - self.header.size
+            return FileStart(self.header.path, self.header.size, self.offset)
+        if state is _State.TRAILER:
+            if buf.size:
+                return Inline(buf.take_all())
+            if self._eof:
+                self._state = _State.DONE
+                return END
+            return NEED_DATA
+        return END  # DONE
+
+    def _enter_content(self, size: int) -> None:
+        if size:
+            self._state = _State.CONTENT
+            self._remaining = size
+        else:
+            self._state = _State.HEADER
+
+    def _pending_name(self) -> str | None:
+        if self._pax is not None and self._pax.get(b"path"):
+            return decode_name(self._pax[b"path"])
+        if self._long_name:
+            return decode_name(self._long_name)
+        return None
+
+    def _header(self) -> Event | Sentinel:
+        buf = self._buf
+        offset = self.offset
+        if buf.size < BLOCK:
+            if not self._eof:
+                return NEED_DATA
+            if buf.size == 0 and self._ext_offset is None:
+                self._state = _State.DONE
+                return END
+            raise self._truncated(
+                "after an extension header" if buf.size == 0 else "inside a header block",
+                in_entry=False,
+            )
+        block = buf.peek(BLOCK)
+        if block == ZERO_BLOCK:
+            if self._ext_offset is not None:
+                raise TarError(
+                    "end-of-archive marker after an extension header",
+                    entry=self._pending_name(),
+                    offset=offset,
+                )
+            if buf.size < 2 * BLOCK:
+                if not self._eof:
+                    return NEED_DATA
+                raise TarError("truncated archive: a single zero block at the end", offset=offset)
+            if buf.peek(2 * BLOCK)[BLOCK:] != ZERO_BLOCK:
+                raise TarError("stray zero block before a header", offset=offset)
+            self._state = _State.TRAILER
+            return Inline(buf.take_all())
+        verify_checksum(block, offset=offset)
+        typeflag = block[156]
+        dialect = dialect_of(block)
+        if is_extension(typeflag, dialect):
+            return self._extension(block, typeflag, offset)
+        header = TarHeader.from_block(
+            block,
+            offset=offset,
+            pax=self._pax or {},
+            long_name=self._long_name,
+            long_link=self._long_link,
+        )
+        self._reset_pending()
+        self.header = header
+        self.entries += 1
+        buf.consume(BLOCK)
+        if header.is_regular and header.size > self._inline_max:
+            self._state = _State.FILE_START
+        else:
+            self._enter_content(roundup(header.size))
+        return Inline(block)
+
+    def _extension(self, block: bytes, typeflag: int, offset: int) -> Event | Sentinel:
+        kind = chr(typeflag)
+        entry = self._pending_name()
+        size = parse_number(block[124:136], "size", entry=entry, offset=offset)
+        already = 0 if kind == "g" else self._ext_bytes
+        if size > MAX_EXTENSION_BYTES - already:
+            raise TarError(
+                f"extension header {kind!r} too large ({size} bytes; limit is"
+                f" {MAX_EXTENSION_BYTES} per entry)",
+                entry=entry,
+                offset=offset,
+            )
+        total = BLOCK + roundup(size)
+        buf = self._buf
+        if buf.size < total:
+            if self._eof:
+                raise self._truncated(f"inside extension header {kind!r}", in_entry=False)
+            return NEED_DATA
+        data = buf.peek(total)
+        content = data[BLOCK : BLOCK + size]
+        if kind == "L":
+            if self._long_name is not None:
+                raise TarError("duplicate GNU long name header", entry=entry, offset=offset)
+            self._long_name = content.split(b"\x00", 1)[0]
+        elif kind == "K":
+            if self._long_link is not None:
+                raise TarError("duplicate GNU long link header", entry=entry, offset=offset)
+            self._long_link = content.split(b"\x00", 1)[0]
+        else:
+            records = parse_pax_records(content, entry=entry, offset=offset)
+            if any(key.startswith(b"GNU.sparse.") for key in records):
+                raise TarError("sparse entries are not supported", entry=entry, offset=offset)
+            if kind == "x":
+                if self._pax is not None:
+                    raise TarError("duplicate PAX extended header", entry=entry, offset=offset)
+                self._pax = records
+        if kind != "g":
+            self._ext_bytes += size
+            if self._ext_offset is None:
+                self._ext_offset = offset
+        buf.consume(total)
+        return Inline(data)

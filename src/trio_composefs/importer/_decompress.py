@@ -1,0 +1,295 @@
+"""Check a blob's digest and decompress it off the trio thread, overlapping with splitting.
+
+:func:`open_verified_stream` starts one worker thread per blob. The thread pulls
+the stored (compressed) pieces from the trio side, hashes them (sha256, for the
+manifest's digest), decompresses them (gzip or zstd, or passes them through)
+and sends pieces of at most :data:`OUTPUT_PIECE` bytes through a small memory
+channel. Meanwhile the consumer (the layer import) splits the previous pieces
+on the trio thread: decompression and splitting overlap, and the channel's few
+slots bound the memory.
+
+The consumer's iterator ends only after the worker has checked the blob's size
+and digest; if anything is wrong it raises instead, so a layer import that reads
+to the end of the stream never publishes a blob that did not match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final, Literal, Protocol, cast
+
+import attrs
+import trio
+import zstandard
+
+from .._errors import DigestMismatchError, FormatError, InternalError
+
+__all__ = ["OUTPUT_PIECE", "Compression", "open_verified_stream"]
+
+Compression = Literal["gzip", "zstd"] | None
+
+OUTPUT_PIECE: Final = 1 << 20
+"""The largest decompressed piece handed to the consumer."""
+
+_CHANNEL_SLOTS: Final = 4
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+@attrs.frozen
+class _Finished:
+    """Sent last by the worker: the blob was complete and matched its digest."""
+
+
+_FINISHED: Final = _Finished()
+
+
+class VerifiedStream:
+    """The consumer's end: an async iterator of decompressed pieces.
+
+    It stops only after the worker's :data:`_FINISHED` marker; a channel that
+    closes without it (the worker failed) raises instead of looking like EOF.
+    """
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[bytes | _Finished], where: str) -> None:
+        self._receive = receive
+        self._where = where
+        self._done = False
+        self.bytes_out = 0
+
+    def __aiter__(self) -> VerifiedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise InternalError(f"{self._where}: the decompressor stopped early") from None
+        if isinstance(item, _Finished):
+            self._done = True
+            raise StopAsyncIteration
+        self.bytes_out += len(item)
+        return item
+
+
+class _PullReader:
+    """A blocking file-like reader, used in the worker thread, of the trio-side blob pieces.
+
+    Every piece is hashed and counted as it arrives; more bytes than the
+    descriptor's size fail at once.
+    """
+
+    def __init__(self, pieces: AsyncIterator[bytes], size: int, where: str) -> None:
+        self._pieces = pieces
+        self._size = size
+        self._where = where
+        self._buffer = memoryview(b"")
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self.eof = False
+
+    def _next_piece(self) -> bytes | None:
+        async def pull() -> bytes | None:
+            try:
+                return await self._pieces.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        while True:
+            piece = trio.from_thread.run(pull)
+            if piece is None:
+                self.eof = True
+                return None
+            if piece:
+                break
+        self.count += len(piece)
+        if self.count > self._size:
+            raise DigestMismatchError(
+                f"{self._where}: the blob is longer than the {self._size} bytes its"
+                " descriptor gives; nothing was published"
+            )
+        self.sha.update(piece)
+        return piece
+
+    def read(self, size: int = -1, /) -> bytes:
+        if not self._buffer:
+            if self.eof:
+                return b""
+            piece = self._next_piece()
+            if piece is None:
+                return b""
+            self._buffer = memoryview(piece)
+        if size < 0 or size >= len(self._buffer):
+            out = bytes(self._buffer)
+            self._buffer = memoryview(b"")
+            return out
+        out = bytes(self._buffer[:size])
+        self._buffer = self._buffer[size:]
+        return out
+
+    def peek(self, n: int) -> bytes:
+        """``n`` bytes from the start of what is unread (fewer only at EOF), not consumed."""
+        while len(self._buffer) < n and not self.eof:
+            piece = self._next_piece()
+            if piece is not None:
+                self._buffer = memoryview(bytes(self._buffer) + piece)
+        return bytes(self._buffer[:n])
+
+    def drain(self) -> int:
+        """Read (and hash) what the decompressor left; return how many bytes that was."""
+        left = len(self._buffer)
+        self._buffer = memoryview(b"")
+        while not self.eof:
+            piece = self._next_piece()
+            if piece is not None:
+                left += len(piece)
+        return left
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def sniff_compression(head: bytes, declared: Compression) -> Compression:
+    """The compression the bytes actually use.
+
+    Media types lie in the wild (skopeo labels the plain tars of a docker
+    archive ``+gzip``), so the magic numbers decide; a tar has neither.
+    """
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(_ZSTD_MAGIC):
+        return "zstd"
+    if len(head) < len(_ZSTD_MAGIC) and declared is not None:
+        return declared  # too short to tell: let the decompressor say what is wrong
+    return None
+
+
+def _decompressing_reader(raw: _PullReader, compression: Compression) -> _Readable:
+    if compression is None:
+        return raw
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=cast(Any, raw), mode="rb")
+    if compression == "zstd":
+        reader: _Readable = zstandard.ZstdDecompressor().stream_reader(
+            cast(Any, raw), read_size=OUTPUT_PIECE, read_across_frames=True
+        )
+        return reader
+    raise InternalError(f"unknown compression {compression!r}")  # pragma: no cover
+
+
+def _worker(
+    pieces: AsyncIterator[bytes],
+    send: trio.MemorySendChannel[bytes | _Finished],
+    compression: Compression,
+    digest: str,
+    size: int,
+    where: str,
+    detect: bool,
+) -> None:
+    raw = _PullReader(pieces, size, where)
+    if detect:
+        compression = sniff_compression(raw.peek(4), compression)
+    reader = _decompressing_reader(raw, compression)
+    try:
+        while True:
+            trio.from_thread.check_cancelled()
+            out = reader.read(OUTPUT_PIECE)
+            if not out:
+                break
+            trio.from_thread.run(send.send, out)
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+        # A corrupt blob usually fails to decompress first: say so by its digest if we can.
+        with contextlib.suppress(DigestMismatchError):
+            raw.drain()
+            if raw.count == size and "sha256:" + raw.sha.hexdigest() == digest:
+                raise FormatError(f"{where}: cannot decompress ({compression}): {e}") from None
+        raise DigestMismatchError(
+            f"{where}: the blob does not match the manifest's digest {digest}"
+            f" ({raw.count} bytes read, sha256:{raw.sha.hexdigest()}"
+            f"{' so far' if not raw.eof else ''}); it does not decompress either"
+            f" ({compression}: {e}); nothing was published"
+        ) from None
+    trailing = raw.drain()
+    if compression is not None and trailing:
+        raise FormatError(f"{where}: {trailing} bytes after the end of the {compression} stream")
+    if raw.count != size:
+        raise DigestMismatchError(
+            f"{where}: the blob has {raw.count} bytes, its descriptor says {size};"
+            " nothing was published"
+        )
+    actual = "sha256:" + raw.sha.hexdigest()
+    if actual != digest:
+        raise DigestMismatchError(
+            f"{where}: the blob's digest is {actual}, the manifest says {digest};"
+            " nothing was published"
+        )
+
+
+@asynccontextmanager
+async def open_verified_stream(
+    pieces: AsyncIterator[bytes],
+    *,
+    compression: Compression,
+    digest: str,
+    size: int,
+    where: str,
+    detect: bool = False,
+) -> AsyncIterator[VerifiedStream]:
+    """Stream a stored blob's decompressed bytes, checking its size and sha256.
+
+    Args:
+        pieces: the blob as stored (e.g. from ``ImageSource.open_blob``).
+        compression: ``"gzip"``, ``"zstd"`` or ``None`` (passed through).
+        digest: ``sha256:<hex>`` the stored bytes must have.
+        size: the length the stored bytes must have.
+        where: names the blob in error messages.
+        detect: let the bytes' magic numbers decide the compression (for tar
+            layers, whose media types are not always right).
+
+    Yields:
+        An async iterator of decompressed pieces (at most :data:`OUTPUT_PIECE`
+        bytes each). It ends only once the whole blob has been read and found
+        to match; otherwise reading it raises.
+
+    Raises:
+        DigestMismatchError: wrong size or digest.
+        FormatError: corrupt compressed data or trailing bytes after it.
+
+    **Cancellation:** leaving the block early cancels the worker thread, which
+    notices at its next piece (it owns no resources).
+    """
+    send, receive = trio.open_memory_channel[bytes | _Finished](_CHANNEL_SLOTS)
+    stream = VerifiedStream(receive, where)
+
+    async def produce() -> None:
+        # On failure the channel stays open, so the consumer keeps waiting until
+        # the nursery cancels it (instead of seeing an early end); on success
+        # _FINISHED tells it the blob matched.
+        await trio.to_thread.run_sync(
+            _worker,
+            pieces,
+            send,
+            compression,
+            digest,
+            size,
+            where,
+            detect,
+            limiter=trio.CapacityLimiter(1),
+        )
+        await send.send(_FINISHED)
+        await send.aclose()
+
+    async with trio.open_nursery() as nursery, receive:
+        nursery.start_soon(produce)
+        yield stream
+        nursery.cancel_scope.cancel()

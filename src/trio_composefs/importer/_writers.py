@@ -1,0 +1,180 @@
+"""Object jobs: what runs in a worker thread to store one object, and publication.
+
+Each function here is one thread hop: it runs in a ``trio.to_thread`` worker
+and talks to the repository through :class:`RepositoryLike`, so a test wrapper
+(:mod:`trio_composefs.testing`) can stand in for the real repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from .._errors import InternalError
+from ..formats._fsverity import Algorithm, Digest
+from ..hashing._pool import HashPool, digest_fd
+from ._builder import Digester
+
+
+class ObjectTmpfileLike(Protocol):
+    fd: int
+    size: int
+
+    def write(self, data: bytes | memoryview, /) -> None: ...
+    def finish(self, digest: Digest | None = None) -> tuple[Digest, bool]: ...
+    def abort(self) -> None: ...
+    def __enter__(self) -> ObjectTmpfileLike: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class RepositoryLike(Protocol):
+    """What the pipeline needs of a repository (a :class:`Repository`, or a test wrapper)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def algorithm(self) -> Algorithm: ...
+    @property
+    def verity_supported(self) -> bool: ...
+    def ensure_writable(self) -> None: ...
+    def begin_object(self) -> Any: ...
+    def has_stream(self, content_id: str) -> Digest | None: ...
+    def sync(self) -> None: ...
+    def publish_stream(
+        self, content_id: str, digest: Digest, ref: str | None = None, *, sync: bool = True
+    ) -> None: ...
+
+
+class NoLimit:
+    """A limiter for ``to_thread`` when the job already holds a token of the real one."""
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        pass
+
+
+NO_LIMIT: Any = NoLimit()
+
+
+def digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> Digester | None:
+    if repo.verity_supported:
+        return None  # the kernel measures every object
+    alg = repo.algorithm
+    if hash_pool is not None:
+        pool = hash_pool
+        return lambda fd, size: pool.digest_fd(fd, size, alg)
+    return lambda fd, size: digest_fd(fd, size, alg)
+
+
+ManyDigester = Callable[[list[tuple[int, int]]], list[Digest]]
+"""Computes several objects' digests at once from ``[(fd, size), ...]``."""
+
+
+def many_digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> ManyDigester | None:
+    """Hash a batch's files concurrently in the pool's processes (None: one at a time)."""
+    if repo.verity_supported or hash_pool is None:
+        return None
+    pool, alg = hash_pool, repo.algorithm
+    return lambda files: pool.digest_fds(files, alg)
+
+
+def store_parts(
+    repo: RepositoryLike, parts: list[bytes], size: int, digester: Digester | None
+) -> tuple[Digest, bool]:
+    with repo.begin_object() as tmp:
+        for part in parts:
+            tmp.write(part)
+        if tmp.size != size:
+            raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
+        digest = digester(tmp.fd, size) if digester is not None else None
+        result: tuple[Digest, bool] = tmp.finish(digest)
+        return result
+
+
+def store_batch(
+    repo: RepositoryLike,
+    batch: list[tuple[list[bytes], int]],
+    digester: Digester | None,
+    many: ManyDigester | None = None,
+) -> list[tuple[Digest, bool]]:
+    """Store several small objects, in order, in one thread hop.
+
+    With ``many``, every object of the batch is written first and their digests
+    are computed together (in the hash processes, concurrently), then each is
+    linked; an object not linked when something fails is discarded.
+    """
+    if many is None or len(batch) < 2:
+        return [store_parts(repo, parts, size, digester) for parts, size in batch]
+    with contextlib.ExitStack() as stack:
+        tmps = []
+        for parts, size in batch:
+            tmp = stack.enter_context(repo.begin_object())
+            for part in parts:
+                tmp.write(part)
+            if tmp.size != size:
+                raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
+            tmps.append(tmp)
+        digests = many([(tmp.fd, tmp.size) for tmp in tmps])
+        results: list[tuple[Digest, bool]] = [
+            tmp.finish(digest) for tmp, digest in zip(tmps, digests, strict=True)
+        ]
+        return results
+
+
+async def _receive_piece(receive: trio.MemoryReceiveChannel[bytes]) -> bytes | None:
+    try:
+        return await receive.receive()
+    except trio.EndOfChannel:
+        return None
+
+
+def store_streamed(
+    repo: RepositoryLike,
+    receive: trio.MemoryReceiveChannel[bytes],
+    size: int,
+    digester: Digester | None,
+) -> tuple[Digest, bool]:
+    with repo.begin_object() as tmp:
+        while True:
+            trio.from_thread.check_cancelled()
+            piece = trio.from_thread.run(_receive_piece, receive)
+            if piece is None:
+                break
+            tmp.write(piece)
+        if tmp.size != size:
+            raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
+        trio.from_thread.check_cancelled()
+        digest = digester(tmp.fd, size) if digester is not None else None
+        result: tuple[Digest, bool] = tmp.finish(digest)
+        return result
+
+
+def sync_then_publish(
+    repo: RepositoryLike, content_id: str, digest: Digest, name: str | None
+) -> None:
+    """syncfs, then name the stream: a published name never points at data a crash could lose.
+
+    A cancellation that arrives before the name is linked wins: nothing is
+    published. Once linking has begun the import is complete.
+    """
+    repo.sync()
+    trio.from_thread.check_cancelled()
+    repo.publish_stream(content_id, digest, name, sync=False)
+
+
+def store_splitstream_with(
+    repo: RepositoryLike, digester: Digester | None
+) -> Callable[[Callable[[Callable[[bytes], None]], None]], Digest]:
+    def store(fill: Callable[[Callable[[bytes], None]], None]) -> Digest:
+        with repo.begin_object() as tmp:
+            fill(tmp.write)
+            digest = digester(tmp.fd, tmp.size) if digester is not None else None
+            stored: Digest = tmp.finish(digest)[0]
+            return stored
+
+    return store

@@ -1,0 +1,636 @@
+"""Checking a repository's consistency (``fsck``), like composefs-rs's ``Repository::fsck``.
+
+What is checked, in order, and the kebab-case kind of each problem (the names
+composefs-rs uses, plus ``stream-digest-mismatch``):
+
+1. ``meta.json`` parses and names the repository's algorithm
+   (``metadata-parse-failed``, ``metadata-algorithm-mismatch``).
+2. Every ``objects/XX/<rest>`` is named by its fs-verity digest: measured by
+   the kernel where the file has fs-verity, else (insecure repository) hashed
+   in userspace by a :class:`~trio_composefs.hashing.HashPool`, on every core
+   (``object-invalid-name``, ``object-open-failed``, ``object-digest-mismatch``,
+   ``object-verity-failed``, ``object-verity-missing``, ``unexpected-file-type``).
+3. Every first-level ``streams/<name>`` is a symlink that resolves, its
+   splitstream parses and decodes, and every object and named-ref target it
+   references exists (``entry-not-symlink``, ``broken-symlink``,
+   ``stat-failed``, ``stream-open-failed``, ``stream-read-failed``,
+   ``missing-object-ref``, ``missing-named-ref``). Streams named
+   ``oci-{config,manifest,blob,layer}-sha256:<hex>`` are reassembled and their
+   sha256 compared with the name (``stream-digest-mismatch``); for layers this
+   reads every byte and can be turned off.
+4. Every symlink under ``streams/refs/`` and ``images/refs/`` resolves
+   (``broken-symlink``, ``unexpected-file-type``); first-level ``images/``
+   entries are symlinks that resolve. EROFS images are not parsed.
+
+Leftover temporary files of interrupted writers (``objects/.tmp-object-*``,
+``.symlink-*`` next to stream names, ``.tmp-spool-*``) are listed as
+:attr:`FsckReport.stray_tmpfiles`; they are not problems (a running import may
+own them) and ``gc`` removes them.
+
+Concurrency: one thread hop per ``objects/XX`` directory and per stream, all
+under one :class:`trio.CapacityLimiter`; large objects are split over the hash
+pool's worker processes, so both cores work even though most threads wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import re
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from .._errors import (
+    ComposefsError,
+    DigestError,
+    DigestMismatchError,
+    FormatError,
+    ObjectNotFoundError,
+    RepositoryError,
+    VerityUnsupportedError,
+)
+from ..formats._chunks import InlineChunk
+from ..formats._fsverity import Digest
+from ..formats._splitstream import iter_chunks, parse_splitstream
+from ..hashing._pool import HashPool, digest_fd
+from ..repository._repository import META_JSON, TMP_SYMLINK_PREFIX, Repository, _read_meta
+
+__all__ = ["FsckProblem", "FsckProgress", "FsckReport", "fsck", "stray_tmpfiles"]
+
+#: Names of a stream whose reassembled sha256 is in its name: (kind, hex).
+OCI_DIGEST_NAME = re.compile(r"oci-(config|manifest|blob|layer)-sha256:([0-9a-f]{64})")
+TMP_SPOOL_PREFIX = ".tmp-spool-"
+_READ_SIZE = 1 << 20
+_HEX2 = re.compile(r"[0-9a-f]{2}")
+
+
+@attrs.frozen
+class FsckProblem:
+    """One problem found by :func:`fsck`.
+
+    Attributes:
+        kind: kebab-case type, as composefs-rs names it (``object-digest-mismatch``...).
+        path: where, relative to the repository (``objects/ab/cd...``, ``streams/NAME``).
+        detail: a human explanation, if any.
+        object_id: the referenced object, for missing references.
+        ref_name: the named ref, for ``missing-named-ref``.
+        expected: the digest the name promises (hex, or ``sha256:<hex>``).
+        actual: the digest found.
+    """
+
+    kind: str
+    path: str
+    detail: str = ""
+    object_id: str | None = None
+    ref_name: str | None = None
+    expected: str | None = None
+    actual: str | None = None
+
+    def to_json(self) -> dict[str, str]:
+        """A JSON object in composefs-rs's shape (``type``, ``path``, camelCase fields)."""
+        out = {"type": self.kind, "path": self.path}
+        for key, value in (
+            ("objectId", self.object_id),
+            ("refName", self.ref_name),
+            ("expected", self.expected),
+            ("actual", self.actual),
+            ("detail", self.detail),
+        ):
+            if value:
+                out[key] = value
+        return out
+
+    def __str__(self) -> str:
+        text = f"{self.kind}: {self.path}"
+        if self.ref_name is not None:
+            text += f": ref {self.ref_name}"
+        if self.object_id:
+            text += f": {self.object_id}"
+        if self.expected is not None or self.actual is not None:
+            text += f": expected {self.expected}, found {self.actual}"
+        if self.detail:
+            text += f": {self.detail}"
+        return text
+
+
+@attrs.frozen
+class FsckProgress:
+    """Handed to the ``progress`` callback after each unit of work.
+
+    Attributes:
+        phase: ``"objects"`` or ``"streams"``.
+        done: directories (objects phase) or streams finished.
+        total: how many there are in this phase.
+        objects_checked: objects whose digest was checked so far.
+        bytes_hashed: bytes read to check digests so far.
+    """
+
+    phase: str
+    done: int
+    total: int
+    objects_checked: int
+    bytes_hashed: int
+
+
+@attrs.frozen
+class FsckReport:
+    """The outcome of :func:`fsck`; :attr:`ok` when no problem was found."""
+
+    objects_checked: int
+    objects_corrupted: int
+    streams_checked: int
+    streams_corrupted: int
+    contents_checked: int
+    """Streams whose reassembled sha256 was compared with their name."""
+    refs_checked: int
+    images_checked: int
+    broken_links: int
+    missing_objects: int
+    bytes_hashed: int
+    problems: tuple[FsckProblem, ...]
+    stray_tmpfiles: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        """Counters (camelCase, as composefs-rs), ``errors`` and ``strayTmpfiles``."""
+        return {
+            "ok": self.ok,
+            "objectsChecked": self.objects_checked,
+            "objectsCorrupted": self.objects_corrupted,
+            "streamsChecked": self.streams_checked,
+            "streamsCorrupted": self.streams_corrupted,
+            "contentsChecked": self.contents_checked,
+            "refsChecked": self.refs_checked,
+            "imagesChecked": self.images_checked,
+            "brokenLinks": self.broken_links,
+            "missingObjects": self.missing_objects,
+            "bytesHashed": self.bytes_hashed,
+            "errors": [p.to_json() for p in self.problems],
+            "strayTmpfiles": list(self.stray_tmpfiles),
+        }
+
+    def summary(self) -> list[str]:
+        """Human-readable lines: the counters, then one line per problem."""
+        lines = [
+            f"objects: {self.objects_checked - self.objects_corrupted}/{self.objects_checked} ok"
+            f" ({self.bytes_hashed / 2**20:.1f} MiB hashed)",
+            f"streams: {self.streams_checked - self.streams_corrupted}/{self.streams_checked} ok"
+            f" ({self.contents_checked} reassembled and matched against their sha256 name)",
+            f"refs: {self.refs_checked}, images: {self.images_checked},"
+            f" broken links: {self.broken_links}, missing objects: {self.missing_objects}",
+        ]
+        lines += [f"stray temporary file: {name}" for name in self.stray_tmpfiles]
+        lines += [f"fsck: {p}" for p in self.problems]
+        lines.append("ok" if self.ok else f"{len(self.problems)} problem(s) found")
+        return lines
+
+
+@attrs.define
+class _Tally:
+    objects_checked: int = 0
+    objects_corrupted: int = 0
+    streams_checked: int = 0
+    streams_corrupted: int = 0
+    contents_checked: int = 0
+    refs_checked: int = 0
+    images_checked: int = 0
+    broken_links: int = 0
+    missing_objects: int = 0
+    bytes_hashed: int = 0
+    problems: list[FsckProblem] = attrs.Factory(list)
+
+    def add(self, other: _Tally) -> None:
+        for field in attrs.fields(_Tally):
+            if field.name != "problems":
+                setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+        self.problems += other.problems
+
+    def freeze(self, stray: list[str]) -> FsckReport:
+        return FsckReport(
+            objects_checked=self.objects_checked,
+            objects_corrupted=self.objects_corrupted,
+            streams_checked=self.streams_checked,
+            streams_corrupted=self.streams_corrupted,
+            contents_checked=self.contents_checked,
+            refs_checked=self.refs_checked,
+            images_checked=self.images_checked,
+            broken_links=self.broken_links,
+            missing_objects=self.missing_objects,
+            bytes_hashed=self.bytes_hashed,
+            problems=tuple(self.problems),
+            stray_tmpfiles=tuple(stray),
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _scan(dirfd: int, rel: str) -> list[tuple[str, int]] | None:
+    """``(name, st_mode)`` of each entry of ``rel`` (sorted), or ``None`` if it is absent."""
+    try:
+        fd = os.open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        return None
+    try:
+        with os.scandir(fd) as it:
+            return sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
+    finally:
+        os.close(fd)
+
+
+def stray_tmpfiles(repo: Repository) -> list[str]:
+    """Repository-relative paths of temporary files that interrupted writers left behind.
+
+    ``objects/.tmp-object-*`` (named object files, only on filesystems without
+    ``O_TMPFILE``), ``.tmp-spool-*`` (splitstream spool files) and
+    ``.symlink-*`` (symlinks about to replace a stream name or ref). Right
+    after a crash they are garbage; while an import runs they may be in use.
+    """
+    out = [f"objects/{n}" for n in repo.find_stray_tmpfiles()]
+    out += [n for n, _ in _scan(repo.dirfd, ".") or [] if n.startswith(TMP_SPOOL_PREFIX)]
+    for top in ("streams", "images"):
+        out += [
+            f"{top}/{n}"
+            for n, _ in _scan(repo.dirfd, top) or []
+            if n.startswith(TMP_SYMLINK_PREFIX)
+        ]
+        out += [f"{top}/refs/{rel}" for rel, _ in _walk_refs(repo.dirfd, f"{top}/refs", tmp=True)]
+    return sorted(out)
+
+
+def _walk_refs(dirfd: int, rel: str, *, tmp: bool = False) -> list[tuple[str, int]]:
+    """``(path relative to rel, mode)`` of every non-directory under ``rel``, recursively.
+
+    With ``tmp``, only the ``.symlink-*`` leftovers; otherwise everything else.
+    """
+    out: list[tuple[str, int]] = []
+    for name, mode in _scan(dirfd, rel) or []:
+        if stat.S_ISDIR(mode):
+            out += [(f"{name}/{sub}", m) for sub, m in _walk_refs(dirfd, f"{rel}/{name}", tmp=tmp)]
+        elif name.startswith(TMP_SYMLINK_PREFIX) == tmp:
+            out.append((name, mode))
+    return out
+
+
+def _resolves(dirfd: int, rel: str) -> str | None:
+    """``None`` when the symlink ``rel`` resolves to an existing file, else why not."""
+    try:
+        os.stat(rel, dir_fd=dirfd)
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+# --------------------------------------------------------------------------- objects
+
+
+def _check_object_dir(repo: Repository, prefix: str, pool: HashPool | None) -> _Tally:
+    """Check every object of ``objects/<prefix>/`` (one thread hop)."""
+    tally = _Tally()
+    entries = _scan(repo.dirfd, f"objects/{prefix}") or []
+    for name, mode in entries:
+        path = f"objects/{prefix}/{name}"
+        tally.objects_checked += 1
+        try:
+            expected = Digest.from_object_path(f"{prefix}/{name}", repo.algorithm)
+        except DigestError as e:
+            tally.objects_corrupted += 1
+            tally.problems.append(FsckProblem("object-invalid-name", path, str(e)))
+            continue
+        if not stat.S_ISREG(mode):
+            tally.objects_corrupted += 1
+            tally.problems.append(
+                FsckProblem("unexpected-file-type", path, f"not a regular file (mode {mode:o})")
+            )
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=repo.dirfd)
+        except OSError as e:
+            tally.objects_corrupted += 1
+            tally.problems.append(FsckProblem("object-open-failed", path, e.strerror or str(e)))
+            continue
+        try:
+            problem = _check_object(repo, fd, path, expected, pool, tally)
+        finally:
+            os.close(fd)
+        if problem is not None:
+            tally.objects_corrupted += 1
+            tally.problems.append(problem)
+    return tally
+
+
+def _check_object(
+    repo: Repository, fd: int, path: str, expected: Digest, pool: HashPool | None, tally: _Tally
+) -> FsckProblem | None:
+    try:
+        measured = repo.verity_ops.measure(fd, repo.algorithm)
+    except VerityUnsupportedError:
+        measured = None
+    except DigestMismatchError as e:
+        return FsckProblem("object-verity-failed", path, str(e))
+    except OSError as e:
+        return FsckProblem("object-verity-failed", path, e.strerror or str(e))
+    if measured is None:
+        if not repo.insecure:
+            return FsckProblem("object-verity-missing", path)
+        try:
+            size = os.fstat(fd).st_size
+            measured = (
+                pool.digest_fd(fd, size, repo.algorithm)
+                if pool is not None
+                else digest_fd(fd, size, repo.algorithm)
+            )
+        except (OSError, ComposefsError) as e:
+            return FsckProblem("object-verity-failed", path, str(e))
+        tally.bytes_hashed += size
+    if measured != expected:
+        return FsckProblem(
+            "object-digest-mismatch", path, expected=expected.hex(), actual=measured.hex()
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def _check_stream(repo: Repository, name: str, check_layers: bool) -> _Tally:
+    """Check one first-level stream: its splitstream, references and content (one hop)."""
+    tally = _Tally(streams_checked=1)
+    path = f"streams/{name}"
+
+    def fail(problem: FsckProblem) -> _Tally:
+        tally.streams_corrupted += 1
+        tally.problems.append(problem)
+        return tally
+
+    try:
+        digest = repo.has_stream(name)
+        if digest is None:  # pragma: no cover - removed since the directory was read
+            raise ObjectNotFoundError("the stream disappeared")
+        fd = repo.open_object(digest)
+    except (ComposefsError, OSError) as e:
+        return fail(FsckProblem("stream-open-failed", path, str(e)))
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return fail(FsckProblem("stream-read-failed", path, "the splitstream file is empty"))
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
+            try:
+                info = parse_splitstream(data, algorithm=repo.algorithm)
+            except FormatError as e:
+                return fail(FsckProblem("stream-read-failed", path, str(e)))
+            missing = False
+            for ref in info.object_refs:
+                if not repo.has_object(ref):
+                    missing = True
+                    tally.missing_objects += 1
+                    tally.problems.append(
+                        FsckProblem("missing-object-ref", path, object_id=ref.hex())
+                    )
+            for ref_name, target in sorted(info.named_refs.items()):
+                if not repo.has_object(target):
+                    missing = True
+                    tally.missing_objects += 1
+                    tally.problems.append(
+                        FsckProblem(
+                            "missing-named-ref", path, object_id=target.hex(), ref_name=ref_name
+                        )
+                    )
+            if missing:
+                tally.streams_corrupted += 1
+                return tally
+            match = OCI_DIGEST_NAME.fullmatch(name)
+            want = match is not None and (check_layers or match.group(1) != "layer")
+            sha = hashlib.sha256() if want else None
+            try:
+                _read_stream(repo, data, info, sha, tally)
+            except ObjectNotFoundError as e:  # pragma: no cover - removed meanwhile
+                return fail(FsckProblem("missing-object-ref", path, str(e)))
+            except (ComposefsError, OSError) as e:
+                return fail(FsckProblem("stream-read-failed", path, str(e)))
+    finally:
+        os.close(fd)
+    if sha is not None and match is not None:
+        tally.contents_checked += 1
+        if sha.hexdigest() != match.group(2):
+            return fail(
+                FsckProblem(
+                    "stream-digest-mismatch",
+                    path,
+                    "the reassembled stream's sha256 is not the one in its name",
+                    expected=f"sha256:{match.group(2)}",
+                    actual=f"sha256:{sha.hexdigest()}",
+                )
+            )
+    return tally
+
+
+def _read_stream(
+    repo: Repository,
+    data: mmap.mmap,
+    info: Any,
+    sha: Any,
+    tally: _Tally,
+) -> None:
+    """Decode every chunk; with ``sha``, also feed it the reassembled bytes."""
+    for chunk in iter_chunks(data, info, repo.object_size):
+        if sha is None:
+            continue
+        if isinstance(chunk, InlineChunk):
+            sha.update(chunk.data)
+            continue
+        fd = repo.open_object(chunk.digest)
+        try:
+            done = 0
+            while piece := os.pread(fd, _READ_SIZE, done):
+                sha.update(piece)
+                done += len(piece)
+        finally:
+            os.close(fd)
+        tally.bytes_hashed += done
+        if done != chunk.size:
+            raise FormatError(
+                f"object {chunk.digest.object_path()} has {done} bytes, {chunk.size} expected"
+            )
+
+
+# --------------------------------------------------------------------------- links
+
+
+def _check_links(repo: Repository) -> tuple[_Tally, list[str]]:
+    """First-level ``images/`` entries and every ref; returns the first-level stream names."""
+    tally = _Tally()
+    streams: list[str] = []
+    for top in ("streams", "images"):
+        for name, mode in _scan(repo.dirfd, top) or []:
+            if name == "refs" or name.startswith(TMP_SYMLINK_PREFIX):
+                continue
+            path = f"{top}/{name}"
+            if top == "images":
+                tally.images_checked += 1
+            if not stat.S_ISLNK(mode):
+                tally.problems.append(FsckProblem("entry-not-symlink", path))
+                if top == "streams":
+                    tally.streams_checked += 1
+                    tally.streams_corrupted += 1
+                continue
+            why = _resolves(repo.dirfd, path)
+            if why is not None:
+                if why:
+                    tally.problems.append(FsckProblem("stat-failed", path, why))
+                else:
+                    tally.broken_links += 1
+                    target = os.readlink(path, dir_fd=repo.dirfd)
+                    tally.problems.append(FsckProblem("broken-symlink", path, f"-> {target}"))
+                if top == "streams":
+                    tally.streams_checked += 1
+                    tally.streams_corrupted += 1
+                continue
+            if top == "streams":
+                streams.append(name)
+        for rel, mode in _walk_refs(repo.dirfd, f"{top}/refs"):
+            path = f"{top}/refs/{rel}"
+            if not stat.S_ISLNK(mode):
+                tally.problems.append(
+                    FsckProblem("unexpected-file-type", path, f"not a symlink (mode {mode:o})")
+                )
+                continue
+            tally.refs_checked += 1
+            why = _resolves(repo.dirfd, path)
+            if why is None and top == "streams":
+                try:
+                    repo.resolve_stream(f"refs/{rel}")
+                except RepositoryError as e:
+                    why = str(e)
+            if why is not None:
+                tally.broken_links += 1
+                target = os.readlink(path, dir_fd=repo.dirfd)
+                tally.problems.append(
+                    FsckProblem(
+                        "broken-symlink", path, f"-> {target}" + (f": {why}" if why else "")
+                    )
+                )
+    return tally, streams
+
+
+def _check_metadata(repo: Repository) -> _Tally:
+    tally = _Tally()
+    try:
+        meta = _read_meta(repo.dirfd, repo.path)
+    except (ComposefsError, OSError, ValueError) as e:
+        tally.problems.append(FsckProblem("metadata-parse-failed", META_JSON, str(e)))
+        return tally
+    if meta is None:
+        tally.problems.append(FsckProblem("metadata-parse-failed", META_JSON, "not found"))
+    elif meta.algorithm is not repo.algorithm:
+        tally.problems.append(
+            FsckProblem(
+                "metadata-algorithm-mismatch",
+                META_JSON,
+                expected=str(meta.algorithm),
+                actual=str(repo.algorithm),
+            )
+        )
+    return tally
+
+
+# --------------------------------------------------------------------------- driver
+
+
+async def fsck(
+    repo: Repository,
+    *,
+    check_objects: bool = True,
+    check_layers: bool = True,
+    hash_pool: HashPool | None = None,
+    limiter: trio.CapacityLimiter | None = None,
+    progress: Callable[[FsckProgress], object] | None = None,
+) -> FsckReport:
+    """Check the whole repository and report every problem found (it changes nothing).
+
+    Args:
+        repo: an open repository (its shared lock keeps ``gc`` away meanwhile).
+        check_objects: re-check every object's digest (composefs-rs's
+            ``fsck``); false is its ``fsck_metadata_only``.
+        check_layers: also reassemble ``oci-layer-sha256:`` streams and compare
+            their sha256 with the diff_id in the name (reads every byte).
+        hash_pool: where to hash objects without fs-verity; by default a pool
+            of one worker process per CPU is started when needed.
+        limiter: bounds the worker threads (default: two per CPU).
+        progress: called on the trio thread after each directory or stream.
+
+    Returns:
+        The report; :attr:`FsckReport.ok` is false when there is any problem.
+
+    **Cancellation:** between units of work; a thread already checking a
+    directory or a stream finishes it first.
+    """
+    cpus = os.cpu_count() or 2
+    if limiter is None:
+        limiter = trio.CapacityLimiter(2 * cpus)
+    total = _Tally()
+    total.add(await trio.to_thread.run_sync(_check_metadata, repo, limiter=limiter))
+    own_pool: HashPool | None = None
+    pool = hash_pool
+    if check_objects and pool is None and repo.insecure:
+        pool = own_pool = HashPool()
+    try:
+        if check_objects:
+            names = await trio.to_thread.run_sync(_scan, repo.dirfd, "objects", limiter=limiter)
+            prefixes = [n for n, mode in names or [] if _HEX2.fullmatch(n) and stat.S_ISDIR(mode)]
+            await _run_all(
+                "objects",
+                [(_check_object_dir, (repo, p, pool)) for p in prefixes],
+                total,
+                limiter,
+                progress,
+            )
+    finally:
+        if own_pool is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(own_pool.close)
+    links, streams = await trio.to_thread.run_sync(_check_links, repo, limiter=limiter)
+    total.add(links)
+    await _run_all(
+        "streams",
+        [(_check_stream, (repo, name, check_layers)) for name in streams],
+        total,
+        limiter,
+        progress,
+    )
+    stray = await trio.to_thread.run_sync(stray_tmpfiles, repo, limiter=limiter)
+    total.problems.sort(key=lambda p: (p.path, p.kind, p.object_id or "", p.ref_name or ""))
+    return total.freeze(stray)
+
+
+async def _run_all(
+    phase: str,
+    jobs: list[tuple[Callable[..., _Tally], tuple[Any, ...]]],
+    total: _Tally,
+    limiter: trio.CapacityLimiter,
+    progress: Callable[[FsckProgress], object] | None,
+) -> None:
+    done = 0
+
+    async def one(fn: Callable[..., _Tally], args: tuple[Any, ...]) -> None:
+        nonlocal done
+        total.add(await trio.to_thread.run_sync(fn, *args, limiter=limiter))
+        done += 1
+        if progress is not None:
+            progress(
+                FsckProgress(phase, done, len(jobs), total.objects_checked, total.bytes_hashed)
+            )
+
+    async with trio.open_nursery() as nursery:
+        for fn, args in jobs:
+            nursery.start_soon(one, fn, args)

@@ -1,0 +1,29 @@
+"""OCI images: the model, references, pulling, stored images and tags (layer L2).
+
+Image sources (OCI layouts and archives, docker archives, skopeo) are in ``oci.sources``.
+"""
+
+from ._model import MEDIA_TYPES as MEDIA_TYPES
+from ._model import Descriptor as Descriptor
+from ._model import ImageSource as ImageSource
+from ._model import ImageSourceError as ImageSourceError
+from ._model import Platform as Platform
+from ._model import ResolvedImage as ResolvedImage
+from ._model import SourceRef as SourceRef
+from ._model import parse_source as parse_source
+from ._pull import ImageInfo as ImageInfo
+from ._pull import ImageProgress as ImageProgress
+from ._pull import ImageStats as ImageStats
+from ._pull import StoredImage as StoredImage
+from ._pull import config_content_id as config_content_id
+from ._pull import decode_tag as decode_tag
+from ._pull import encode_tag as encode_tag
+from ._pull import list_images as list_images
+from ._pull import list_tags as list_tags
+from ._pull import manifest_content_id as manifest_content_id
+from ._pull import open_image as open_image
+from ._pull import open_source as open_source
+from ._pull import pull_image as pull_image
+from ._pull import resolve_tag as resolve_tag
+from ._pull import tag_image as tag_image
+from ._pull import untag_image as untag_image

@@ -1,0 +1,866 @@
+"""OCI images: pull a manifest, its config and its layers (in parallel) into a repository; tags.
+
+What a pull stores, exactly as composefs-rs does (so stream ids match):
+
+* each tar layer as ``streams/oci-layer-<diff_id>`` (content type ``ocilayer``);
+  a non-tar blob (an artifact) raw, as one object behind an ``oci_blob``
+  splitstream ``streams/oci-layer-<blob digest>``;
+* the config as ``streams/oci-config-<config digest>`` (``ociconfg``): named
+  refs ``diff_id -> layer stream`` in config order, and the raw JSON as one
+  external object;
+* the manifest as ``streams/oci-manifest-<manifest digest>`` (``ocimanif``):
+  named refs ``config:<config digest> -> config stream`` then each
+  ``diff_id -> layer stream``, and the raw JSON as one external object;
+* a tag as ``streams/refs/oci/<encoded name>`` -> the manifest stream, where the
+  name is encoded ``%`` -> ``%25`` then ``/`` -> ``%2F``.
+
+Both digests of every layer are checked before anything is published: the
+stored blob's sha256 (and size) against the manifest, while it streams, and the
+uncompressed tar's sha256 against the config's ``rootfs.diff_ids``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, cast
+
+import attrs
+import trio
+
+from .._errors import ComposefsError, DigestMismatchError, FormatError, ObjectNotFoundError
+from ..formats._chunks import ExternalChunk
+from ..formats._fsverity import Digest
+from ..formats._splitstream import ContentType, encode_splitstream, iter_chunks
+from ..importer._decompress import Compression, open_verified_stream
+from ..importer._importer import (
+    Importer,
+    LayerProgress,
+    LayerStats,
+    RepositoryLike,
+    layer_content_id,
+    open_importer,
+)
+from ..importer._writers import digester_for
+from ..repository._reading import open_splitstream
+from ..repository._repository import Repository
+from ._index import parse_json
+from ._model import MEDIA_TYPES, Descriptor, ImageSource, Platform, SourceRef
+from .sources._docker import DockerArchiveSource
+from .sources._layout import OciLayoutSource
+from .sources._oci_archive import OciArchiveSource
+from .sources._skopeo import SkopeoProxySource
+
+__all__ = [
+    "ImageInfo",
+    "ImageProgress",
+    "ImageStats",
+    "StoredImage",
+    "config_content_id",
+    "decode_tag",
+    "encode_tag",
+    "list_images",
+    "list_tags",
+    "manifest_content_id",
+    "open_image",
+    "open_source",
+    "pull_image",
+    "resolve_tag",
+    "tag_image",
+    "untag_image",
+]
+
+OCI_REF_PREFIX: Final = "oci/"
+
+_TAR_TYPES: Final[Mapping[str, Compression]] = {
+    MEDIA_TYPES.OCI_LAYER: None,
+    MEDIA_TYPES.OCI_LAYER_GZIP: "gzip",
+    MEDIA_TYPES.OCI_LAYER_ZSTD: "zstd",
+    MEDIA_TYPES.OCI_LAYER_ND: None,
+    MEDIA_TYPES.OCI_LAYER_ND_GZIP: "gzip",
+    MEDIA_TYPES.OCI_LAYER_ND_ZSTD: "zstd",
+    MEDIA_TYPES.DOCKER_LAYER: None,
+    MEDIA_TYPES.DOCKER_LAYER_GZIP: "gzip",
+    MEDIA_TYPES.DOCKER_LAYER_FOREIGN_GZIP: "gzip",
+}
+"""Media types of tar layers and their compression; any other layer is stored raw."""
+
+_IMAGE_CONFIG_TYPES: Final = (MEDIA_TYPES.OCI_CONFIG, MEDIA_TYPES.DOCKER_CONFIG)
+_MAX_JSON: Final = 64 << 20
+
+
+# --------------------------------------------------------------------------- names
+
+
+def manifest_content_id(digest: str) -> str:
+    """``oci-manifest-<digest>``."""
+    return f"oci-manifest-{digest}"
+
+
+def config_content_id(digest: str) -> str:
+    """``oci-config-<digest>``."""
+    return f"oci-config-{digest}"
+
+
+def encode_tag(name: str) -> str:
+    """A tag as a file name under ``streams/refs/oci/``: ``%`` -> ``%25``, then ``/`` -> ``%2F``."""
+    return name.replace("%", "%25").replace("/", "%2F")
+
+
+def decode_tag(encoded: str) -> str:
+    """Undo :func:`encode_tag` in one pass (so ``%252F`` is ``%2F``, not ``/``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(encoded):
+        if encoded.startswith("%2F", i):
+            out.append("/")
+            i += 3
+        elif encoded.startswith("%25", i):
+            out.append("%")
+            i += 3
+        else:
+            out.append(encoded[i])
+            i += 1
+    return "".join(out)
+
+
+def _check_tag(name: str) -> str:
+    """The ref path of a valid tag; a user error for names that cannot be one."""
+    if not name:
+        raise ComposefsError("an image tag cannot be empty")
+    if name.startswith("@"):
+        raise ComposefsError(
+            f"invalid tag {name!r}: a leading '@' is reserved for digest references"
+        )
+    encoded = encode_tag(name)
+    if encoded in (".", "..") or "\0" in name:
+        raise ComposefsError(f"invalid tag {name!r}")
+    if len(encoded.encode("utf-8", "surrogateescape")) > 255:
+        raise ComposefsError(
+            f"invalid tag {name!r}: longer than 255 bytes once encoded; give a shorter TAG"
+        )
+    return OCI_REF_PREFIX + encoded
+
+
+def _check_digest(digest: str) -> str:
+    algo, _, hexd = digest.partition(":")
+    if algo != "sha256" or len(hexd) != 64 or hexd.strip("0123456789abcdef"):
+        raise ComposefsError(f"not a sha256 digest: {digest!r} (expected sha256:<64 hex digits>)")
+    return digest
+
+
+# --------------------------------------------------------------------------- values
+
+
+@attrs.frozen
+class ImageStats:
+    """What :func:`pull_image` did."""
+
+    source: str
+    manifest_digest: str
+    config_digest: str
+    manifest_stream: Digest
+    """The fs-verity digest of the manifest splitstream (cfsctl prints it as ``verity``)."""
+    config_stream: Digest
+    tag: str | None
+    layers: tuple[LayerStats, ...]
+    """One per manifest layer, in manifest order."""
+    skipped: bool = False
+    """The manifest was already stored; nothing was read but the manifest."""
+
+    @property
+    def layers_imported(self) -> int:
+        """Layers read and split by this pull (not already present)."""
+        return sum(1 for layer in self.layers if not layer.skipped)
+
+    @property
+    def objects_written(self) -> int:
+        """New objects stored for the layers."""
+        return sum(layer.objects_written for layer in self.layers)
+
+    @property
+    def objects_deduplicated(self) -> int:
+        """Layer objects that were already in the repository."""
+        return sum(layer.objects_deduplicated for layer in self.layers)
+
+    @property
+    def tar_bytes(self) -> int:
+        """Uncompressed bytes read."""
+        return sum(layer.tar_bytes for layer in self.layers)
+
+    @property
+    def object_bytes(self) -> int:
+        """Bytes of file content referenced by the imported layers."""
+        return sum(layer.object_bytes for layer in self.layers)
+
+
+@attrs.frozen
+class ImageProgress:
+    """A snapshot handed to :func:`pull_image`'s ``progress`` callback (on the trio thread).
+
+    Sent when a layer starts, whenever its :class:`LayerProgress` moves (about
+    every 64 MiB), when it ends or is skipped, and with a ``message`` for
+    image-level steps (config, manifest, tag).
+    """
+
+    layers_total: int
+    layers_done: int
+    layers_skipped: int
+    layer: LayerProgress | None = None
+    message: str | None = None
+
+
+ProgressCallback = Callable[[ImageProgress], object]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def open_source(ref: SourceRef) -> ImageSource:
+    """The :class:`ImageSource` for a parsed reference (enter it with ``async with``).
+
+    Raises:
+        ImageSourceError: skopeo is needed and not installed (when entered).
+    """
+    if ref.transport == "oci":
+        return OciLayoutSource(ref.path, tag=ref.tag, digest=ref.digest)
+    if ref.transport == "oci-archive":
+        return OciArchiveSource(ref.path, tag=ref.tag, digest=ref.digest)
+    if ref.transport == "docker-archive":
+        return DockerArchiveSource.from_reference(ref.path)
+    # Any other transport (docker://, containers-storage:, dir:, ...) goes through
+    # skopeo's image proxy, as composefs-rs does: layers stream from the source
+    # while they are imported, nothing waits for a whole copy of the image.
+    # (SkopeoSource, which copies to a directory first, remains for callers.)
+    return SkopeoProxySource(str(ref))
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _json(data: bytes, what: str) -> dict[str, Any]:
+    return parse_json(data, where=what)
+
+
+def _parse_manifest(data: bytes, where: str) -> tuple[Descriptor, list[Descriptor]]:
+    obj = _json(data, f"{where}: the manifest")
+    media_type = obj.get("mediaType")
+    if media_type is not None and media_type not in (
+        MEDIA_TYPES.OCI_MANIFEST,
+        MEDIA_TYPES.DOCKER_MANIFEST,
+    ):
+        raise FormatError(f"{where}: not an image manifest (mediaType {media_type!r})")
+    if "config" not in obj or not isinstance(obj.get("layers", []), list):
+        raise FormatError(f"{where}: the manifest has no config or no layers list")
+    config = Descriptor.from_json(obj["config"], where=f"{where}: manifest config")
+    layers = [
+        Descriptor.from_json(layer, where=f"{where}: manifest layer {i}")
+        for i, layer in enumerate(obj.get("layers", []))
+    ]
+    return config, layers
+
+
+def _diff_ids(
+    config: Descriptor, data: bytes, layers: Sequence[Descriptor], where: str
+) -> list[str]:
+    """The config's ``rootfs.diff_ids`` (an artifact's layers use their blob digests)."""
+    if config.media_type not in _IMAGE_CONFIG_TYPES:
+        return [layer.digest for layer in layers]
+    obj = _json(data, f"{where}: config {config.digest}")
+    rootfs = obj.get("rootfs")
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids):
+        raise FormatError(f"{where}: config {config.digest} has no rootfs.diff_ids list")
+    for d in ids:
+        try:
+            _check_digest(d)
+        except ComposefsError:
+            raise FormatError(f"{where}: config {config.digest}: bad diff_id {d!r}") from None
+    if len(ids) != len(layers):
+        raise FormatError(
+            f"{where}: the manifest has {len(layers)} layers but config {config.digest}"
+            f" lists {len(ids)} diff_ids"
+        )
+    return list(ids)
+
+
+def _check_bytes(data: bytes, digest: str, what: str) -> None:
+    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise DigestMismatchError(f"{what}: its sha256 is {actual}, expected {digest}")
+
+
+# --------------------------------------------------------------------------- blocking repo work
+
+
+def _read_external(
+    repo: Repository, content_id: str, content_type: int
+) -> tuple[bytes, dict[str, Digest]]:
+    """The one external object of a config/manifest/blob stream, and the stream's named refs."""
+    with open_splitstream(repo, content_id, content_type=content_type) as (info, data):
+        chunks = list(iter_chunks(data, info, repo.object_size))
+        refs = dict(info.named_refs)
+    if len(chunks) != 1 or not isinstance(chunks[0], ExternalChunk):
+        raise FormatError(f"stream {content_id} does not hold exactly one external object")
+    return repo.read_object(chunks[0].digest), refs
+
+
+def _store_external(
+    repo: Repository, content_type: int, data: bytes, named_refs: Sequence[tuple[str, Digest]]
+) -> Digest:
+    obj = repo.store_object(data)
+    splitstream = encode_splitstream(
+        [ExternalChunk(obj, len(data))],
+        algorithm=repo.algorithm,
+        content_type=content_type,
+        named_refs=dict(named_refs),
+    )
+    return repo.store_object(splitstream)
+
+
+def _finish_image(
+    repo: Repository,
+    *,
+    config_digest: str,
+    config_bytes: bytes | None,
+    config_stream: Digest | None,
+    manifest_digest: str,
+    manifest_bytes: bytes,
+    layer_refs: Sequence[tuple[str, Digest]],
+    ref: str | None,
+) -> tuple[Digest, Digest]:
+    """Store the config and manifest streams, sync once, then publish them and the tag."""
+    if config_stream is None:
+        assert config_bytes is not None
+        config_stream = _store_external(repo, ContentType.OCI_CONFIG, config_bytes, layer_refs)
+        new_config = True
+    else:
+        new_config = False
+    manifest_refs = [(f"config:{config_digest}", config_stream), *layer_refs]
+    manifest_stream = _store_external(repo, ContentType.OCI_MANIFEST, manifest_bytes, manifest_refs)
+    repo.sync()
+    trio.from_thread.check_cancelled()
+    if new_config:
+        repo.publish_stream(config_content_id(config_digest), config_stream, sync=False)
+    repo.publish_stream(manifest_content_id(manifest_digest), manifest_stream, ref, sync=False)
+    return config_stream, manifest_stream
+
+
+def _store_blob_object(
+    repo: RepositoryLike,
+    pieces: Any,
+    hash_pool: Any,
+) -> tuple[Digest, int, bool]:
+    """Write a verified blob stream (pulled from the trio side) as one object."""
+
+    async def pull() -> bytes | None:
+        try:
+            piece: bytes = await pieces.__anext__()
+            return piece
+        except StopAsyncIteration:
+            return None
+
+    digester = digester_for(repo, hash_pool)
+    with repo.begin_object() as tmp:
+        while (piece := trio.from_thread.run(pull)) is not None:
+            tmp.write(piece)
+        size: int = tmp.size
+        digest = digester(tmp.fd, size) if digester is not None else None
+        obj, written = tmp.finish(digest)
+    return obj, size, written
+
+
+def _store_blob_stream(repo: Repository, cid: str, obj: Digest, size: int) -> Digest:
+    splitstream = encode_splitstream(
+        [ExternalChunk(obj, size)], algorithm=repo.algorithm, content_type=ContentType.OCI_BLOB
+    )
+    digest = repo.store_object(splitstream)
+    repo.sync()
+    trio.from_thread.check_cancelled()
+    repo.publish_stream(cid, digest, sync=False)
+    return digest
+
+
+# --------------------------------------------------------------------------- pull
+
+_IN_FLIGHT: dict[tuple[str, str], trio.Event] = {}
+"""Layers being imported in this process: (repository path, content id) -> done event."""
+
+
+@attrs.define(eq=False)
+class _Pull:
+    importer: Importer
+    source: ImageSource
+    progress: ProgressCallback | None
+    layers_total: int = 0
+    layers_done: int = 0
+    layers_skipped: int = 0
+
+    @property
+    def repo(self) -> Repository:
+        return cast(Repository, self.importer.repo)
+
+    def report(self, layer: LayerProgress | None = None, message: str | None = None) -> None:
+        if self.progress is not None:
+            self.progress(
+                ImageProgress(
+                    self.layers_total, self.layers_done, self.layers_skipped, layer, message
+                )
+            )
+
+    async def thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=_OWN_LIMITER.get())
+
+    async def ensure_layer(self, desc: Descriptor, diff_id: str) -> LayerStats:
+        """Import one layer unless it is present, or being imported by another task here."""
+        repo = self.repo
+        compression = _TAR_TYPES.get(desc.media_type, "raw")
+        cid = layer_content_id(diff_id)  # also for raw blobs, as upstream (their digest, usually)
+        key = (str(repo.path), cid)
+        while True:
+            existing = await self.thread(repo.has_stream, cid)
+            if existing is not None:
+                self.layers_skipped += 1
+                self.layers_done += 1
+                self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True))
+                return LayerStats(diff_id=diff_id, splitstream=existing, skipped=True)
+            event = _IN_FLIGHT.get(key)
+            if event is None:
+                break
+            await event.wait()
+        event = _IN_FLIGHT[key] = trio.Event()
+        try:
+            self.report(LayerProgress(diff_id, 0, 0, 0, 0))
+            if compression == "raw":
+                stats = await self._import_blob(desc, diff_id, cid)
+            else:
+                stats = await self._import_tar(desc, diff_id, cast(Compression, compression))
+        finally:
+            del _IN_FLIGHT[key]
+            event.set()
+        self.layers_done += 1
+        self.report(
+            LayerProgress(
+                diff_id,
+                stats.tar_bytes,
+                stats.objects_written,
+                stats.objects_deduplicated,
+                0,
+                done=True,
+            )
+        )
+        return stats
+
+    async def _import_tar(
+        self, desc: Descriptor, diff_id: str, compression: Compression
+    ) -> LayerStats:
+        where = f"{self.source.description}: layer {desc.digest} (diff_id {diff_id})"
+        async with (
+            self.source.open_blob(desc) as pieces,
+            open_verified_stream(
+                pieces,
+                compression=compression,
+                digest=desc.digest,
+                size=desc.size,
+                where=where,
+                detect=True,
+            ) as stream,
+        ):
+            return await self.importer.import_layer(
+                stream, diff_id, progress=lambda p: self.report(p)
+            )
+
+    async def _import_blob(self, desc: Descriptor, diff_id: str, cid: str) -> LayerStats:
+        where = f"{self.source.description}: blob {desc.digest}"
+        async with (
+            self.source.open_blob(desc) as pieces,
+            open_verified_stream(
+                pieces, compression=None, digest=desc.digest, size=desc.size, where=where
+            ) as stream,
+        ):
+            obj, size, written = await trio.to_thread.run_sync(
+                _store_blob_object,
+                self.importer.repo,
+                stream,
+                self.importer.hash_pool,
+                limiter=trio.CapacityLimiter(1),  # its own: it waits for the stream's worker
+            )
+        digest = await self.thread(_store_blob_stream, self.repo, cid, obj, size)
+        return LayerStats(
+            diff_id=diff_id,
+            splitstream=digest,
+            tar_bytes=size,
+            objects=1,
+            objects_written=int(written),
+            objects_deduplicated=int(not written),
+            object_bytes=size,
+        )
+
+
+_OWN_LIMITER: Final = trio.lowlevel.RunVar[trio.CapacityLimiter]("trio_composefs_oci_limiter")
+
+
+async def pull_image(
+    target: RepositoryLike | Importer,
+    source: ImageSource,
+    *,
+    tag: str | None = None,
+    platform: Platform | None = None,
+    progress: ProgressCallback | None = None,
+    layer_jobs: int | None = None,
+) -> ImageStats:
+    """Pull an image from ``source`` (already entered) into the repository.
+
+    Layers are imported concurrently, largest first, at most ``layer_jobs``
+    at once (default: one per CPU), each in its own task of a nursery nested
+    in this call, all sharing the importer's object-writer limiter and hash
+    pool. A layer whose stream exists is skipped; one that another pull in
+    this process is importing is waited for, not imported twice.
+
+    Args:
+        target: a repository, or an :class:`Importer` to share with other
+            pulls running at the same time.
+        source: where the image comes from (``async with`` it first).
+        tag: also publish ``streams/refs/oci/<encoded tag>``.
+        platform: which image of an index (default: the current platform).
+        progress: called with :class:`ImageProgress` snapshots.
+        layer_jobs: layers imported at once.
+
+    Returns:
+        The manifest and config digests, their stream ids, and per-layer stats.
+
+    Raises:
+        ExceptionGroup: whatever the layer tasks raised, e.g.
+            :class:`DigestMismatchError` (a blob or tar that does not match
+            its digest, naming the layer and both digests), ``FormatError``.
+            One failing layer cancels the others; the config, manifest and
+            tag are then not published.
+        ComposefsError: an invalid tag; errors of the source (no such image).
+
+    **Cancellation:** safe at any point; layers already published stay (they
+    are complete), the manifest and tag are published last.
+    """
+    ref = _check_tag(tag) if tag is not None else None
+    try:
+        _OWN_LIMITER.get()
+    except LookupError:
+        _OWN_LIMITER.set(trio.CapacityLimiter(8))
+    if isinstance(target, Importer):
+        return await _pull(target, source, ref, tag, platform, progress, layer_jobs)
+    async with open_importer(target) as importer:
+        return await _pull(importer, source, ref, tag, platform, progress, layer_jobs)
+
+
+async def _pull(
+    importer: Importer,
+    source: ImageSource,
+    ref: str | None,
+    tag: str | None,
+    platform: Platform | None,
+    progress: ProgressCallback | None,
+    layer_jobs: int | None,
+) -> ImageStats:
+    state = _Pull(importer, source, progress)
+    repo = state.repo
+    await state.thread(repo.ensure_writable)
+    resolved = await source.resolve(platform)
+    where = source.description
+    _check_bytes(resolved.manifest, resolved.digest, f"{where}: manifest {resolved.digest}")
+    manifest_digest = resolved.digest
+    config_desc, layer_descs = _parse_manifest(resolved.manifest, where)
+    state.layers_total = len(layer_descs)
+    config_digest = config_desc.digest
+
+    # Fast path: the manifest is stored already.
+    existing = await state.thread(repo.has_stream, manifest_content_id(manifest_digest))
+    config_existing = await state.thread(repo.has_stream, config_content_id(config_digest))
+    if existing is not None and config_existing is not None:
+        _, named = await state.thread(
+            _read_external, repo, manifest_content_id(manifest_digest), ContentType.OCI_MANIFEST
+        )
+        # Report the layers in the image's order (named refs are sorted by name).
+        order = [d.digest for d in layer_descs]
+        with contextlib.suppress(ComposefsError, ValueError, KeyError, TypeError):
+            config_json, _ = await state.thread(
+                _read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
+            )
+            order = list(json.loads(config_json)["rootfs"]["diff_ids"])
+        layer_ids = [(d, named[d]) for d in order if d in named]
+        layer_ids += [
+            (k, v)
+            for k, v in named.items()
+            if not k.startswith("config:") and k not in {d for d, _ in layer_ids}
+        ]
+        if ref is not None:
+            await state.thread(
+                repo.publish_stream, manifest_content_id(manifest_digest), existing, ref
+            )
+        state.layers_done = state.layers_skipped = len(layer_descs)
+        state.report(message=f"already have manifest {manifest_digest}")
+        return ImageStats(
+            source=where,
+            manifest_digest=manifest_digest,
+            config_digest=config_digest,
+            manifest_stream=existing,
+            config_stream=config_existing,
+            tag=tag,
+            layers=tuple(LayerStats(d, s, skipped=True) for d, s in layer_ids),
+            skipped=True,
+        )
+
+    config_bytes: bytes | None = None
+    if config_existing is not None:
+        config_bytes, named = await state.thread(
+            _read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
+        )
+        diff_ids = _diff_ids(config_desc, config_bytes, layer_descs, where)
+        missing = [d for d in diff_ids if d not in named]
+        if missing:
+            raise FormatError(
+                f"stream {config_content_id(config_digest)} has no layer ref for {missing[0]}"
+            )
+        layers = tuple(LayerStats(d, named[d], skipped=True) for d in diff_ids)
+        state.layers_done = state.layers_skipped = len(layers)
+        config_bytes = None
+    else:
+        state.report(message=f"reading config {config_digest}")
+        config_bytes = await source.read_blob(config_desc)
+        _check_bytes(config_bytes, config_digest, f"{where}: config {config_digest}")
+        if len(config_bytes) != config_desc.size:
+            raise DigestMismatchError(
+                f"{where}: config {config_digest} has {len(config_bytes)} bytes,"
+                f" the manifest says {config_desc.size}"
+            )
+        diff_ids = _diff_ids(config_desc, config_bytes, layer_descs, where)
+        layers = await _import_layers(state, layer_descs, diff_ids, layer_jobs)
+
+    state.report(message=f"storing manifest {manifest_digest}")
+    layer_refs = [(stats.diff_id, stats.splitstream) for stats in layers]
+    config_stream, manifest_stream = await state.thread(
+        lambda: _finish_image(
+            repo,
+            config_digest=config_digest,
+            config_bytes=config_bytes,
+            config_stream=config_existing,
+            manifest_digest=manifest_digest,
+            manifest_bytes=resolved.manifest,
+            layer_refs=layer_refs,
+            ref=ref,
+        )
+    )
+    return ImageStats(
+        source=where,
+        manifest_digest=manifest_digest,
+        config_digest=config_digest,
+        manifest_stream=manifest_stream,
+        config_stream=config_stream,
+        tag=tag,
+        layers=layers,
+    )
+
+
+async def _import_layers(
+    state: _Pull, descs: Sequence[Descriptor], diff_ids: Sequence[str], layer_jobs: int | None
+) -> tuple[LayerStats, ...]:
+    results: list[LayerStats | None] = [None] * len(descs)
+    limit = trio.CapacityLimiter(layer_jobs or os.cpu_count() or 2)
+    order = sorted(range(len(descs)), key=lambda i: -descs[i].size)
+
+    async def one(i: int, token: object) -> None:
+        try:
+            results[i] = await state.ensure_layer(descs[i], diff_ids[i])
+        finally:
+            limit.release_on_behalf_of(token)
+
+    async with trio.open_nursery() as nursery:
+        for i in order:
+            token = object()
+            await limit.acquire_on_behalf_of(token)
+            nursery.start_soon(one, i, token)
+    out = tuple(r for r in results if r is not None)
+    if len(out) != len(descs):  # pragma: no cover - the nursery raised otherwise
+        raise ComposefsError("a layer task finished without a result")
+    return out
+
+
+# --------------------------------------------------------------------------- reading images back
+
+
+@attrs.frozen
+class StoredImage:
+    """An image as stored in the repository: raw manifest and config, their streams, layers."""
+
+    manifest_digest: str
+    manifest_stream: Digest
+    manifest: bytes
+    config_digest: str
+    config_stream: Digest
+    config: bytes
+    config_media_type: str
+    layers: tuple[tuple[str, Digest], ...]
+    """``(diff_id, layer stream)`` in config order."""
+
+    @property
+    def is_container(self) -> bool:
+        """A container image (not an artifact): its config is an image config."""
+        return self.config_media_type in _IMAGE_CONFIG_TYPES
+
+    def config_json(self) -> dict[str, Any]:
+        """The parsed config (empty for an artifact whose config is not JSON)."""
+        try:
+            return _json(self.config, "config")
+        except FormatError:
+            return {}
+
+
+def open_image(repo: Repository, image: str) -> StoredImage:
+    """Open a stored image by tag, ``@sha256:...`` or ``sha256:...`` (manifest digest).
+
+    Raises:
+        ObjectNotFoundError: no such tag or image.
+        DigestMismatchError: a manifest opened by digest that does not match it.
+    """
+    if image.startswith("@"):
+        return _open_by_digest(repo, _check_digest(image[1:]))
+    try:
+        digest = resolve_tag(repo, image)
+    except ObjectNotFoundError:
+        if image.startswith("sha256:"):
+            return _open_by_digest(repo, _check_digest(image))
+        raise
+    return _open_by_digest(repo, digest, verified=True)
+
+
+def _open_by_digest(repo: Repository, digest: str, *, verified: bool = False) -> StoredImage:
+    cid = manifest_content_id(digest)
+    stream = repo.has_stream(cid)
+    if stream is None:
+        raise ObjectNotFoundError(f"image {digest} is not in {repo.path}")
+    manifest, named = _read_external(repo, cid, ContentType.OCI_MANIFEST)
+    if not verified:
+        _check_bytes(manifest, digest, f"stored manifest {digest}")
+    config_desc, layer_descs = _parse_manifest(manifest, f"stored manifest {digest}")
+    config_stream = named.get(f"config:{config_desc.digest}")
+    if config_stream is None:
+        raise FormatError(f"stored manifest {digest} has no config reference")
+    config, config_named = _read_external(
+        repo, config_content_id(config_desc.digest), ContentType.OCI_CONFIG
+    )
+    if config_desc.media_type in _IMAGE_CONFIG_TYPES:
+        ids = _diff_ids(config_desc, config, layer_descs, f"stored image {digest}")
+        layers = tuple((d, config_named[d]) for d in ids if d in config_named)
+    else:
+        layers = tuple((d.digest, named[d.digest]) for d in layer_descs if d.digest in named)
+    return StoredImage(
+        manifest_digest=digest,
+        manifest_stream=stream,
+        manifest=manifest,
+        config_digest=config_desc.digest,
+        config_stream=config_stream,
+        config=config,
+        config_media_type=config_desc.media_type,
+        layers=layers,
+    )
+
+
+def resolve_tag(repo: Repository, name: str) -> str:
+    """The manifest digest a tag points at.
+
+    Raises:
+        ObjectNotFoundError: no such tag.
+    """
+    ref = _check_tag(name)
+    try:
+        target = os.readlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
+    except FileNotFoundError:
+        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
+    base = target.rsplit("/", 1)[-1]
+    if not base.startswith("oci-manifest-"):
+        raise FormatError(f"tag {name!r} points at {target!r}, not a manifest stream")
+    return _check_digest(base[len("oci-manifest-") :])
+
+
+def list_tags(repo: Repository) -> list[tuple[str, str]]:
+    """``(tag, manifest digest)`` for every tag, sorted by tag."""
+    out = []
+    for ref, target in repo.list_stream_refs().items():
+        if not ref.startswith(OCI_REF_PREFIX) or "/" in ref[len(OCI_REF_PREFIX) :]:
+            continue
+        if target.startswith("oci-manifest-"):
+            out.append((decode_tag(ref[len(OCI_REF_PREFIX) :]), target[len("oci-manifest-") :]))
+    return sorted(out)
+
+
+def tag_image(repo: Repository, manifest_digest: str, name: str) -> None:
+    """Point tag ``name`` at a stored manifest (replacing the tag if it exists).
+
+    Raises:
+        ObjectNotFoundError: the manifest is not stored.
+    """
+    ref = _check_tag(name)
+    digest = _check_digest(manifest_digest.removeprefix("@"))
+    cid = manifest_content_id(digest)
+    stream = repo.has_stream(cid)
+    if stream is None:
+        raise ObjectNotFoundError(f"image {digest} is not in {repo.path}")
+    repo.publish_stream(cid, stream, ref, sync=False)
+
+
+def untag_image(repo: Repository, name: str) -> None:
+    """Remove a tag (the image stays until gc finds it unreferenced).
+
+    Raises:
+        ObjectNotFoundError: no such tag.
+    """
+    ref = _check_tag(name)
+    repo.ensure_writable()
+    try:
+        os.unlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
+    except FileNotFoundError:
+        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
+
+
+@attrs.frozen
+class ImageInfo:
+    """One line of ``oci images`` (the fields of cfsctl's JSON)."""
+
+    name: str
+    manifest_digest: str
+    is_container: bool
+    architecture: str
+    os: str
+    created: str | None
+    layer_count: int
+    referrer_count: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """As cfsctl's ``oci images --json`` spells it."""
+        return attrs.asdict(self)
+
+
+def list_images(repo: Repository) -> list[ImageInfo]:
+    """Every tagged image (unreadable ones are skipped)."""
+    out = []
+    for name, digest in list_tags(repo):
+        try:
+            image = _open_by_digest(repo, digest, verified=True)
+        except ComposefsError:
+            continue
+        config = image.config_json() if image.is_container else {}
+        created = config.get("created")
+        _, layer_descs = _parse_manifest(image.manifest, digest)
+        out.append(
+            ImageInfo(
+                name=name,
+                manifest_digest=digest,
+                is_container=image.is_container,
+                architecture=str(config.get("architecture", "")) if image.is_container else "",
+                os=str(config.get("os", "")) if image.is_container else "",
+                created=created if isinstance(created, str) else None,
+                layer_count=len(layer_descs),
+            )
+        )
+    return out

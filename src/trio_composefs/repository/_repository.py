@@ -1,0 +1,1094 @@
+"""The composefs repository: a blocking object store over a directory fd.
+
+On-disk format of composefs-rs 0.9::
+
+    meta.json                      format metadata (fs-verity on it = secure repository)
+    objects/XX/<rest>              content named by its fs-verity digest
+    streams/<content-id>           -> ../objects/XX/<rest>
+    streams/refs/<name...>         -> ../<content-id> (one ``..`` per directory level)
+    images/, images/refs/          EROFS images (not written here yet)
+
+Objects are written to an anonymous ``O_TMPFILE`` in ``objects/`` and linked
+under their digest only once complete, so ``objects/XX/`` never holds a partial
+file. There is no per-object fsync: :meth:`Repository.publish_stream` calls
+``syncfs`` once before naming a stream, so after a crash a named stream has all
+its objects.
+
+Nothing here imports trio. :meth:`Repository.begin_object`,
+:meth:`Repository.store_object` and the read methods may be called from many
+threads at once; one :class:`ObjectTmpfile` must be used by one thread at a
+time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import posixpath
+import secrets
+import stat
+import string
+import threading
+from collections.abc import Callable, Iterator
+from types import TracebackType
+
+import attrs
+
+from .._errors import (
+    ComposefsError,
+    DigestError,
+    DigestMismatchError,
+    InternalError,
+    ObjectNotFoundError,
+    RepositoryError,
+    VerityUnsupportedError,
+)
+from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
+from ._meta import RepoMetadata
+from ._verity import EnableResult, VerityOps
+
+__all__ = ["ObjectTmpfile", "Repository"]
+
+META_JSON = "meta.json"
+LAYOUT = ("objects", "streams", "streams/refs", "images", "images/refs")
+TMP_OBJECT_PREFIX = ".tmp-object-"
+TMP_SYMLINK_PREFIX = ".symlink-"
+_ALNUM = string.ascii_letters + string.digits
+_READ_CHUNK = 1 << 20
+_NO_TMPFILE_ERRNOS = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
+RENAME_NOREPLACE = 1
+
+
+def _random_name(prefix: str) -> str:
+    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(12))
+
+
+def _proc_fd(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def _reopen_readonly(fd: int) -> int:
+    """A new O_RDONLY fd for the file behind ``fd`` (works for O_TMPFILE files)."""
+    return os.open(_proc_fd(fd), os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no dynamic libc
+        return None
+
+
+_LIBC = _libc()
+
+
+def _renameat2_noreplace(dirfd: int, src: str, dst: str) -> bool:
+    """``renameat2(RENAME_NOREPLACE)`` within ``dirfd``.
+
+    Returns False when the call or the flag is unavailable (the caller falls
+    back to link + unlink). Raises :class:`OSError` (``EEXIST`` among others).
+    """
+    func = getattr(_LIBC, "renameat2", None)
+    if func is None:
+        return False
+    rc = func(dirfd, os.fsencode(src), dirfd, os.fsencode(dst), RENAME_NOREPLACE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), dst)
+
+
+def _syncfs(fd: int) -> None:
+    func = getattr(_LIBC, "syncfs", None)
+    if func is None:  # pragma: no cover - glibc has had syncfs since 2.14
+        os.sync()
+        return
+    if func(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _hash_fd(fd: int, algorithm: Algorithm) -> tuple[Digest, int]:
+    """The fs-verity digest and size of the whole file behind ``fd`` (pread)."""
+    hasher = FsVerityHasher(algorithm)
+    offset = 0
+    while chunk := os.pread(fd, _READ_CHUNK, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.digest(), offset
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    offset = 0
+    while chunk := os.pread(src, _READ_CHUNK, offset):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view) :]
+        offset += len(chunk)
+
+
+def _check_name(kind: str, name: str) -> None:
+    """Refuse names that could escape their directory or are not plain paths."""
+    if not name or "\0" in name or name.startswith("/"):
+        raise RepositoryError(f"invalid {kind} name {name!r}")
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            raise RepositoryError(
+                f"invalid {kind} name {name!r}: empty, '.' or '..' path component"
+            )
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise RepositoryError(
+                f"invalid {kind} name {name!r}: a path component is longer than 255 bytes"
+            )
+
+
+def check_ref_name(name: str) -> None:
+    """Refuse a ref name (``streams/refs/<name>``) that could not be published.
+
+    Raises:
+        RepositoryError: empty, absolute, with ``.``/``..``/empty components,
+            a NUL, or a component longer than a file name may be.
+    """
+    _check_name("ref", name)
+
+
+@attrs.define(eq=False)
+class Repository:
+    """An open composefs repository. Close it (or use ``with``) to release the lock.
+
+    Build one with :meth:`init` or :meth:`open`. Holds an ``O_RDONLY`` fd on
+    the repository directory with a shared ``flock`` (garbage collection takes
+    it exclusively).
+
+    Attributes:
+        path: the repository directory, as given.
+        dirfd: the directory fd (owned).
+        algorithm: the fs-verity algorithm naming objects.
+        insecure: when false (secure), every object must have fs-verity with
+            the right digest.
+        read_only: opened read-only because of unknown read-only-compatible
+            features; writes are refused.
+        metadata: the parsed ``meta.json``.
+        verity_ops: the fs-verity ioctls (injectable for tests).
+        force_named_tmpfile: write objects through named temporary files, as
+            on filesystems without ``O_TMPFILE`` (for tests).
+    """
+
+    path: str
+    dirfd: int
+    algorithm: Algorithm
+    insecure: bool
+    read_only: bool
+    metadata: RepoMetadata
+    verity_ops: VerityOps = attrs.field(factory=VerityOps)
+    force_named_tmpfile: bool = False
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
+    _probe_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
+    _objects: int | None = attrs.field(default=None, init=False, repr=False)
+    _verity_supported: bool | None = attrs.field(default=None, init=False, repr=False)
+    _closed: bool = attrs.field(default=False, init=False, repr=False)
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def init(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        algorithm: Algorithm = Algorithm.SHA512,
+        insecure: bool = False,
+        verity_ops: VerityOps | None = None,
+    ) -> Repository:
+        """Create a repository (or open an identical existing one) and open it.
+
+        Creates the directory (mode 0700) if needed, writes ``meta.json``
+        exactly as ``cfsctl init`` does and creates the directory layout.
+        Unless ``insecure``, fs-verity is enabled on ``meta.json``, which makes
+        the repository secure: every object must then carry fs-verity. As
+        upstream, the returned repository's mode is inferred from the
+        ``meta.json`` on disk (an identical existing one is kept as it is).
+
+        Raises:
+            VerityUnsupportedError: secure mode on a filesystem without fs-verity.
+            RepositoryError: ``meta.json`` exists with a different configuration,
+                or the directory cannot be created or written.
+        """
+        ops = verity_ops if verity_ops is not None else VerityOps()
+        spath = os.fspath(path)
+        meta = RepoMetadata.new(algorithm)
+        created = False
+        try:
+            os.mkdir(spath, 0o700)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise RepositoryError(f"cannot create repository directory {spath}: {e}") from e
+        try:
+            dirfd = os.open(spath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise RepositoryError(f"cannot open repository directory {spath}: {e}") from e
+        try:
+            try:
+                _write_meta(dirfd, meta, enable_verity=not insecure, ops=ops)
+            except (OSError, ComposefsError) as e:
+                existing = _read_meta(dirfd, spath)
+                if existing is None:
+                    if isinstance(e, OSError):
+                        raise RepositoryError(
+                            f"cannot write {posixpath.join(spath, META_JSON)}: {e}"
+                        ) from e
+                    if isinstance(e, VerityUnsupportedError):
+                        raise VerityUnsupportedError(
+                            f"the filesystem holding {spath} lacks fs-verity support, which a"
+                            " secure repository requires; use --insecure (insecure=True) to"
+                            " create a repository without fs-verity"
+                        ) from e
+                    raise
+                if existing != meta:
+                    raise RepositoryError(
+                        f"repository {spath} already exists with a different configuration"
+                        f" (algorithm {existing.algorithm}, EROFS format"
+                        f" {existing.erofs_version()}); cannot re-initialize it with"
+                        f" (algorithm {meta.algorithm}, EROFS format {meta.erofs_version()})"
+                    ) from None
+            for sub in LAYOUT:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(sub, 0o755, dir_fd=dirfd)
+        except BaseException as e:
+            os.close(dirfd)
+            if created:  # leave nothing behind when init fails on a new directory
+                with contextlib.suppress(OSError):
+                    os.rmdir(spath)
+            if isinstance(e, OSError):
+                raise RepositoryError(f"cannot initialize repository {spath}: {e}") from e
+            raise
+        os.close(dirfd)
+        return cls.open(spath, verity_ops=ops)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        insecure: bool | None = None,
+        verity_ops: VerityOps | None = None,
+    ) -> Repository:
+        """Open an existing repository, taking a shared lock.
+
+        Args:
+            path: the repository directory.
+            insecure: ``None`` infers the mode (``meta.json`` with fs-verity →
+                secure); ``True`` forces insecure; ``False`` forces secure.
+            verity_ops: the fs-verity ioctl layer (tests inject a simulation).
+
+        Raises:
+            RepositoryError: not a repository, a newer format, or unknown
+                incompatible features.
+            FormatError: ``meta.json`` is not a composefs metadata file.
+        """
+        ops = verity_ops if verity_ops is not None else VerityOps()
+        spath = os.fspath(path)
+        try:
+            dirfd = os.open(spath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise RepositoryError(f"cannot open repository {spath}: {e}") from e
+        try:
+            fcntl.flock(dirfd, fcntl.LOCK_SH)
+            try:
+                meta_fd = os.open(META_JSON, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+            except FileNotFoundError:
+                if _exists(dirfd, "objects"):
+                    raise RepositoryError(
+                        f"{spath}: {META_JSON} not found; this looks like an old-format"
+                        " repository (upgrade it with `cfsctl init`)"
+                    ) from None
+                raise RepositoryError(
+                    f"{spath} is not a composefs repository: {META_JSON} not found"
+                    " (create one with `init`)"
+                ) from None
+            try:
+                meta = RepoMetadata.from_json(
+                    _read_all(meta_fd), source=posixpath.join(spath, META_JSON)
+                )
+                try:
+                    meta_verity = ops.measure(meta_fd, meta.algorithm) is not None
+                except VerityUnsupportedError:
+                    meta_verity = False
+                except DigestMismatchError:
+                    meta_verity = True  # verity with another algorithm: still secure
+            finally:
+                os.close(meta_fd)
+            unknown = meta.features.unknown_incompatible()
+            if unknown:
+                raise RepositoryError(
+                    f"{spath}: repository requires unknown incompatible features {unknown}"
+                )
+            read_only = bool(meta.features.unknown_read_only_compatible())
+            repo = cls(
+                path=spath,
+                dirfd=dirfd,
+                algorithm=meta.algorithm,
+                insecure=(not meta_verity) if insecure is None else insecure,
+                read_only=read_only,
+                metadata=meta,
+                verity_ops=ops,
+            )
+            if meta_verity:
+                repo._verity_supported = True
+            return repo
+        except BaseException:
+            os.close(dirfd)
+            raise
+
+    def close(self) -> None:
+        """Close the directory fds, releasing the lock. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._objects is not None:
+                os.close(self._objects)
+                self._objects = None
+            os.close(self.dirfd)
+
+    @contextlib.contextmanager
+    def exclusive_lock(self, *, on_wait: Callable[[], object] | None = None) -> Iterator[None]:
+        """Hold the repository's ``flock`` exclusively, then go back to shared.
+
+        Blocks while any other open repository (in this process or another)
+        holds its shared lock, e.g. a running import. As with ``flock(2)``,
+        the conversion is not atomic: the shared lock is dropped while
+        waiting, so two processes upgrading at once cannot deadlock.
+
+        Args:
+            on_wait: called once, before blocking, if the lock is busy.
+        """
+        try:
+            try:
+                fcntl.flock(self.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(self.dirfd, fcntl.LOCK_EX)
+        except BaseException:
+            fcntl.flock(self.dirfd, fcntl.LOCK_SH)  # a failed conversion dropped it
+            raise
+        try:
+            yield
+        finally:
+            fcntl.flock(self.dirfd, fcntl.LOCK_SH)
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def verity_supported(self) -> bool:
+        """Whether the kernel can enable fs-verity on this filesystem (probed once)."""
+        cached = self._verity_supported
+        if cached is not None:
+            return cached
+        with self._probe_lock:
+            if self._verity_supported is None:
+                self._verity_supported = self._probe_verity()
+            return self._verity_supported
+
+    def _probe_verity(self) -> bool:
+        try:
+            fd, name, objects = self._create_tmp()
+        except (OSError, RepositoryError):
+            return False  # cannot write here: nothing to enable verity on
+        ro = -1
+        try:
+            os.write(fd, b"fs-verity probe")
+            ro = _reopen_readonly(fd)
+            os.close(fd)
+            fd = -1
+            result = self.verity_ops.enable(ro, self.algorithm)
+        except (OSError, RepositoryError):
+            return False
+        finally:
+            for f in (fd, ro):
+                if f >= 0:
+                    os.close(f)
+            if name is not None:
+                _unlink_quietly(objects, name)
+        return result is not EnableResult.NOT_SUPPORTED
+
+    def ensure_writable(self) -> None:
+        """Fail early, with a clear message, if objects cannot be written.
+
+        Raises:
+            RepositoryError: read-only repository, read-only filesystem, or no
+                write permission.
+        """
+        if self.read_only:
+            raise RepositoryError(
+                f"repository {self.path} is read-only for this tool: {META_JSON} lists unknown"
+                f" read-only-compatible features"
+                f" {self.metadata.features.unknown_read_only_compatible()}"
+            )
+        st = os.fstatvfs(self.dirfd)
+        if st.f_flag & os.ST_RDONLY:
+            raise RepositoryError(f"repository {self.path} is not writable: read-only file system")
+        if not os.access(".", os.W_OK, dir_fd=self.dirfd):
+            raise RepositoryError(f"repository {self.path} is not writable: permission denied")
+
+    # --------------------------------------------------------------- objects
+
+    def _objects_fd(self, *, create: bool) -> int | None:
+        fd = self._objects
+        if fd is not None:
+            return fd
+        with self._lock:
+            if self._closed:
+                raise RepositoryError(f"repository {self.path} is closed")
+            if self._objects is None:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir("objects", 0o755, dir_fd=self.dirfd)
+                try:
+                    self._objects = os.open(
+                        "objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd
+                    )
+                except FileNotFoundError:
+                    return None
+            return self._objects
+
+    def _writable_objects_fd(self) -> int:
+        if self.read_only:
+            self.ensure_writable()
+        try:
+            fd = self._objects_fd(create=True)
+        except OSError as e:
+            raise RepositoryError(f"cannot create {self.path}/objects: {e}") from e
+        if fd is None:  # pragma: no cover - created just above
+            raise InternalError("objects/ vanished after mkdir")
+        return fd
+
+    def _create_tmp(self) -> tuple[int, str | None, int]:
+        """A new writable temporary file in ``objects/``: ``(fd, name or None, objects fd)``."""
+        objects = self._writable_objects_fd()
+        if not self.force_named_tmpfile:
+            try:
+                fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=objects)
+                return fd, None, objects
+            except OSError as e:
+                if e.errno not in _NO_TMPFILE_ERRNOS:
+                    raise RepositoryError(
+                        f"cannot create a temporary file in {self.path}/objects: {e}"
+                    ) from e
+        for _ in range(16):
+            name = _random_name(TMP_OBJECT_PREFIX)
+            try:
+                fd = os.open(
+                    name,
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=objects,
+                )
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise RepositoryError(
+                    f"cannot create a temporary file in {self.path}/objects: {e}"
+                ) from e
+            return fd, name, objects
+        raise RepositoryError(f"cannot find a free temporary name in {self.path}/objects")
+
+    def find_stray_tmpfiles(self) -> list[str]:
+        """Names (relative to ``objects/``) of leftover named temporary object files.
+
+        These appear only on filesystems without ``O_TMPFILE``, after a crash;
+        they are never valid objects and may be removed when no writer runs.
+        """
+        fd = self._objects_fd(create=False)
+        if fd is None:
+            return []
+        with os.scandir(fd) as it:
+            return sorted(e.name for e in it if e.name.startswith(TMP_OBJECT_PREFIX))
+
+    def begin_object(self) -> ObjectTmpfile:
+        """Start writing one object (thread-safe). Use the result as a context manager."""
+        fd, name, objects = self._create_tmp()
+        return ObjectTmpfile(repo=self, fd=fd, name=name, objects_fd=objects)
+
+    def store_object(self, data: bytes) -> Digest:
+        """Store ``data`` (held in memory) as an object and return its digest.
+
+        If the object already exists, nothing is written; in a secure
+        repository (or where the kernel supports fs-verity) the existing
+        object's measured digest is checked first.
+        """
+        digest = _digest_of(data, self.algorithm)
+        objects = self._objects_fd(create=False)
+        if objects is not None and _exists(objects, digest.object_path()):
+            if not self.insecure or self.verity_supported:
+                os.close(self.open_object(digest))
+            return digest
+        with self.begin_object() as tmp:
+            tmp.write(data)
+            tmp.finish(digest)
+        return digest
+
+    def has_object(self, digest: Digest) -> bool:
+        """Whether ``objects/XX/rest`` exists."""
+        self._check_algorithm(digest)
+        objects = self._objects_fd(create=False)
+        return objects is not None and _exists(objects, digest.object_path())
+
+    def object_size(self, digest: Digest) -> int:
+        """The size in bytes of an object.
+
+        Raises:
+            ObjectNotFoundError: no such object.
+        """
+        self._check_algorithm(digest)
+        objects = self._objects_fd(create=False)
+        try:
+            if objects is None:
+                raise FileNotFoundError
+            return os.stat(digest.object_path(), dir_fd=objects).st_size
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"object {digest} not found in {self.path}/objects") from None
+
+    def open_object(self, digest: Digest, *, verify: bool = False) -> int:
+        """Open an object read-only; the caller closes the returned fd.
+
+        A secure repository requires the measured fs-verity digest to match;
+        in an insecure one a file without fs-verity is accepted. With
+        ``verify``, the content is also re-hashed in userspace.
+
+        Raises:
+            ObjectNotFoundError: no such object.
+            DigestMismatchError: the object's digest is not its name.
+            RepositoryError: a secure repository's object lacks fs-verity.
+        """
+        self._check_algorithm(digest)
+        rel = digest.object_path()
+        objects = self._objects_fd(create=False)
+        try:
+            if objects is None:
+                raise FileNotFoundError
+            fd = os.open(rel, os.O_RDONLY | os.O_CLOEXEC, dir_fd=objects)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"object {digest} not found in {self.path}/objects") from None
+        try:
+            self._check_measured(fd, digest)
+            if verify:
+                actual, _ = _hash_fd(fd, self.algorithm)
+                if actual != digest:
+                    raise DigestMismatchError(
+                        f"object {self.path}/objects/{rel} is corrupt: its content has"
+                        f" fs-verity digest {actual}"
+                    )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_measured(self, fd: int, digest: Digest) -> None:
+        where = f"{self.path}/objects/{digest.object_path()}"
+        try:
+            measured = self.verity_ops.measure(fd, self.algorithm)
+        except VerityUnsupportedError:
+            if self.insecure:
+                return
+            raise VerityUnsupportedError(
+                f"cannot check {where}: the filesystem lacks fs-verity support, which this"
+                " secure repository requires (open it with --insecure to skip the check)"
+            ) from None
+        except DigestMismatchError as e:
+            raise DigestMismatchError(f"object {where}: {e}") from None
+        if measured is None:
+            if self.insecure:
+                return
+            raise RepositoryError(
+                f"object {where} has no fs-verity, but this repository requires it"
+            )
+        if measured != digest:
+            raise DigestMismatchError(
+                f"object {where} has measured fs-verity digest {measured}, not its name"
+            )
+
+    def read_object(self, digest: Digest) -> bytes:
+        """The whole content of a (small) object, checked like :meth:`open_object`."""
+        fd = self.open_object(digest)
+        try:
+            return _read_all(fd)
+        finally:
+            os.close(fd)
+
+    def _check_algorithm(self, digest: Digest) -> None:
+        if digest.algorithm is not self.algorithm:
+            raise DigestError(
+                f"digest {digest} is {digest.algorithm}, but repository {self.path}"
+                f" uses {self.algorithm}"
+            )
+
+    def sync(self) -> None:
+        """``syncfs`` on the repository's filesystem: everything written so far is durable."""
+        try:
+            _syncfs(self.dirfd)
+        except OSError as e:
+            raise RepositoryError(f"syncfs on {self.path} failed: {e}") from e
+
+    # --------------------------------------------------------------- streams
+
+    def publish_stream(
+        self, content_id: str, digest: Digest, ref: str | None = None, *, sync: bool = True
+    ) -> None:
+        """Name a stored splitstream object, and optionally add a ref to it.
+
+        First (unless ``sync`` is false) ``syncfs``, so the name never exists
+        without its objects after a crash. Then ``streams/<content_id>`` ->
+        ``../objects/XX/rest`` and, with ``ref``, ``streams/refs/<ref>`` ->
+        the stream, both relative and atomically replaced.
+
+        Raises:
+            RepositoryError: an invalid name, or a read-only repository.
+        """
+        _check_name("stream", content_id)
+        if content_id.split("/", 1)[0] == "refs":
+            raise RepositoryError(f"invalid stream name {content_id!r}: 'refs' is reserved")
+        if ref is not None:
+            _check_name("ref", ref)
+        self._check_algorithm(digest)
+        self.ensure_writable()
+        if sync:
+            self.sync()
+        stream_path = f"streams/{content_id}"
+        try:
+            self._symlink(stream_path, f"objects/{digest.object_path()}")
+            if ref is not None:
+                self._symlink(f"streams/refs/{ref}", stream_path)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot publish stream {content_id!r} in {self.path}: {e}"
+            ) from e
+
+    def _symlink(self, name: str, target: str) -> None:
+        """``name`` -> ``target`` (repository-relative paths), computed like upstream."""
+        parent = name.split("/")[:-1]
+        target_parts = target.split("/")
+        common = 0
+        while (
+            common < len(parent)
+            and common < len(target_parts)
+            and parent[common] == target_parts[common]
+        ):
+            common += 1
+        ancestor = parent[:common]
+        ups = []
+        for part in parent[common:]:
+            ancestor.append(part)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir("/".join(ancestor), 0o755, dir_fd=self.dirfd)
+            ups.append("..")
+        relative = "/".join(ups + target_parts[common:])
+        _replace_symlink(self.dirfd, relative, name)
+
+    def has_stream(self, content_id: str) -> Digest | None:
+        """The object digest behind ``streams/<content_id>``, or ``None``."""
+        _check_name("stream", content_id)
+        try:
+            target = os.readlink(f"streams/{content_id}", dir_fd=self.dirfd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise RepositoryError(f"{self.path}/streams/{content_id}: {e}") from e
+        return self._parse_stream_target(content_id, target)
+
+    def _parse_stream_target(self, content_id: str, target: str) -> Digest:
+        n = 2 * self.algorithm.digest_size + 1
+        if not target.startswith("../") or len(target) < n:
+            raise RepositoryError(
+                f"{self.path}/streams/{content_id}: symlink target {target!r} is not an object"
+            )
+        try:
+            return Digest.from_object_path(target[-n:], self.algorithm)
+        except DigestError as e:
+            raise RepositoryError(
+                f"{self.path}/streams/{content_id}: symlink target {target!r} is not an object"
+            ) from e
+
+    def resolve_stream(self, name: str) -> Digest:
+        """The object digest of a stream named by content id or ``refs/...``.
+
+        Raises:
+            ObjectNotFoundError: the name, a link in its chain, or the object is missing.
+        """
+        _check_name("stream", name)
+        current = f"streams/{name}"
+        for _ in range(40):
+            try:
+                target = os.readlink(current, dir_fd=self.dirfd)
+            except (FileNotFoundError, NotADirectoryError):
+                raise ObjectNotFoundError(f"stream {name!r} not found in {self.path}") from None
+            except OSError as e:
+                raise RepositoryError(f"{self.path}/{current}: {e}") from e
+            if target.startswith("/"):
+                raise RepositoryError(f"{self.path}/{current}: absolute symlink {target!r}")
+            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(current), target))
+            if resolved.startswith("../") or resolved == "..":
+                raise RepositoryError(
+                    f"{self.path}/{current}: symlink {target!r} leaves the repository"
+                )
+            if resolved.startswith("objects/"):
+                try:
+                    digest = Digest.from_object_path(resolved[len("objects/") :], self.algorithm)
+                except DigestError as e:
+                    raise RepositoryError(
+                        f"{self.path}/{current}: symlink target {target!r} is not an object"
+                    ) from e
+                if not self.has_object(digest):
+                    raise ObjectNotFoundError(
+                        f"stream {name!r} in {self.path} is dangling: object {digest} is missing"
+                    )
+                return digest
+            current = resolved
+        raise RepositoryError(f"stream {name!r} in {self.path}: too many levels of symlinks")
+
+    def list_streams(self) -> dict[str, Digest]:
+        """Every ``streams/<content-id>`` symlink whose target is an object path."""
+        out: dict[str, Digest] = {}
+        for entry_name, target in _symlinks_in(self.dirfd, "streams", recursive=False):
+            if entry_name.startswith("."):
+                continue
+            try:
+                out[entry_name] = self._parse_stream_target(entry_name, target)
+            except RepositoryError:
+                continue
+        return out
+
+    def list_stream_refs(self) -> dict[str, str]:
+        """Every ref under ``streams/refs/``: ``{ref: content id}`` (raw target if not a stream)."""
+        out: dict[str, str] = {}
+        for ref, target in _symlinks_in(self.dirfd, "streams/refs", recursive=True):
+            if posixpath.basename(ref).startswith(TMP_SYMLINK_PREFIX):
+                continue
+            where = posixpath.dirname(f"streams/refs/{ref}")
+            resolved = posixpath.normpath(posixpath.join(where, target))
+            head, sep, rest = resolved.partition("/")
+            out[ref] = rest if head == "streams" and sep and "/" not in rest else target
+        return out
+
+
+@attrs.define(eq=False)
+class ObjectTmpfile:
+    """One object being written: an anonymous (or, as a fallback, named) temporary file.
+
+    :meth:`write` the content, then :meth:`finish` to link it under its
+    digest; leaving the ``with`` block without finishing discards it. Use
+    from one thread at a time.
+
+    Attributes:
+        fd: the file descriptor (``O_RDWR`` until :meth:`finish`).
+        name: the temporary name in ``objects/`` on the fallback path, else ``None``.
+        size: bytes written so far.
+    """
+
+    repo: Repository = attrs.field(repr=False)
+    fd: int
+    name: str | None
+    objects_fd: int = attrs.field(repr=False)
+    size: int = 0
+    _done: bool = attrs.field(default=False, init=False)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append all of ``data`` (loops over short writes)."""
+        if self._done:
+            raise InternalError("ObjectTmpfile.write() after finish() or abort()")
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self.fd, view)
+            self.size += n
+            view = view[n:]
+
+    def finish(self, digest: Digest | None = None) -> tuple[Digest, bool]:
+        """Name the object by its digest and link it into ``objects/``.
+
+        Where the kernel supports fs-verity, verity is enabled and the digest
+        measured (``digest``, if given, must agree). Otherwise the repository
+        must be insecure and ``digest`` (computed by the caller) is trusted, or
+        the file is hashed here.
+
+        Returns:
+            ``(digest, already_present)``; when already present the new copy is
+            discarded.
+
+        Raises:
+            DigestMismatchError: the measured digest differs from ``digest``.
+            VerityUnsupportedError: a secure repository on a filesystem without
+                fs-verity.
+        """
+        if self._done:
+            raise InternalError("ObjectTmpfile.finish() after finish() or abort()")
+        repo = self.repo
+        try:
+            if digest is not None:
+                repo._check_algorithm(digest)
+            if repo.verity_supported:
+                actual = self._enable_and_measure()
+                if digest is not None and actual != digest:
+                    raise DigestMismatchError(
+                        f"object written to {repo.path}/objects has fs-verity digest {actual},"
+                        f" not the expected {digest}"
+                    )
+            elif not repo.insecure:
+                raise VerityUnsupportedError(
+                    f"the filesystem holding {repo.path} lacks fs-verity support, which this"
+                    " secure repository requires (use --insecure)"
+                )
+            elif digest is not None:
+                actual = digest
+            else:
+                actual, _ = _hash_fd(self.fd, repo.algorithm)
+            present = self._link(actual)
+        except BaseException:
+            self.abort()
+            raise
+        self._close()
+        return actual, present
+
+    def _enable_and_measure(self) -> Digest:
+        repo = self.repo
+        self._make_readonly()
+        result = repo.verity_ops.enable_with_retry(self.fd, repo.algorithm)
+        if result is EnableResult.BUSY:
+            self._replace_with_copy()
+            result = repo.verity_ops.enable_with_retry(self.fd, repo.algorithm)
+            if result is EnableResult.BUSY:
+                raise RepositoryError(
+                    f"cannot enable fs-verity on a new object in {repo.path}: a writable"
+                    " file descriptor to it is still open (ETXTBSY), even after copying"
+                )
+        if result is EnableResult.NOT_SUPPORTED:
+            raise VerityUnsupportedError(
+                f"enabling fs-verity on an object in {repo.path} failed: not supported"
+            )
+        measured = repo.verity_ops.measure(self.fd, repo.algorithm)
+        if measured is None:
+            raise RepositoryError(
+                f"fs-verity was enabled on a new object in {repo.path} but cannot be measured"
+            )
+        return measured
+
+    def _make_readonly(self) -> None:
+        ro = _reopen_readonly(self.fd)
+        os.close(self.fd)
+        self.fd = ro
+
+    def _replace_with_copy(self) -> None:
+        """Copy the data into a fresh temporary file (last resort against ETXTBSY)."""
+        fd, name, _ = self.repo._create_tmp()
+        try:
+            _copy_fd(self.fd, fd)
+            ro = _reopen_readonly(fd)
+        except BaseException:
+            os.close(fd)
+            if name is not None:
+                _unlink_quietly(self.objects_fd, name)
+            raise
+        os.close(fd)
+        self._close()
+        self.fd, self.name, self._done = ro, name, False
+
+    def _link(self, digest: Digest) -> bool:
+        """Link under ``XX/rest``; True when an object of that name and size was already there."""
+        path = digest.object_path()
+        objects = self.objects_fd
+        try:
+            if os.stat(path, dir_fd=objects).st_size == self.size:
+                return True
+        except FileNotFoundError:
+            pass
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path[:2], 0o755, dir_fd=objects)
+        if self.name is not None:
+            try:
+                if _renameat2_noreplace(objects, self.name, path):
+                    self.name = None
+                    return False
+                os.link(self.name, path, src_dir_fd=objects, dst_dir_fd=objects)
+            except FileExistsError:
+                return True
+            _unlink_quietly(objects, self.name)
+            self.name = None
+            return False
+        try:
+            os.link(_proc_fd(self.fd), path, dst_dir_fd=objects, follow_symlinks=True)
+        except FileExistsError:
+            return True
+        return False
+
+    def _close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        os.close(self.fd)
+        if self.name is not None:
+            _unlink_quietly(self.objects_fd, self.name)
+            self.name = None
+
+    def abort(self) -> None:
+        """Discard the object (idempotent): close, and unlink a fallback name."""
+        self._close()
+
+    def __enter__(self) -> ObjectTmpfile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+
+def _digest_of(data: bytes, algorithm: Algorithm) -> Digest:
+    hasher = FsVerityHasher(algorithm)
+    hasher.update(data)
+    return hasher.digest()
+
+
+def _exists(dirfd: int, rel: str) -> bool:
+    try:
+        os.stat(rel, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _unlink_quietly(dirfd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dirfd)
+
+
+def _read_all(fd: int) -> bytes:
+    parts = []
+    offset = 0
+    while chunk := os.pread(fd, _READ_CHUNK, offset):
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _read_meta(dirfd: int, spath: str) -> RepoMetadata | None:
+    try:
+        fd = os.open(META_JSON, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        return None
+    try:
+        return RepoMetadata.from_json(_read_all(fd), source=posixpath.join(spath, META_JSON))
+    finally:
+        os.close(fd)
+
+
+def _write_meta(dirfd: int, meta: RepoMetadata, *, enable_verity: bool, ops: VerityOps) -> None:
+    """Write ``meta.json`` atomically (O_TMPFILE + linkat), fs-verity on it when secure.
+
+    Raises FileExistsError when it already exists.
+    """
+    data = meta.to_json()
+    try:
+        fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
+        named = False
+    except OSError as e:
+        if e.errno not in _NO_TMPFILE_ERRNOS:
+            raise
+        fd = os.open(
+            META_JSON, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dirfd
+        )
+        named = True
+    ro = -1
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        ro = _reopen_readonly(fd)
+        os.close(fd)
+        fd = -1
+        if enable_verity:
+            result = ops.enable_with_retry(ro, meta.algorithm)
+            if result is EnableResult.NOT_SUPPORTED:
+                raise VerityUnsupportedError("the filesystem lacks fs-verity support")
+            if result is EnableResult.BUSY:
+                raise RepositoryError("cannot enable fs-verity on meta.json: file busy")
+        if not named:
+            os.link(_proc_fd(ro), META_JSON, dst_dir_fd=dirfd, follow_symlinks=True)
+    except BaseException:
+        if named:
+            _unlink_quietly(dirfd, META_JSON)
+        raise
+    finally:
+        for f in (fd, ro):
+            if f >= 0:
+                os.close(f)
+
+
+def _replace_symlink(dirfd: int, target: str, name: str) -> None:
+    """Make ``name`` a symlink to ``target``, atomically replacing a different one."""
+    try:
+        os.symlink(target, name, dir_fd=dirfd)
+        return
+    except FileExistsError:
+        pass
+    try:
+        if os.readlink(name, dir_fd=dirfd) == target:
+            return
+    except OSError:
+        pass  # not a symlink: let rename report it
+    parent = posixpath.dirname(name)
+    for _ in range(16):
+        tmp = posixpath.join(parent, _random_name(TMP_SYMLINK_PREFIX))
+        try:
+            os.symlink(target, tmp, dir_fd=dirfd)
+        except FileExistsError:
+            continue
+        try:
+            os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except BaseException:
+            _unlink_quietly(dirfd, tmp)
+            raise
+        return
+    raise RepositoryError(f"cannot find a free temporary symlink name next to {name}")
+
+
+def _symlinks_in(dirfd: int, rel: str, *, recursive: bool) -> list[tuple[str, str]]:
+    """``(path relative to rel, target)`` for every symlink under ``rel``."""
+    out: list[tuple[str, str]] = []
+    try:
+        fd = os.open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        return out
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+        for entry in entries:
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                out.append((entry.name, os.readlink(entry.name, dir_fd=fd)))
+            elif recursive and stat.S_ISDIR(mode):
+                for sub, target in _symlinks_in(fd, entry.name, recursive=True):
+                    out.append((f"{entry.name}/{sub}", target))
+    finally:
+        os.close(fd)
+    return out
