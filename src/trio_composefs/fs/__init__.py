@@ -17,3 +17,7 @@ from ._tree import LeafContent as LeafContent
 from ._tree import Socket as Socket
 from ._tree import Stat as Stat
 from ._tree import Symlink as Symlink
+from ._dumpfile import escape as escape
+from ._dumpfile import escape_optional as escape_optional
+from ._dumpfile import escape_xattr as escape_xattr
+from ._dumpfile import write_dumpfile as write_dumpfile
