@@ -263,24 +263,27 @@ class _Writer:
         nlinks: dict[int, int] = {}
         canonical: dict[int, tuple[int, bytes]] = {}
         whiteout_dirs: set[int] = set()
-        stack: list[Directory] = [self.fs.root]
+        # Depth first, pre-order, children in byte order: the dumpfile's line order.
+        root = self.fs.root
+        stack: list[tuple[Directory, Iterator[tuple[bytes, Inode]]]] = [
+            (root, iter(root.sorted_entries()))
+        ]
         while stack:
-            directory = stack.pop()
-            children = directory.sorted_entries()
+            directory, children = stack[-1]
             for name, child in children:
-                if isinstance(child, Leaf):
-                    key = id(child)
-                    count = nlinks.get(key, 0)
-                    nlinks[key] = count + 1
-                    if count == 0:
-                        canonical[key] = (id(directory), name)
-                        content = child.content
-                        if isinstance(content, CharDevice) and content.rdev == 0:
-                            whiteout_dirs.add(id(directory))
-            # Depth first in byte order: push in reverse so the smallest name pops first.
-            stack.extend(
-                child for _name, child in reversed(children) if isinstance(child, Directory)
-            )
+                if isinstance(child, Directory):
+                    stack.append((child, iter(child.sorted_entries())))
+                    break
+                key = id(child)
+                count = nlinks.get(key, 0)
+                nlinks[key] = count + 1
+                if count == 0:
+                    canonical[key] = (id(directory), name)
+                    content = child.content
+                    if isinstance(content, CharDevice) and content.rdev == 0:
+                        whiteout_dirs.add(id(directory))
+            else:
+                stack.pop()
         return nlinks, canonical, whiteout_dirs
 
     def _plan_tree(self) -> None:
