@@ -8,6 +8,7 @@ types are the real ones, which is all an image records.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -15,8 +16,8 @@ import subprocess
 from pathlib import Path
 
 from hypothesis import strategies as st
-from oracles import need_c_tool
 
+from oracles import need_c_tool
 from trio_composefs.fs import (
     BlockDevice,
     CharDevice,
@@ -113,8 +114,10 @@ _XATTR_VALUES = st.one_of(
 _XATTRS = st.dictionaries(_XATTR_NAMES, _XATTR_VALUES, max_size=6)
 _SIZES = st.one_of(
     st.sampled_from(
-        [1, 64, 65, 1234, 4095, 4096, 4097, 8192, 8193, 2**20, 2**20 + 1, 2**32, 2**32 + 1]
-        + [2**43, 2**43 + 1, 2**50, 2**53 - 1, 2**53]
+        [
+            *(1, 64, 65, 1234, 4095, 4096, 4097, 8192, 8193, 2**20, 2**20 + 1),
+            *(2**32, 2**32 + 1, 2**43, 2**43 + 1, 2**50, 2**53 - 1, 2**53),
+        ]
     ),
     st.integers(1, 2**53),
 )
@@ -143,8 +146,10 @@ def leaf_contents(draw: st.DrawFn) -> Leaf:
     kind = draw(st.integers(0, 9))
     s = draw(stats())
     if kind <= 1:
-        big = draw(st.integers(0, 9)) == 0
-        return Leaf(s, InlineFile(draw(st.binary(max_size=5000 if big else 64))))
+        if draw(st.integers(0, 9)) == 0:  # C inlines up to 5000 bytes, composefs-rs 64
+            n = draw(st.sampled_from([65, 2047, 2048, 2049, 3000, 4095, 4096, 4097, 5000]))
+            return Leaf(s, InlineFile(draw(st.binary(min_size=n, max_size=n))))
+        return Leaf(s, InlineFile(draw(st.binary(max_size=64))))
     if kind <= 3:
         return Leaf(s, ExternalFile(draw(_SIZES), _digest(draw)))
     if kind <= 5:
@@ -198,8 +203,9 @@ def filesystems(draw: st.DrawFn) -> FileSystem:
     # Many shared xattrs on a few inodes (> 128 refs on one inode).
     if draw(st.integers(0, 3)) == 0:
         many = {b"user.s%03d" % i: b"v%d" % (i % 7) for i in range(draw(st.integers(120, 200)))}
-        targets = [root, *leaves][: draw(st.integers(2, 4))]
-        for inode in targets:
+        targets: list[Inode] = [root]
+        targets.extend(leaves)
+        for inode in targets[: draw(st.integers(2, 4))]:
             inode.stat.xattrs.update(many)
     return FileSystem(root)
 
@@ -219,10 +225,8 @@ def scan_host(top: str, *, max_entries: int = 200_000) -> FileSystem:
         xattrs: dict[bytes, bytes] = {}
         try:
             for name in os.listxattr(path, follow_symlinks=False):
-                try:
+                with contextlib.suppress(OSError):
                     xattrs[name.encode()] = os.getxattr(path, name, follow_symlinks=False)
-                except OSError:
-                    pass
         except OSError:
             pass
         return Stat(
