@@ -256,3 +256,51 @@ def test_input_tree_is_not_modified() -> None:
     before = dumpfile_bytes(fs)
     write_erofs(fs)
     assert dumpfile_bytes(fs) == before
+
+
+def _dir_with_tail(tail: int, full_blocks: int) -> FileSystem:
+    """A subdirectory whose dirents fill ``full_blocks`` blocks plus ``tail`` bytes:
+    ``.`` (13) and ``..`` (14) and then 32-byte entries (12 + a 20-byte name), the last
+    one adjusted."""
+    fs = _empty()
+    sub = Directory(Stat(0o755, mtime=5))
+    fs.root.entries[b"sub"] = sub
+    total = full_blocks * 4096 + tail
+    used = 27
+    i = 0
+    while total - used > 0:
+        room = total - used
+        if full_blocks and (used % 4096) + 32 > 4096:  # start the next block
+            used += 4096 - used % 4096
+            continue
+        name_len = 20 if room >= 32 + 13 or room < 13 else room - 12
+        name = (b"e%04d" % i).ljust(name_len, b"x")
+        sub.entries[name] = Leaf(Stat(0o644), Fifo())
+        used += 12 + len(name)
+        i += 1
+    return fs
+
+
+@pytest.mark.parametrize("full_blocks", [0, 1, 3])
+@pytest.mark.parametrize("tail", [2040, 2047, 2048, 2049, 2050, 2060, 4000, 4096])
+def test_directory_tails_around_half_a_block_identical_to_c(tail: int, full_blocks: int) -> None:
+    need_c_tool("mkcomposefs")
+    fs = _dir_with_tail(tail, full_blocks)
+    ours = write_erofs(fs)
+    theirs = c_mkcomposefs(dumpfile_bytes(fs))
+    assert ours == theirs, first_difference(ours, theirs)
+
+
+@pytest.mark.parametrize("length", [4000, 4030, 4031, 4032, 4033, 4034, 4063, 4064, 4095])
+@pytest.mark.parametrize("before", [0, 1, 7])
+def test_long_symlinks_identical_to_c(length: int, before: int) -> None:
+    """Symlinks whose inode + target reach a block (promoted) or straddle one (moved)."""
+    need_c_tool("mkcomposefs")
+    fs = _empty()
+    for i in range(before):
+        fs.root.entries[b"a%d" % i] = Leaf(Stat(0o644, mtime=i), InlineFile(b"y" * (i * 9)))
+    fs.root.entries[b"link"] = Leaf(Stat(0o777, mtime=3), Symlink(b"t" * length))
+    fs.root.entries[b"z"] = Leaf(Stat(0o777), Symlink(b"u" * (length // 2)))
+    ours = write_erofs(fs)
+    theirs = c_mkcomposefs(dumpfile_bytes(fs))
+    assert ours == theirs, first_difference(ours, theirs)
