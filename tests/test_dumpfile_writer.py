@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from erofs_trees import c_dump, c_mkcomposefs, dumpfile_bytes, filesystems
+from trio_composefs._errors import ErofsWriteError
 from trio_composefs.fs import (
     BlockDevice,
     CharDevice,
@@ -202,3 +203,24 @@ def test_deep_tree_needs_no_recursion(deep: int) -> None:
     lines = list(write_dumpfile(FileSystem(root)))
     assert len(lines) == deep + 1
     assert len(write_erofs(FileSystem(root))) % 4096 == 0
+
+
+def test_sha512_digests_are_128_hex_digits() -> None:
+    digest = Digest(Algorithm.SHA512, bytes(range(64)))
+    root = Directory(Stat(0o755))
+    root.entries[b"f"] = Leaf(Stat(0o644), ExternalFile(70000, digest))
+    lines = list(write_dumpfile(FileSystem(root)))
+    hexdigest = digest.hex().encode()
+    assert len(hexdigest) == 128
+    assert lines[1] == b"/f 70000 100644 1 0 0 0 0.0 %s/%s - %s\n" % (
+        hexdigest[:2],
+        hexdigest[2:],
+        hexdigest,
+    )
+
+
+def test_directory_twice_is_an_error_not_a_loop() -> None:
+    root = Directory(Stat(0o755))
+    root.entries[b"self"] = root
+    with pytest.raises(ErofsWriteError, match="appears twice"):
+        list(write_dumpfile(FileSystem(root)))

@@ -304,3 +304,16 @@ def test_long_symlinks_identical_to_c(length: int, before: int) -> None:
     ours = write_erofs(fs)
     theirs = c_mkcomposefs(dumpfile_bytes(fs))
     assert ours == theirs, first_difference(ours, theirs)
+
+
+def test_directory_twice_is_an_error_not_a_loop() -> None:
+    fs = _empty()
+    sub = Directory(Stat(0o755))
+    fs.root.entries[b"a"] = sub
+    sub.entries[b"loop"] = sub  # a cycle
+    with pytest.raises(ErofsWriteError, match="appears twice"):
+        write_erofs(fs)
+    fs.root.entries[b"a"] = Directory(Stat(0o755))
+    fs.root.entries[b"b"] = fs.root.entries[b"c"] = Directory(Stat(0o755))
+    with pytest.raises(ErofsWriteError, match="appears twice"):
+        write_erofs(fs)

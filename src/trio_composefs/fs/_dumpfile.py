@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from .._errors import ErofsWriteError
 from ._tree import (
     BlockDevice,
     CharDevice,
@@ -135,14 +136,38 @@ def _leaf_line(path: bytes, leaf: Leaf, nlink: int) -> bytes:
     return _line(path, leaf.size, leaf.st_mode, nlink, leaf.stat, rdev, payload, data, digest)
 
 
+def _count_names(fs: FileSystem) -> dict[int, int]:
+    """For each leaf (by ``id``), how many names it has; rejects a directory met twice
+    (a cycle would make the walk endless)."""
+    counts: dict[int, int] = {}
+    seen_dirs = {id(fs.root)}
+    stack = [fs.root]
+    while stack:
+        for name, child in stack.pop().entries.items():
+            if isinstance(child, Directory):
+                if id(child) in seen_dirs:
+                    raise ErofsWriteError(
+                        f"directory {name!r} appears twice in the tree (a directory"
+                        " cannot be hard-linked, and a tree has no cycles)"
+                    )
+                seen_dirs.add(id(child))
+                stack.append(child)
+            else:
+                counts[id(child)] = counts.get(id(child), 0) + 1
+    return counts
+
+
 def write_dumpfile(fs: FileSystem) -> Iterator[bytes]:
     """The dumpfile of ``fs``, one line at a time (each ends in ``b"\\n"``).
 
     Depth first, children in byte order; the first name of a hard-linked leaf carries
     its metadata, later names are ``@`` lines pointing at it. See the module docstring
     for the exact format. Iterative: a deep tree needs no recursion.
+
+    Raises:
+        ErofsWriteError: a directory object appears twice in the tree (before any line).
     """
-    nlinks = fs.nlinks()
+    nlinks = _count_names(fs)
     canonical: dict[int, bytes] = {}
     for path, inode in fs.walk():
         if isinstance(inode, Directory):

@@ -283,10 +283,17 @@ class _Writer:
         stack: list[tuple[Directory, Iterator[tuple[bytes, Inode]]]] = [
             (root, iter(root.sorted_entries()))
         ]
+        seen_dirs = {id(root)}
         while stack:
             directory, children = stack[-1]
             for name, child in children:
                 if isinstance(child, Directory):
+                    if id(child) in seen_dirs:
+                        raise ErofsWriteError(
+                            f"directory {name!r} appears twice in the tree (a directory"
+                            " cannot be hard-linked, and a tree has no cycles)"
+                        )
+                    seen_dirs.add(id(child))
                     stack.append((child, iter(child.sorted_entries())))
                     break
                 key = id(child)
