@@ -785,10 +785,17 @@ class _Writer:
 def iter_erofs(fs: FileSystem, *, version: int = 1) -> Iterator[bytes]:
     """The composefs EROFS image of ``fs``, as a stream of byte strings.
 
-    Byte-identical to C ``mkcomposefs --min-version=V --max-version=V`` 1.0.8 given our
-    dumpfile of the same tree (V1, the default, or V0). The layout is planned before the
-    first piece is yielded (errors such as :class:`ErofsWriteError` come then); the
-    image itself is never held whole. The tree must not change while this runs.
+    Byte-identical to C ``mkcomposefs --min-version=V --max-version=V --from-file`` 1.0.8
+    given our dumpfile of the same tree, and so to composefs-rs's V1 writer. ``version``
+    1 (the default) or 0; 0 is exactly that, as C's ``--max-version=0``: user whiteouts
+    are still converted but their directories get no ``opaque=x`` (C's option-less
+    default would raise such an image to version 1).
+
+    The whole layout is planned here, before the iterator is returned, so errors come
+    from this call: :class:`ErofsWriteError` for a tree the format cannot hold (a file
+    over 1024 chunks, i.e. > 8 PiB; too many xattrs; a directory met twice). The image
+    is then yielded in pieces of about 64 KiB and never held whole. The tree must not
+    change until the iterator is exhausted.
     """
     writer = _Writer(fs, version)
     return writer.chunks()
