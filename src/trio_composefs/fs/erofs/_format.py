@@ -26,6 +26,7 @@ __all__ = [
     "BLOCK_BITS",
     "BLOCK_SIZE",
     "COMPACT_INODE",
+    "COMPOSEFS_HEADER_VERSION",
     "COMPOSEFS_MAGIC",
     "DIRENT",
     "EROFS_MAGIC",

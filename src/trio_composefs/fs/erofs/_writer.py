@@ -80,6 +80,7 @@ from ._format import (
     LAYOUT_FLAT_PLAIN,
     MAX_NONINLINE_CHUNKS,
     MAX_SHARED_XATTRS,
+    NULL_ADDR,
     SLOT_SIZE,
     SUPERBLOCK,
     SUPERBLOCK_OFFSET,
@@ -125,6 +126,7 @@ _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 _FLUSH = 1 << 16  # emit in pieces of about this size
+_NULL_CHUNK = NULL_ADDR.to_bytes(4, "little")  # an unmapped chunk: ff ff ff ff
 
 # Tail kinds: what the inline tail (or the promoted block) holds.
 _T_NONE = 0
@@ -695,7 +697,7 @@ class _Writer:
         if tail_kind == _T_DIR:
             return self._dir_chunks(index, blocks_wanted=False)[1]
         if tail_kind == _T_CHUNKS:
-            return b"\xff" * tail
+            return _NULL_CHUNK * (tail // 4)
         return self._content(index)[self.size[index] - tail :]
 
     def _content(self, index: int) -> bytes:
@@ -770,7 +772,7 @@ class _Writer:
                 for block in self._dir_chunks(index, blocks_wanted=True)[0]:
                     buf += block
             elif self.tail_kind[index] == _T_CHUNKS:
-                buf += b"\xff" * BLOCK_SIZE
+                buf += _NULL_CHUNK * MAX_NONINLINE_CHUNKS  # C always writes a whole block
             else:
                 data = self._content(index)[: self.size[index] - tails[index]]
                 buf += data
