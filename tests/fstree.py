@@ -255,7 +255,13 @@ def stats(draw: st.DrawFn) -> Stat:
         gid=draw(st.integers(0, 2**32 - 1)) if big else draw(st.sampled_from([0, 1000])),
         mtime=draw(st.sampled_from([0, 1, 1700000000])) if not big else draw(st.integers(0, 2**33)),
         mtime_nsec=draw(st.sampled_from([0, 0, 5, 999_999_999])),
-        xattrs=draw(st.dictionaries(_XATTR_KEYS, _XATTR_VALUES, max_size=4)),
+        xattrs={
+            # C 1.0.8's reader drops a last inline xattr entry of exactly 4 bytes (an
+            # empty ACL value): its loop runs while entry + 4 < end. Real ACLs are
+            # never empty, so the trees avoid that quirk.
+            k: v if v or not k.startswith(b"system.posix_acl") else b"\x02\0\0\0"
+            for k, v in draw(st.dictionaries(_XATTR_KEYS, _XATTR_VALUES, max_size=4)).items()
+        },
     )
 
 

@@ -10,7 +10,8 @@ The image (all integers little-endian; block = 4096):
   ``flags`` (bit 0: has ACLs), ``composefs_version`` (0 or 1 for C mkcomposefs,
   1 for composefs-rs V1, 2 for composefs-rs's legacy V2), 16 unused bytes.
 * 1024: the EROFS superblock (magic 0xE0F5E1E2, ``blkszbits`` 12, ``root_nid``,
-  ``build_time``/``build_time_nsec`` (the mtime of compact inodes),
+  ``build_time``/``build_time_nsec`` (the mtime of compact inodes), ``blocks`` (an
+  image shorter than ``blocks * 4096`` bytes is truncated),
   ``meta_blkaddr``, ``xattr_blkaddr``). Compression, extra devices, custom xattr
   prefixes and every incompatible feature but CHUNKED_FILE are refused.
 * Inodes at ``meta_blkaddr * 4096 + nid * 32``: compact (32 bytes) or extended (64),
@@ -223,7 +224,7 @@ def _parse_header(data: bytes) -> ErofsHeader:
         _inos,
         build_time,
         build_time_nsec,
-        _blocks,
+        blocks,
         meta_blkaddr,
         xattr_blkaddr,
         feature_incompat,
@@ -256,6 +257,12 @@ def _parse_header(data: bytes) -> ErofsHeader:
             "superblock uses features composefs never uses (extension slots, compression,"
             " extra devices, custom xattr prefixes or a packed inode)",
             offset=sb,
+        )
+    if blocks * BLOCK_SIZE > len(data):
+        raise ErofsError(
+            f"image truncated: the superblock counts {blocks} blocks"
+            f" ({blocks * BLOCK_SIZE} bytes), the image has {len(data)} bytes",
+            offset=len(data),
         )
     if build_time_nsec > 999_999_999:
         raise ErofsError(f"build_time_nsec {build_time_nsec} out of range", offset=sb + 32)
