@@ -58,7 +58,7 @@ from __future__ import annotations
 import re
 import struct
 
-from ..._errors import DigestError, ErofsError
+from ..._errors import ErofsError
 from ...fsverity import Algorithm, Digest
 from .._tree import (
     S_IFBLK,
@@ -148,6 +148,7 @@ _WHITEOUT_DIR_XATTRS = {
     b"user.overlay.opaque": b"x",
 }
 _STUB_NAME = re.compile(rb"[0-9a-f]{2}")
+_ALGORITHMS = {alg.kernel_id: alg for alg in Algorithm}
 
 
 class ErofsHeader:
@@ -598,12 +599,9 @@ class _Reader:
         if not value:
             return None
         if len(value) >= 4 and value[0] == 0 and value[1] == len(value) and value[2] == 0:
-            try:
-                algorithm = Algorithm.from_kernel_id(value[3])
-                if len(value) == 4 + algorithm.digest_size:
-                    return Digest(algorithm, value[4:])
-            except DigestError:
-                pass
+            algorithm = _ALGORITHMS.get(value[3])
+            if algorithm is not None and len(value) == 4 + algorithm.digest_size:
+                return Digest(algorithm, value[4:])
         raise ErofsError(
             f"malformed trusted.overlay.metacopy value {value[:8].hex()}... ({len(value)} bytes)",
             nid=ino.nid,
