@@ -4,6 +4,10 @@
 writer and reader live beside it.
 """
 
+from ._dumpfile import escape as escape
+from ._dumpfile import escape_optional as escape_optional
+from ._dumpfile import escape_xattr as escape_xattr
+from ._dumpfile import write_dumpfile as write_dumpfile
 from ._tree import BlockDevice as BlockDevice
 from ._tree import CharDevice as CharDevice
 from ._tree import Directory as Directory
