@@ -30,6 +30,7 @@ from trio_composefs.fs import (
     Socket,
     Symlink,
 )
+from trio_composefs.fs._dumpfile import write_dumpfile
 from trio_composefs.fs._dumpfile_parse import parse_dumpfile
 from trio_composefs.fsverity import Digest
 
@@ -151,6 +152,15 @@ def test_round_trip(fs: FileSystem, chunk: int) -> None:
     junk_line = text.count(b"\n") + 1
     with pytest.raises(DumpfileError, match=f"line {junk_line}"):
         parse_dumpfile(text + b"trailing junk\n")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fs=filesystems())
+def test_round_trip_library_writer(fs: FileSystem) -> None:
+    """parse(write_dumpfile(fs)) == fs, fed line by line as the writer yields them."""
+    want = signature(fs)
+    assert signature(parse_dumpfile(write_dumpfile(fs))) == want
+    assert signature(parse_dumpfile(b"".join(write_dumpfile(fs)))) == want
 
 
 @settings(max_examples=100, deadline=None)
