@@ -32,7 +32,11 @@ from trio_composefs.fs import (
 )
 from trio_composefs.fsverity import Algorithm, Digest
 
-C_BIN_DIRS = ["/var/cache/trio-composefs/composefs-1.0.8/bin"]
+# The same place as tests/oracles.py (branch oracle): .ci/build-composefs builds the
+# tools there; TRIO_COMPOSEFS_C_TOOLS names another directory.
+C_BIN_DIRS = [
+    os.environ.get("TRIO_COMPOSEFS_C_TOOLS", "/var/cache/trio-composefs/composefs-1.0.8/bin")
+]
 
 
 def _which(name: str) -> str | None:
