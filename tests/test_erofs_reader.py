@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fstree import composefs_info, dumpfile, filesystems, have_c_tools, mkcomposefs, signature
+from fstree import (
+    c_tool,
+    composefs_info,
+    dumpfile,
+    filesystems,
+    have_c_tools,
+    mkcomposefs,
+    signature,
+)
 from rs_snapshot import image_from_snapshot
 from trio_composefs._errors import ErofsError, FormatError
 from trio_composefs.fs import CharDevice, Directory, ExternalFile, FileSystem, Leaf
@@ -248,3 +257,48 @@ def test_c_reader_quirk_empty_last_xattr(tmp_path: Path) -> None:
     assert d.stat.xattrs == {b"system.posix_acl_access": b""}
     c_d = parse_dumpfile(composefs_info("dump", image, tmp_path)).root.entries[b"d"]
     assert c_d.stat.xattrs == {}
+
+
+@pytest.mark.skipif(not have_c_tools(), reason="C composefs 1.0.8 tools not built")
+@pytest.mark.parametrize("tree", ["/etc", "/usr/share/doc"])
+def test_c_images_of_real_trees(tree: str, tmp_path: Path) -> None:
+    """C ``mkcomposefs DIR`` on this machine's trees; we read what C's dump says."""
+    if not Path(tree).is_dir():
+        pytest.skip(f"{tree} does not exist here")
+    image_path = tmp_path / "tree.cfs"
+    subprocess.run(
+        [c_tool("mkcomposefs"), "--min-version=1", "--max-version=1", tree, str(image_path)],
+        check=True,
+        capture_output=True,
+    )
+    image = image_path.read_bytes()
+    ours = read_erofs(image)
+    c_tree = normalise_c(parse_dumpfile(composefs_info("dump", image, tmp_path)))
+    assert signature(ours) == signature(c_tree)
+    c_objects = set(composefs_info("objects", image, tmp_path).decode().split())
+    assert {d.object_path() for d in image_objects(image)} == c_objects
+
+
+@pytest.mark.skipif(not have_c_tools(), reason="C composefs 1.0.8 tools not built")
+@pytest.mark.parametrize("depth", [400, 2040])
+def test_deep_tree(depth: int, tmp_path: Path) -> None:
+    """Nested directories up to PATH_MAX, read iteratively.
+
+    C ``composefs-info dump`` 1.0.8 recurses with two PATH_MAX buffers per level and
+    crashes (SIGSEGV) from about 1000 levels, so the deep case compares with the
+    source tree only.
+    """
+    lines = [b"/ 0 40755 2 0 0 0 0.0 - - -\n"]
+    path = b""
+    for _ in range(depth):
+        path += b"/d"
+        lines.append(path + b" 0 40755 2 0 0 0 0.0 - - -\n")
+    lines.append(path + b"/f 1 100644 1 0 0 0 0.0 - x -\n")
+    text = b"".join(lines)
+    image = mkcomposefs(text, version=1)
+    ours = read_erofs(image)
+    assert sum(1 for _ in ours.walk()) == depth + 2
+    assert signature(ours) == signature(parse_dumpfile(text))
+    if depth < 1000:
+        c_tree = parse_dumpfile(composefs_info("dump", image, tmp_path))
+        assert signature(ours) == signature(c_tree)
