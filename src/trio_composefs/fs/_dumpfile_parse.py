@@ -50,8 +50,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
-from .._errors import DigestError, DumpfileError
-from ..fsverity import Digest
+from .._errors import DumpfileError
+from ..fsverity import Algorithm, Digest
 from ._tree import (
     S_IFBLK,
     S_IFCHR,
@@ -117,6 +117,8 @@ _MTIME = re.compile(rb"(-?[0-9]{1,20})\.([0-9]{1,20})")
 _HEX = re.compile(rb"[0-9a-fA-F]+")
 _ESCAPE = re.compile(rb"\\(?:([\\nrt])|x([0-9a-fA-F]{2}))")
 _NAMED = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
+
+_DIGEST_LENGTHS = {2 * alg.digest_size: alg for alg in Algorithm}
 
 _VALID_TYPES = {
     S_IFREG: "regular file",
@@ -272,6 +274,13 @@ def _xattrs(parts: list[bytes], lineno: int) -> dict[bytes, bytes]:
     return xattrs
 
 
+def _forbid(value: object, field: str, ftype: int, lineno: int) -> None:
+    if value is not None:
+        raise DumpfileError(
+            f"a {_VALID_TYPES[ftype]} cannot have a {field}", line=lineno, field=field
+        )
+
+
 def _chunk_count(size: int) -> int:
     """The number of chunks C's EROFS writer uses for an external file of ``size`` bytes."""
     chunkbits = min(max(12, (size - 1).bit_length()), 43)
@@ -425,12 +434,6 @@ class _Parser:
                 )
         stat = Stat(mode & 0o7777, uid, gid, mtime, mtime_nsec, _xattrs(xattr_fields, lineno))
 
-        def forbid(value: object, field: str) -> None:
-            if value is not None:
-                raise DumpfileError(
-                    f"a {_VALID_TYPES[ftype]} cannot have a {field}", line=lineno, field=field
-                )
-
         if ftype not in (S_IFCHR, S_IFBLK) and rdev != 0:
             raise DumpfileError(
                 f"a {_VALID_TYPES[ftype]} cannot have a device number ({rdev})",
@@ -438,11 +441,11 @@ class _Parser:
                 field="RDEV",
             )
         if ftype != S_IFREG:
-            forbid(content, "CONTENT")
-            forbid(None if digest_text == b"-" else digest_text, "DIGEST")
+            _forbid(content, "CONTENT", ftype, lineno)
+            _forbid(None if digest_text == b"-" else digest_text, "DIGEST", ftype, lineno)
 
         if ftype == S_IFDIR:
-            forbid(payload, "PAYLOAD")
+            _forbid(payload, "PAYLOAD", ftype, lineno)
             if not parts:
                 if self.root is not None:
                     raise DumpfileError("a second root entry", line=lineno, field="PATH")
@@ -483,7 +486,7 @@ class _Parser:
                 )
             leaf_content = Symlink(payload)
         else:
-            forbid(payload, "PAYLOAD")
+            _forbid(payload, "PAYLOAD", ftype, lineno)
             if ftype in (S_IFCHR, S_IFBLK) and rdev > _U32:
                 raise DumpfileError(
                     f"device number {rdev} does not fit the 32 bits EROFS stores",
@@ -507,14 +510,14 @@ class _Parser:
     ) -> InlineFile | ExternalFile:
         digest: Digest | None = None
         if digest_text != b"-":
-            if not _HEX.fullmatch(digest_text):
+            algorithm = _DIGEST_LENGTHS.get(len(digest_text))
+            if algorithm is None or not _HEX.fullmatch(digest_text):
                 raise DumpfileError(
-                    f"not a hex digest: {digest_text[:80]!r}", line=lineno, field="DIGEST"
+                    f"not a hex fs-verity digest (64 or 128 hex digits): {digest_text[:80]!r}",
+                    line=lineno,
+                    field="DIGEST",
                 )
-            try:
-                digest = Digest.from_hex(digest_text.decode("ascii").lower())
-            except DigestError as e:
-                raise DumpfileError(str(e), line=lineno, field="DIGEST") from None
+            digest = Digest(algorithm, bytes.fromhex(digest_text.decode("ascii")))
         if content is not None:
             if payload is not None:
                 raise DumpfileError(
