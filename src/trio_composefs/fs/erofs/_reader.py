@@ -58,6 +58,8 @@ from __future__ import annotations
 import re
 import struct
 
+import attrs
+
 from ..._errors import ErofsError
 from ...fsverity import Algorithm, Digest
 from .._tree import (
@@ -151,43 +153,25 @@ _STUB_NAME = re.compile(rb"[0-9a-f]{2}")
 _ALGORITHMS = {alg.kernel_id: alg for alg in Algorithm}
 
 
+@attrs.frozen
 class ErofsHeader:
-    """The composefs header and the superblock fields a reader needs."""
+    """The composefs header and the superblock fields a reader needs.
 
-    __slots__ = (
-        "build_time",
-        "build_time_nsec",
-        "composefs_version",
-        "flags",
-        "meta_start",
-        "root_nid",
-        "xattr_start",
-    )
+    Attributes:
+        flags: the composefs header flags (bit 0: some inode has a POSIX ACL).
+        composefs_version: 0 or 1 (C mkcomposefs, composefs-rs V1) or 2 (composefs-rs V2).
+        root_nid: the root directory's inode number.
+        build_time, build_time_nsec: the mtime of every compact inode.
+        meta_start, xattr_start: byte offsets of the inode table and the shared xattrs.
+    """
 
-    def __init__(
-        self,
-        *,
-        flags: int,
-        composefs_version: int,
-        root_nid: int,
-        build_time: int,
-        build_time_nsec: int,
-        meta_start: int,
-        xattr_start: int,
-    ) -> None:
-        self.flags = flags
-        self.composefs_version = composefs_version
-        self.root_nid = root_nid
-        self.build_time = build_time
-        self.build_time_nsec = build_time_nsec
-        self.meta_start = meta_start
-        self.xattr_start = xattr_start
-
-    def __repr__(self) -> str:
-        return (
-            f"ErofsHeader(composefs_version={self.composefs_version}, flags={self.flags},"
-            f" root_nid={self.root_nid})"
-        )
+    flags: int
+    composefs_version: int
+    root_nid: int
+    build_time: int
+    build_time_nsec: int
+    meta_start: int
+    xattr_start: int
 
 
 def read_erofs_header(image: bytes | bytearray | memoryview) -> ErofsHeader:
