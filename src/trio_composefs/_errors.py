@@ -99,6 +99,12 @@ class DigestMismatchError(ComposefsError):
     """Data whose digest differs from the one it was promised to have."""
 
 
+class ErofsWriteError(ComposefsError, ValueError):
+    """A tree that cannot be written as a composefs EROFS image (a file too big for one
+    chunk index, xattrs over the format's limits, an unknown version). The message names
+    the entry at fault."""
+
+
 class InternalError(ComposefsError):
     """An invariant of this library was broken. This is a bug: please report it."""
 
