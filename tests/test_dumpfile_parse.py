@@ -240,6 +240,7 @@ BAD = [
     (ROOT + b"/d 0 40755 2 0 0 0 0.0 - - -\n/a 0 @100644 - - - - 0.0 /d - -\n", "PAYLOAD"),
     (ROOT + b"/a 0 @100644 - - - - 0.0 /b - -\n/b 0 @100644 - - - - 0.0 /a - -\n", "PAYLOAD"),
     (ROOT + b"/a 0 @100644 - - - - 0.0 a - -\n", "PAYLOAD"),
+    (ROOT + b"/a 5 100644 1 0 0 0 0.0 aa/\\xff - -\n", "PAYLOAD"),  # not UTF-8
     (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -\x00\n", None),
     (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -\r\n", "DIGEST"),
 ]

@@ -34,9 +34,10 @@ The format, one entry per line (``\\n``-terminated; the last newline is optional
   whose number must fit the 32 bits EROFS stores; MTIME is ``SEC.NSEC`` with NSEC a
   count of nanoseconds (< 10**9), not a fraction.
 * PAYLOAD is the symlink target (1 to 4095 bytes), the backing path of an external
-  file, or the hard-link target. CONTENT is the inline data of a regular file.
-  DIGEST is the hex fs-verity digest (64 or 128 digits) of an external file. Any of
-  them on an entry that cannot have it is an error.
+  file (UTF-8: the tree holds it as ``str``), or the hard-link target. CONTENT is
+  the inline data of a regular file. DIGEST is the hex fs-verity digest (64 or 128
+  digits) of an external file. Any of them on an entry that cannot have it is an
+  error.
 * Xattr names are 1 to 255 bytes, values at most 65535 bytes, each name at most
   once per entry; the xattrs of one entry are limited as C limits them (about
   32 KiB in EROFS, 65535 characters of text).
@@ -567,7 +568,12 @@ class _Parser:
                     line=lineno,
                     field="PAYLOAD",
                 )
-            payload_str = payload.decode("utf-8", "surrogateescape")
+            try:
+                payload_str = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DumpfileError(
+                    f"the backing path {payload[:80]!r} is not UTF-8", line=lineno, field="PAYLOAD"
+                ) from None
         return ExternalFile(size, digest, payload_str)
 
     def add(

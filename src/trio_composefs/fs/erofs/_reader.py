@@ -34,7 +34,7 @@ What the composefs writers did, undone here:
   the digest of its ``trusted.overlay.metacopy`` (``struct ovl_metacopy``: version
   0, length 4 + digest size, flags 0, algorithm 1 = SHA-256 or 2 = SHA-512, digest;
   an empty value means no digest) and the payload of its
-  ``trusted.overlay.redirect`` without the leading ``/``.
+  ``trusted.overlay.redirect`` without the leading ``/`` (it must be UTF-8).
 * V0/V1 only: the 256 character devices 0/0 named ``00``..``ff`` in the root are
   skipped, and a regular file carrying ``trusted.overlay.overlay.whiteout`` becomes
   the character device 0/0 (a whiteout) it was, without its two whiteout xattrs;
@@ -574,7 +574,14 @@ class _Reader:
                 raise ErofsError(
                     "NUL byte in the redirect xattr", nid=ino.nid, offset=ino.xattr_start
                 )
-            payload = redirect.decode("utf-8", "surrogateescape")
+            try:
+                payload = redirect.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ErofsError(
+                    f"the redirect xattr {redirect[:80]!r} is not UTF-8",
+                    nid=ino.nid,
+                    offset=ino.xattr_start,
+                ) from None
         return ExternalFile(ino.size, digest, payload)
 
     @staticmethod
