@@ -8,6 +8,7 @@ and fresh ones from hypothesis trees when the C tools are present) and what C
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 import subprocess
@@ -159,7 +160,14 @@ def test_header() -> None:
 
 
 def check_hostile(image: bytes) -> FileSystem | None:
-    """Only ErofsError may come out; and image_objects agrees with read_erofs."""
+    """Only ErofsError may come out; image_objects agrees with read_erofs when it reads.
+
+    (image_objects checks less than read_erofs: it may succeed where read_erofs fails,
+    never the other way round.)
+    """
+    objects: set[Digest] | None = None
+    with contextlib.suppress(ErofsError):
+        objects = image_objects(image)
     error: FormatError | None = None
     try:
         fs = read_erofs(image)
@@ -167,10 +175,8 @@ def check_hostile(image: bytes) -> FileSystem | None:
         error = e
     if error is not None:
         assert "nid" in str(error) or "byte offset" in str(error)
-        with pytest.raises(ErofsError):
-            image_objects(image)
         return None
-    assert image_objects(image) == {f.digest for f in external_files(fs) if f.digest}
+    assert objects == {f.digest for f in external_files(fs) if f.digest}
     return fs
 
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterator
 
 import attrs
 
@@ -667,84 +668,101 @@ class _Reader:
 
     # -- the tree ------------------------------------------------------------------
 
-    def tree(self) -> FileSystem:
-        root_nid = self.header.root_nid
-        root_ino = self.inode(root_nid)
+    def root(self) -> _Inode:
+        root_ino = self.inode(self.header.root_nid)
         if root_ino.mode & S_IFMT != S_IFDIR:
-            raise ErofsError("the root is not a directory", nid=root_nid, offset=root_ino.offset)
-        root = Directory(Stat(0))
-        expanded: set[int] = {root_nid}
-        leaves: dict[int, Leaf] = {}
-        # (directory, its nid, its decoded inode, its parent's nid, its path)
-        stack: list[tuple[Directory, int, _Inode, int, bytes]] = [
-            (root, root_nid, root_ino, root_nid, b"/")
-        ]
-        while stack:
-            directory, nid, ino, parent_nid, path = stack.pop()
-            raw = self.xattrs(ino)
-            entries = self.dirents(ino)
-            has_whiteout = False
-            seen_dot = seen_dotdot = False
-            for name, child_nid, ftype in entries:
-                if name == b".":
-                    if child_nid != nid:
-                        raise ErofsError(
-                            f"'.' of {path!r} points to nid {child_nid}", nid=nid, offset=ino.offset
-                        )
-                    seen_dot = True
-                    continue
-                if name == b"..":
-                    if child_nid != parent_nid:
-                        raise ErofsError(
-                            f"'..' of {path!r} points to nid {child_nid}, not {parent_nid}",
-                            nid=nid,
-                            offset=ino.offset,
-                        )
-                    seen_dotdot = True
-                    continue
-                child_path = (path if path == b"/" else path + b"/") + name
-                child_ino = self.inode(child_nid)
-                child_type = child_ino.mode & S_IFMT
-                if _DIRENT_TYPES.get(ftype) != child_type:
+            raise ErofsError(
+                "the root is not a directory", nid=root_ino.nid, offset=root_ino.offset
+            )
+        return root_ino
+
+    def children(
+        self, ino: _Inode, parent_nid: int, path: bytes, expanded: set[int]
+    ) -> Iterator[tuple[bytes, _Inode, bytes]]:
+        """Validated ``(name, child inode, child path)`` of a directory, stubs skipped.
+
+        Checks ``.`` and ``..``, that each dirent's type matches its inode, and that no
+        directory is reached twice (``expanded`` collects the directories met).
+        """
+        nid = ino.nid
+        seen_dot = seen_dotdot = False
+        for name, child_nid, ftype in self.dirents(ino):
+            if name == b".":
+                if child_nid != nid:
                     raise ErofsError(
-                        f"directory entry {child_path!r} has type {ftype},"
-                        f" its inode has mode {child_ino.mode:o}",
+                        f"'.' of {path!r} points to nid {child_nid}", nid=nid, offset=ino.offset
+                    )
+                seen_dot = True
+                continue
+            if name == b"..":
+                if child_nid != parent_nid:
+                    raise ErofsError(
+                        f"'..' of {path!r} points to nid {child_nid}, not {parent_nid}",
                         nid=nid,
                         offset=ino.offset,
                     )
-                if child_type == S_IFDIR:
-                    if child_nid in expanded:
-                        raise ErofsError(
-                            f"directory {child_path!r} was reached twice (a cycle or a"
-                            " hard-linked directory)",
-                            nid=child_nid,
-                            offset=child_ino.offset,
-                        )
-                    expanded.add(child_nid)
+                seen_dotdot = True
+                continue
+            child_path = (path if path == b"/" else path + b"/") + name
+            child_ino = self.inode(child_nid)
+            child_type = child_ino.mode & S_IFMT
+            if _DIRENT_TYPES.get(ftype) != child_type:
+                raise ErofsError(
+                    f"directory entry {child_path!r} has type {ftype},"
+                    f" its inode has mode {child_ino.mode:o}",
+                    nid=nid,
+                    offset=ino.offset,
+                )
+            if child_type == S_IFDIR:
+                if child_nid in expanded:
+                    raise ErofsError(
+                        f"directory {child_path!r} was reached twice (a cycle or a"
+                        " hard-linked directory)",
+                        nid=child_nid,
+                        offset=child_ino.offset,
+                    )
+                expanded.add(child_nid)
+            elif (
+                self.legacy_rewrites
+                and nid == self.header.root_nid
+                and child_type == S_IFCHR
+                and child_ino.u == 0
+                and _STUB_NAME.fullmatch(name)
+            ):
+                continue  # one of the 256 stubs 00..ff
+            yield name, child_ino, child_path
+        if not (seen_dot and seen_dotdot):
+            raise ErofsError(
+                f"directory {path!r} lacks its '.' or '..' entry", nid=nid, offset=ino.offset
+            )
+
+    def tree(self) -> FileSystem:
+        root_ino = self.root()
+        root = Directory(Stat(0))
+        expanded: set[int] = {root_ino.nid}
+        leaves: dict[int, Leaf] = {}
+        # (directory, its decoded inode, its parent's nid, its path)
+        stack: list[tuple[Directory, _Inode, int, bytes]] = [(root, root_ino, root_ino.nid, b"/")]
+        while stack:
+            directory, ino, parent_nid, path = stack.pop()
+            raw = self.xattrs(ino)
+            has_whiteout = False
+            for name, child_ino, child_path in self.children(ino, parent_nid, path, expanded):
+                if child_ino.mode & S_IFMT == S_IFDIR:
                     sub = Directory(Stat(0))
                     directory.entries[name] = sub
-                    stack.append((sub, child_nid, child_ino, nid, child_path))
+                    stack.append((sub, child_ino, ino.nid, child_path))
                     continue
-                if (
-                    self.legacy_rewrites
-                    and nid == root_nid
-                    and child_type == S_IFCHR
-                    and child_ino.u == 0
-                    and _STUB_NAME.fullmatch(name)
-                ):
-                    continue  # one of the 256 stubs 00..ff
-                leaf = leaves.get(child_nid)
+                leaf = leaves.get(child_ino.nid)
                 if leaf is None:
                     leaf, whiteout = self.leaf(child_ino)
-                    leaves[child_nid] = leaf
+                    leaves[child_ino.nid] = leaf
                 else:
-                    whiteout = isinstance(leaf.content, CharDevice) and child_type == S_IFREG
+                    whiteout = (
+                        isinstance(leaf.content, CharDevice) and child_ino.mode & S_IFMT == S_IFREG
+                    )
                 has_whiteout = has_whiteout or whiteout
                 directory.entries[name] = leaf
-            if not (seen_dot and seen_dotdot):
-                raise ErofsError(
-                    f"directory {path!r} lacks its '.' or '..' entry", nid=nid, offset=ino.offset
-                )
             if has_whiteout:
                 raw = [
                     (n, v)
@@ -754,6 +772,30 @@ class _Reader:
                 ]
             directory.stat = self.stat(ino, raw)
         return FileSystem(root)
+
+    def objects(self) -> set[Digest]:
+        """The metacopy digests of the external files; the tree is never built.
+
+        Walks the same validated directories as :meth:`tree` but decodes only the
+        xattrs of chunk-based regular files, so memory is O(directories + objects).
+        """
+        root_ino = self.root()
+        expanded: set[int] = {root_ino.nid}
+        out: set[Digest] = set()
+        stack: list[tuple[_Inode, int, bytes]] = [(root_ino, root_ino.nid, b"/")]
+        while stack:
+            ino, parent_nid, path = stack.pop()
+            for _name, child_ino, child_path in self.children(ino, parent_nid, path, expanded):
+                ftype = child_ino.mode & S_IFMT
+                if ftype == S_IFDIR:
+                    stack.append((child_ino, ino.nid, child_path))
+                elif ftype == S_IFREG and child_ino.layout == LAYOUT_CHUNK_BASED:
+                    for name, value in self.xattrs(child_ino):
+                        if name == _METACOPY:
+                            digest = self.metacopy(value, child_ino)
+                            if digest is not None:
+                                out.add(digest)
+        return out
 
 
 def _as_bytes(image: bytes | bytearray | memoryview) -> bytes:
@@ -777,14 +819,13 @@ def read_erofs(image: bytes | bytearray | memoryview) -> FileSystem:
 def image_objects(image: bytes | bytearray | memoryview) -> set[Digest]:
     """The fs-verity digests of the objects an image references (its metacopy xattrs).
 
+    For gc and fsck: the directories are walked and checked as :func:`read_erofs`
+    does, but only the xattrs of external files are decoded and no tree is built
+    (memory grows with the directories and the objects, not with the files).
+
     Raises:
-        ErofsError: as :func:`read_erofs`.
+        ErofsError: the image is not a composefs EROFS, or its directories or the
+            metacopy xattrs are corrupt (other damage, such as a bad symlink target,
+            only :func:`read_erofs` reports).
     """
-    fs = _Reader(_as_bytes(image)).tree()
-    out: set[Digest] = set()
-    for _path, inode in fs.walk():
-        if isinstance(inode, Leaf) and isinstance(inode.content, ExternalFile):
-            digest = inode.content.digest
-            if digest is not None:
-                out.add(digest)
-    return out
+    return _Reader(_as_bytes(image)).objects()
