@@ -44,6 +44,10 @@ What the composefs writers did, undone here:
   composefs-rs drops the pair. V2 images hold whiteouts as character devices.)
 * Hard links: every name whose dirent points to the same nid gets the same
   :class:`~.._tree.Leaf`.
+* Other files: inline regular files (FLAT layouts, at most 5000 bytes, C's limit)
+  are :class:`InlineFile`; symlink targets have 1 to 4095 bytes; devices take
+  ``i_u`` as their number. (C 1.0.8's reader also loses a last inline xattr entry of
+  exactly 4 bytes, such as an empty ``system.posix_acl_access``; we keep it.)
 
 Safety: every offset and length is checked against the image before it is read;
 the traversal is iterative; each directory is expanded once (a directory reached
