@@ -43,7 +43,6 @@ from .._tree import (
     S_IFLNK,
     S_IFREG,
     S_IFSOCK,
-    BlockDevice,
     CharDevice,
     Directory,
     ExternalFile,
@@ -131,59 +130,58 @@ _T_DATA = 2  # inline file bytes or symlink target
 _T_CHUNKS = 3  # null chunk index
 
 
+class _Xattrs:
+    """One distinct set of xattrs, shared by every inode that has exactly this set.
+
+    Real trees repeat a few sets (an SELinux label, a capability) over most inodes, so
+    the plan keeps one of these per set, not per inode.
+    """
+
+    __slots__ = ("body", "filter", "inline", "pairs", "refs", "size", "users")
+
+    def __init__(self, pairs: tuple[tuple[bytes, bytes], ...]) -> None:
+        self.pairs = pairs  # sorted by name
+        self.users = 0  # how many inodes have this set
+        self.refs: tuple[int, ...] = ()  # byte offsets in the shared table, in ref order
+        self.inline = pairs  # the pairs stored in the inode itself
+        self.size = 0  # the inode's xattr area: header, refs, inline entries
+        self.filter = 0
+        self.body: bytes | None = None  # built on first use, once the layout is known
+
+
 class _Node:
-    """The plan for one inode: everything the emit pass needs, nothing more."""
+    """The plan for one inode: what the layout and emit passes need beyond the tree."""
 
     __slots__ = (
         "blocks",
         "chunk_format",
         "compact",
-        "data",
-        "entries",
-        "gid",
-        "inline",
+        "inode",
         "ipad",
         "kind",
-        "mode",
-        "mtime",
-        "mtime_nsec",
         "name",
         "nid",
         "nlink",
         "parent",
-        "rdev",
-        "shared",
         "size",
         "tail",
         "tail_kind",
-        "uid",
-        "xattr_size",
         "xattrs",
     )
 
-    def __init__(self, parent: int, name: bytes) -> None:
-        self.parent = parent  # BFS index of the parent (the root is its own parent)
-        self.name = name  # for error messages
-        self.kind = 0
-        self.mode = 0
+    def __init__(self, inode: Inode, parent: int, name: bytes) -> None:
+        self.inode = inode
+        self.parent = parent  # BFS index of the parent; -1 for the root
+        self.name = name
+        self.kind = 0  # S_IFMT of the image inode (a user whiteout becomes S_IFREG)
         self.nlink = 1
-        self.uid = 0
-        self.gid = 0
-        self.mtime = 0
-        self.mtime_nsec = 0
-        self.rdev = 0
         self.size = 0  # st_size of files and symlinks
-        self.xattrs: list[tuple[bytes, bytes]] = []  # all, sorted by name
-        self.shared: list[int] = []  # refs: byte offsets in the shared table
-        self.inline: list[tuple[bytes, bytes]] = []  # the pairs stored in the inode
-        self.entries: list[tuple[bytes, Inode]] | None = None  # directories, sorted
-        self.data = b""  # inline file content or symlink target
+        self.xattrs: _Xattrs | None = None
         self.blocks = 0
         self.tail = 0
         self.tail_kind = _T_NONE
         self.chunk_format = 0
         self.compact = False
-        self.xattr_size = 0
         self.ipad = 0
         self.nid = 0
 
@@ -236,7 +234,9 @@ class _Writer:
         self.version = version
         self.nodes: list[_Node] = []
         self.by_id: dict[int, _Node] = {}
+        self.xattr_sets: dict[tuple[tuple[bytes, bytes], ...], _Xattrs] = {}
         self.filter_bits: dict[bytes, int] = {}
+        self.stubs: dict[bytes, Leaf] = {}
         self.has_acl = False
         self.min_mtime = (0, 0)
         self.inodes_end = 0
@@ -256,104 +256,129 @@ class _Writer:
             node = self.nodes[node.parent]
         return "/" + b"/".join(reversed(parts)).decode(errors="backslashreplace")
 
+    def _entries(self, node: _Node) -> list[tuple[bytes, Inode]]:
+        """A directory's entries as the image lists them: sorted, with ``.``, ``..``
+        and, in the root, the stubs."""
+        directory = node.inode
+        assert isinstance(directory, Directory)
+        entries = dict(directory.entries)
+        if node.parent == -1:
+            for name, stub in self.stubs.items():
+                entries.setdefault(name, stub)
+            entries[b".."] = directory
+        else:
+            entries[b".."] = self.nodes[node.parent].inode
+        entries[b"."] = directory
+        return sorted(entries.items())
+
     # -- pass 1: rewrites and BFS numbering --------------------------------------------
 
     def _scan(self) -> tuple[dict[int, int], dict[int, tuple[int, bytes]], set[int]]:
         """Depth first: name counts, canonical names of linked leaves, whiteout dirs."""
         nlinks: dict[int, int] = {}
-        canonical: dict[int, tuple[int, bytes]] = {}
+        first: dict[int, tuple[int, bytes]] = {}
         whiteout_dirs: set[int] = set()
-        stack: list[Directory] = [self.fs.root]
+        # Depth first, pre-order, children in byte order: the dumpfile's line order.
+        root = self.fs.root
+        stack: list[tuple[Directory, Iterator[tuple[bytes, Inode]]]] = [
+            (root, iter(root.sorted_entries()))
+        ]
         while stack:
-            directory = stack.pop()
-            children = directory.sorted_entries()
+            directory, children = stack[-1]
             for name, child in children:
-                if isinstance(child, Leaf):
-                    key = id(child)
-                    count = nlinks.get(key, 0)
-                    nlinks[key] = count + 1
-                    if count == 0:
-                        canonical[key] = (id(directory), name)
-                        content = child.content
-                        if isinstance(content, CharDevice) and content.rdev == 0:
-                            whiteout_dirs.add(id(directory))
-            # Depth first in byte order: push in reverse so the smallest name pops first.
-            stack.extend(
-                child for _name, child in reversed(children) if isinstance(child, Directory)
-            )
-        return nlinks, canonical, whiteout_dirs
+                if isinstance(child, Directory):
+                    stack.append((child, iter(child.sorted_entries())))
+                    break
+                key = id(child)
+                count = nlinks.get(key, 0)
+                nlinks[key] = count + 1
+                if count == 0:
+                    first[key] = (id(directory), name)
+                    content = child.content
+                    if isinstance(content, CharDevice) and content.rdev == 0:
+                        whiteout_dirs.add(id(directory))
+            else:
+                stack.pop()
+        # Only hard-linked leaves need their canonical name, and only they keep a count.
+        canonical = {key: where for key, where in first.items() if nlinks[key] > 1}
+        del first
+        multi = {key: count for key, count in nlinks.items() if count > 1}
+        return multi, canonical, whiteout_dirs
+
+    def _intern(self, xattrs: dict[bytes, bytes]) -> _Xattrs:
+        pairs = tuple(sorted(xattrs.items()))
+        found = self.xattr_sets.get(pairs)
+        if found is None:
+            found = self.xattr_sets[pairs] = _Xattrs(pairs)
+            if _ACL_ACCESS in xattrs or _ACL_DEFAULT in xattrs:
+                self.has_acl = True
+        found.users += 1
+        return found
 
     def _plan_tree(self) -> None:
         root = self.fs.root
         nlinks, canonical, whiteout_dirs = self._scan()
-        queue: list[tuple[Inode, Directory, int, bytes]] = [(root, root, -1, b"")]
+        self.stubs = {name: _stub(root.stat) for name in _STUB_NAMES if name not in root.entries}
+        stub_ids = {id(stub) for stub in self.stubs.values()}
+        queue: list[tuple[Inode, int, bytes] | None] = [(root, -1, b"")]
         nodes = self.nodes
         by_id = self.by_id
         min_mtime = (root.stat.mtime, root.stat.mtime_nsec)
-        has_acl = False
-        stubs: set[int] = set()
         index = 0
         while index < len(queue):
-            inode, parent, parent_index, name = queue[index]
-            queue[index] = None  # type: ignore[call-overload]  # let the queue shrink
-            node = _Node(parent_index, name)
+            item = queue[index]
+            assert item is not None
+            queue[index] = None  # let the queue's items go as it advances
+            inode, parent_index, name = item
+            node = _Node(inode, parent_index, name)
             nodes.append(node)
             by_id[id(inode)] = node
             stat = inode.stat
-            node.uid = stat.uid
-            node.gid = stat.gid
-            node.mtime = stat.mtime
-            node.mtime_nsec = stat.mtime_nsec
             if (stat.mtime, stat.mtime_nsec) < min_mtime:
                 min_mtime = (stat.mtime, stat.mtime_nsec)
+            if stat.uid > _U32 or stat.gid > _U32 or not 0 <= stat.mtime_nsec <= _U32:
+                raise ErofsWriteError(
+                    f"{self.path_of(node)}: uid, gid or mtime_nsec out of range"
+                    f" ({stat.uid}, {stat.gid}, {stat.mtime_nsec})"
+                )
             xattrs = _escape_xattrs(stat.xattrs) if stat.xattrs else {}
             if isinstance(inode, Directory):
                 node.kind = S_IFDIR
-                node.mode = S_IFDIR | (stat.mode & 0o7777)
-                entries = dict(inode.entries)
-                if inode is root:
-                    for stub_name in _STUB_NAMES:
-                        if stub_name not in entries:
-                            entries[stub_name] = new_stub = _stub(stat)
-                            stubs.add(id(new_stub))
+                children = inode.sorted_entries()
+                if parent_index == -1:
+                    children = sorted([*children, *self.stubs.items()])
                 subdirs = 0
-                for child_name, child in sorted(entries.items()):
+                for child_name, child in children:
                     if isinstance(child, Directory):
                         subdirs += 1
-                        queue.append((child, inode, index, child_name))
-                    elif nlinks.get(id(child), 1) == 1 or canonical[id(child)] == (
+                        queue.append((child, index, child_name))
+                    elif id(child) not in canonical or canonical[id(child)] == (
                         id(inode),
                         child_name,
                     ):
-                        queue.append((child, inode, index, child_name))
-                entries[b"."] = inode
-                entries[b".."] = parent
-                node.entries = sorted(entries.items())
+                        queue.append((child, index, child_name))
                 node.nlink = 2 + subdirs
                 if id(inode) in whiteout_dirs:
                     xattrs.update(_WHITEOUTS_DIR_XATTRS)
                     if self.version >= 1:
                         xattrs.update(_OPAQUE_DIR_XATTRS)
-                if inode is root:
+                if parent_index == -1:
                     xattrs[_OPAQUE] = b"y"
             else:
                 # The stubs are added after the rewrites: they stay char devices.
-                stub = id(inode) in stubs
-                self._plan_leaf(node, inode, xattrs, stub=stub)
+                self._plan_leaf(node, inode, xattrs, stub=id(inode) in stub_ids)
                 node.nlink = nlinks.get(id(inode), 1)
+                if node.nlink > _U32:
+                    raise ErofsWriteError(f"{self.path_of(node)}: {node.nlink} links")
             if xattrs:
-                node.xattrs = sorted(xattrs.items())
-                if _ACL_ACCESS in xattrs or _ACL_DEFAULT in xattrs:
-                    has_acl = True
+                node.xattrs = self._intern(xattrs)
             index += 1
         self.min_mtime = min_mtime
-        self.has_acl = has_acl
 
     def _plan_leaf(
         self, node: _Node, leaf: Leaf, xattrs: dict[bytes, bytes], *, stub: bool
     ) -> None:
         content = leaf.content
-        perms = leaf.stat.mode & 0o7777
         if isinstance(content, ExternalFile):
             node.kind = S_IFREG
             node.size = content.size
@@ -364,26 +389,21 @@ class _Writer:
         elif isinstance(content, InlineFile):
             node.kind = S_IFREG
             node.size = len(content.data)
-            node.data = content.data
         elif isinstance(content, Symlink):
             node.kind = S_IFLNK
             node.size = len(content.target)
-            node.data = content.target
         elif isinstance(content, CharDevice) and content.rdev == 0 and not stub:
             # A user whiteout becomes an empty regular file with escaped whiteout xattrs.
             node.kind = S_IFREG
             xattrs.update(_WHITEOUT_XATTRS)
         else:
             node.kind = leaf.file_type
-            if isinstance(content, CharDevice | BlockDevice):
-                node.rdev = content.rdev & _U32
-        node.mode = node.kind | perms
         # Blocks and tail (C's compute_erofs_inode_size).
         if node.kind == S_IFLNK:
             node.tail = node.size
             node.tail_kind = _T_DATA
         elif node.kind == S_IFREG and node.size > 0:
-            if node.data:
+            if isinstance(content, InlineFile):
                 node.blocks, node.tail = divmod(node.size, BLOCK_SIZE)
                 if node.tail > BLOCK_SIZE // 2:
                     node.blocks += 1
@@ -406,9 +426,9 @@ class _Writer:
 
     def _plan_shared(self) -> None:
         counts: dict[tuple[bytes, bytes], int] = {}
-        for node in self.nodes:
-            for pair in node.xattrs:
-                counts[pair] = counts.get(pair, 0) + 1
+        for xs in self.xattr_sets.values():
+            for pair in xs.pairs:
+                counts[pair] = counts.get(pair, 0) + xs.users
         shared = [pair for pair, count in counts.items() if count > 1]
         del counts
         # Descending by name, then value length, then value bytes (C's xattrs_ht_sort).
@@ -420,18 +440,37 @@ class _Writer:
             offset += _entry_size(pair)
         self.shared_table = shared
         self.shared_size = offset
-        for node in self.nodes:
-            if not offsets:
-                node.inline = node.xattrs
-                continue
-            refs = node.shared
-            inline = node.inline
-            for pair in node.xattrs:
-                where = offsets.get(pair)
-                if where is not None and len(refs) < MAX_SHARED_XATTRS:
-                    refs.append(where)
-                else:
-                    inline.append(pair)
+        filter_bits = self.filter_bits
+        for xs in self.xattr_sets.values():
+            if offsets:
+                refs: list[int] = []
+                inline: list[tuple[bytes, bytes]] = []
+                for pair in xs.pairs:
+                    where = offsets.get(pair)
+                    if where is not None and len(refs) < MAX_SHARED_XATTRS:
+                        refs.append(where)
+                    else:
+                        inline.append(pair)
+                xs.refs = tuple(refs)
+                xs.inline = tuple(inline)
+            xs.size = (
+                XATTR_IBODY_HEADER.size
+                + 4 * len(xs.refs)
+                + sum(_entry_size(pair) for pair in xs.inline)
+            )
+            if (xs.size - XATTR_IBODY_HEADER.size) // 4 + 1 > _U16:
+                raise ErofsWriteError(
+                    f"{xs.size} bytes of xattrs do not fit an EROFS inode"
+                    f" ({len(xs.pairs)} xattrs, the first {xs.pairs[0][0]!r})"
+                )
+            bits = 0
+            for key, _value in xs.pairs:
+                bit = filter_bits.get(key)
+                if bit is None:
+                    index, suffix = xattr_prefix(key)
+                    bit = filter_bits[key] = 1 << (xxh32(suffix, XATTR_FILTER_SEED + index) & 31)
+                bits |= bit
+            xs.filter = _U32 & ~bits
 
     # -- pass 3: layout ----------------------------------------------------------------
 
@@ -445,24 +484,16 @@ class _Writer:
                 size = node.blocks * BLOCK_SIZE + node.tail
             else:
                 size = node.size
+            stat = node.inode.stat
             node.compact = (
-                (node.mtime, node.mtime_nsec) == min_mtime
+                (stat.mtime, stat.mtime_nsec) == min_mtime
                 and node.nlink <= _U16
-                and node.uid <= _U16
-                and node.gid <= _U16
+                and stat.uid <= _U16
+                and stat.gid <= _U16
                 and size <= _U32
             )
             inode_size = COMPACT_INODE.size if node.compact else EXTENDED_INODE.size
-            xattr_size = 0
-            if node.xattrs:
-                inline = sum(_entry_size(pair) for pair in node.inline)
-                xattr_size = XATTR_IBODY_HEADER.size + 4 * len(node.shared) + inline
-                if (xattr_size - XATTR_IBODY_HEADER.size) // 4 + 1 > _U16:
-                    raise ErofsWriteError(
-                        f"{self.path_of(node)}: {xattr_size} bytes of xattrs do not fit"
-                        " an EROFS inode"
-                    )
-            node.xattr_size = xattr_size
+            xattr_size = node.xattrs.size if node.xattrs is not None else 0
             start = pos
             pos = (pos + SLOT_SIZE - 1) & ~(SLOT_SIZE - 1)
             pos += self._tail_padding(node, pos, inode_size + xattr_size)
@@ -475,14 +506,14 @@ class _Writer:
         self.data_start = -(-(self.inodes_end + self.shared_size) // BLOCK_SIZE) * BLOCK_SIZE
         if self.nodes[0].nid > _U16:
             raise InternalError(f"root nid {self.nodes[0].nid} does not fit 16 bits")
+        if self.data_start // BLOCK_SIZE + n_data_blocks > _U32:
+            raise ErofsWriteError("the image is too big: block addresses exceed 32 bits")
 
-    @staticmethod
-    def _plan_dir(node: _Node) -> None:
+    def _plan_dir(self, node: _Node) -> None:
         """Full dirent blocks and the inline tail (C's ``compute_erofs_dir_size``)."""
-        assert node.entries is not None
         blocks = 0
         used = 0
-        for name, _child in node.entries:
+        for name, _child in self._entries(node):
             length = DIRENT.size + len(name)
             if used + length > BLOCK_SIZE:
                 blocks += 1
@@ -521,17 +552,6 @@ class _Writer:
 
     # -- emit --------------------------------------------------------------------------
 
-    def _filter(self, node: _Node) -> int:
-        bits = 0
-        cache = self.filter_bits
-        for key, _value in node.xattrs:
-            bit = cache.get(key)
-            if bit is None:
-                index, suffix = xattr_prefix(key)
-                bit = cache[key] = 1 << (xxh32(suffix, XATTR_FILTER_SEED + index) & 31)
-            bits |= bit
-        return _U32 & ~bits
-
     def _dirents(self, entries: list[tuple[bytes, Inode]]) -> bytes:
         by_id = self.by_id
         heads = []
@@ -547,8 +567,7 @@ class _Writer:
 
         Blocks are built only if ``blocks_wanted``; the tail only if not.
         """
-        assert node.entries is not None
-        entries = node.entries
+        entries = self._entries(node)
         blocks: list[bytes] = []
         n_blocks = 0
         first = 0
@@ -573,6 +592,8 @@ class _Writer:
 
     def _inode(self, node: _Node, ino: int, blkaddr: int) -> bytes:
         kind = node.kind
+        inode = node.inode
+        stat = inode.stat
         size = node.blocks * BLOCK_SIZE + node.tail if kind == S_IFDIR else node.size
         if node.tail_kind == _T_CHUNKS:
             layout = LAYOUT_CHUNK_BASED
@@ -580,55 +601,63 @@ class _Writer:
             layout = LAYOUT_FLAT_INLINE if node.tail else LAYOUT_FLAT_PLAIN
         i_u = 0
         if kind in (S_IFCHR, S_IFBLK):
-            i_u = node.rdev
+            assert isinstance(inode, Leaf)
+            i_u = inode.rdev & _U32
         elif node.blocks:
             i_u = blkaddr
         if layout == LAYOUT_CHUNK_BASED:
             i_u = (i_u & 0xFFFF0000) | node.chunk_format
-        icount = 0 if not node.xattr_size else (node.xattr_size - XATTR_IBODY_HEADER.size) // 4 + 1
+        xs = node.xattrs
+        icount = 0 if xs is None else (xs.size - XATTR_IBODY_HEADER.size) // 4 + 1
+        mode = kind | (stat.mode & 0o7777)
         if node.compact:
-            raw = COMPACT_INODE.pack(
-                layout << 1,
-                icount,
-                node.mode & _U16,
-                node.nlink,
-                size,
-                i_u,
-                ino,
-                node.uid,
-                node.gid,
+            return COMPACT_INODE.pack(
+                layout << 1, icount, mode, node.nlink, size, i_u, ino, stat.uid, stat.gid
             )
-        else:
-            raw = EXTENDED_INODE.pack(
-                layout << 1 | 1,
-                icount,
-                node.mode & _U16,
-                size,
-                i_u,
-                ino,
-                node.uid,
-                node.gid,
-                node.mtime & _U64,
-                node.mtime_nsec,
-                node.nlink,
-            )
-        return raw
+        return EXTENDED_INODE.pack(
+            layout << 1 | 1,
+            icount,
+            mode,
+            size,
+            i_u,
+            ino,
+            stat.uid,
+            stat.gid,
+            stat.mtime & _U64,
+            stat.mtime_nsec,
+            node.nlink,
+        )
 
-    def _xattr_body(self, node: _Node) -> bytes:
-        refs_base = self.inodes_end % BLOCK_SIZE
-        parts = [XATTR_IBODY_HEADER.pack(self._filter(node), len(node.shared))]
-        parts.extend(((refs_base + offset) >> 2).to_bytes(4, "little") for offset in node.shared)
-        parts.extend(_entry(pair) for pair in node.inline)
-        return b"".join(parts)
+    def _xattr_body(self, xs: _Xattrs) -> bytes:
+        body = xs.body
+        if body is None:
+            refs_base = self.inodes_end % BLOCK_SIZE
+            parts = [XATTR_IBODY_HEADER.pack(xs.filter, len(xs.refs))]
+            parts.extend(((refs_base + offset) >> 2).to_bytes(4, "little") for offset in xs.refs)
+            parts.extend(_entry(pair) for pair in xs.inline)
+            body = b"".join(parts)
+            if xs.users > 1:
+                xs.body = body
+        return body
 
-    def _inode_tail(self, node: _Node, dir_tail: bytes) -> bytes:
+    def _inode_tail(self, node: _Node) -> bytes:
         if not node.tail:
             return b""
         if node.tail_kind == _T_DIR:
-            return dir_tail
+            return self._dir_chunks(node, blocks_wanted=False)[1]
         if node.tail_kind == _T_CHUNKS:
             return b"\xff" * node.tail
-        return node.data[len(node.data) - node.tail :]
+        return self._content(node)[node.size - node.tail :]
+
+    @staticmethod
+    def _content(node: _Node) -> bytes:
+        inode = node.inode
+        assert isinstance(inode, Leaf)
+        content = inode.content
+        if isinstance(content, Symlink):
+            return content.target
+        assert isinstance(content, InlineFile)
+        return content.data
 
     def header(self) -> bytes:
         """The composefs header and the EROFS superblock: the first 1152 bytes."""
@@ -661,19 +690,16 @@ class _Writer:
         current_end = self.data_start
         for ino, node in enumerate(self.nodes):
             blkaddr = 0
-            if node.blocks and node.kind in (S_IFDIR, S_IFREG, S_IFLNK):
+            if node.blocks:
                 blkaddr = current_end // BLOCK_SIZE
                 current_end += node.blocks * BLOCK_SIZE
-            if blkaddr > _U32:
-                raise ErofsWriteError("the image is too big: block addresses exceed 32 bits")
-            dir_tail = b""
-            if node.kind == S_IFDIR and node.tail:
-                dir_tail = self._dir_chunks(node, blocks_wanted=False)[1]
-            buf += bytes(node.ipad)
+            if node.ipad:
+                buf += bytes(node.ipad)
             buf += self._inode(node, ino, blkaddr)
-            if node.xattr_size:
-                buf += self._xattr_body(node)
-            buf += self._inode_tail(node, dir_tail)
+            if node.xattrs is not None:
+                buf += self._xattr_body(node.xattrs)
+            if node.tail:
+                buf += self._inode_tail(node)
             if len(buf) >= _FLUSH:
                 pos += len(buf)
                 yield bytes(buf)
@@ -691,7 +717,7 @@ class _Writer:
             elif node.tail_kind == _T_CHUNKS:
                 buf += b"\xff" * BLOCK_SIZE
             else:
-                data = node.data[: len(node.data) - node.tail]
+                data = self._content(node)[: node.size - node.tail]
                 buf += data
                 buf += bytes(node.blocks * BLOCK_SIZE - len(data))
             if len(buf) >= _FLUSH:
