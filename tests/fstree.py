@@ -7,16 +7,14 @@ only has to produce input that C ``mkcomposefs --from-file`` accepts.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import strategies as st
 
+import oracles
 from trio_composefs.fs import (
     BlockDevice,
     CharDevice,
@@ -32,30 +30,14 @@ from trio_composefs.fs import (
 )
 from trio_composefs.fsverity import Algorithm, Digest
 
-# The same place as tests/oracles.py (branch oracle): .ci/build-composefs builds the
-# tools there; TRIO_COMPOSEFS_C_TOOLS names another directory.
-C_BIN_DIRS = [
-    os.environ.get("TRIO_COMPOSEFS_C_TOOLS", "/var/cache/trio-composefs/composefs-1.0.8/bin")
-]
-
-
-def _which(name: str) -> str | None:
-    return shutil.which(name, path=os.pathsep.join([*C_BIN_DIRS, os.environ.get("PATH", "")]))
-
 
 def have_c_tools() -> bool:
-    return _which("mkcomposefs") is not None and _which("composefs-info") is not None
+    return all(oracles.c_tool(name) is not None for name in ("mkcomposefs", "composefs-info"))
 
 
 def c_tool(name: str) -> str:
-    """Path of a C composefs 1.0.8 tool, or skip the test."""
-    found = _which(name)
-    if found is None:
-        pytest.skip(
-            f"C composefs tool {name!r} not found (built by .ci/build-composefs into"
-            f" {C_BIN_DIRS[0]})"
-        )
-    return found
+    """Path of a C composefs 1.0.8 tool, or skip the test (see tests/oracles.py)."""
+    return oracles.need_c_tool(name)
 
 
 def mkcomposefs(dumpfile: bytes, *, version: int = 1) -> bytes:
