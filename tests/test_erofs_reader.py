@@ -413,3 +413,23 @@ def test_writer_hardlink_order() -> None:
     fs = read_erofs(image)
     assert signature(fs) == signature(parse_dumpfile(HARDLINK_ORDER))  # the reader is right
     assert write_erofs(fs) == image
+
+
+def test_too_deep() -> None:
+    """Nesting beyond 2048 directories (no 4096-byte path goes deeper) is refused."""
+    for depth, ok in [(2048, True), (2049, False)]:
+        root = Directory(Stat(0o755))
+        d = root
+        for _ in range(depth):
+            sub = Directory(Stat(0o755))
+            d.entries[b"d"] = sub
+            d = sub
+        image = write_erofs(FileSystem(root))
+        if ok:
+            assert sum(1 for _ in read_erofs(image).walk()) == depth + 1
+            assert image_objects(image) == set()
+        else:
+            with pytest.raises(ErofsError, match="deeper than 2048"):
+                read_erofs(image)
+            with pytest.raises(ErofsError, match="deeper than 2048"):
+                image_objects(image)

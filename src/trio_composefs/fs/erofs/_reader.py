@@ -51,7 +51,8 @@ What the composefs writers did, undone here:
 
 Safety: every offset and length is checked against the image before it is read;
 the traversal is iterative; each directory is expanded once (a directory reached
-twice, through a cycle or a hard link, is an error); the work is linear in the
+twice, through a cycle or a hard link, is an error); directories nest at most
+2048 deep (as in composefs-rs: no 4096-byte path goes deeper); the work is linear in the
 image size (at most ``len(image) // 12`` dirents and ``len(image)`` bytes of inline
 data and symlink targets in all). Every problem raises :class:`ErofsError` naming
 the nid and byte offset.
@@ -297,6 +298,32 @@ class _Inode:
     mtime_nsec: int
     xattr_start: int
     xattr_end: int
+
+
+# Where a directory is: None for the root, else (where its parent is, its name). The
+# path itself is only built for an error message, so deep trees cost no quadratic
+# time or memory.
+_Where = tuple["_Where", bytes] | None
+
+#: The deepest directory nesting accepted: a path of at most 4096 bytes ("/d" per
+#: level) cannot go deeper; composefs-rs has the same limit.
+MAX_DEPTH = 2048
+
+
+def _path(where: _Where) -> bytes:
+    names: list[bytes] = []
+    while where is not None:
+        where, name = where
+        names.append(name)
+    return b"/" + b"/".join(reversed(names))
+
+
+def _deeper(where: _Where, name: bytes, depth: int, ino: _Inode) -> _Where:
+    if depth + 1 > MAX_DEPTH:
+        raise ErofsError(
+            f"directories nested deeper than {MAX_DEPTH} levels", nid=ino.nid, offset=ino.offset
+        )
+    return (where, name)
 
 
 class _Reader:
@@ -681,12 +708,13 @@ class _Reader:
         return root_ino
 
     def children(
-        self, ino: _Inode, parent_nid: int, path: bytes, expanded: set[int]
-    ) -> Iterator[tuple[bytes, _Inode, bytes]]:
-        """Validated ``(name, child inode, child path)`` of a directory, stubs skipped.
+        self, ino: _Inode, parent_nid: int, where: _Where, expanded: set[int]
+    ) -> Iterator[tuple[bytes, _Inode]]:
+        """Validated ``(name, child inode)`` of a directory, stubs skipped.
 
         Checks ``.`` and ``..``, that each dirent's type matches its inode, and that no
         directory is reached twice (``expanded`` collects the directories met).
+        ``where`` locates the directory, for messages only.
         """
         nid = ino.nid
         seen_dot = seen_dotdot = False
@@ -694,25 +722,26 @@ class _Reader:
             if name == b".":
                 if child_nid != nid:
                     raise ErofsError(
-                        f"'.' of {path!r} points to nid {child_nid}", nid=nid, offset=ino.offset
+                        f"'.' of {_path(where)!r} points to nid {child_nid}",
+                        nid=nid,
+                        offset=ino.offset,
                     )
                 seen_dot = True
                 continue
             if name == b"..":
                 if child_nid != parent_nid:
                     raise ErofsError(
-                        f"'..' of {path!r} points to nid {child_nid}, not {parent_nid}",
+                        f"'..' of {_path(where)!r} points to nid {child_nid}, not {parent_nid}",
                         nid=nid,
                         offset=ino.offset,
                     )
                 seen_dotdot = True
                 continue
-            child_path = (path if path == b"/" else path + b"/") + name
             child_ino = self.inode(child_nid)
             child_type = child_ino.mode & S_IFMT
             if _DIRENT_TYPES.get(ftype) != child_type:
                 raise ErofsError(
-                    f"directory entry {child_path!r} has type {ftype},"
+                    f"directory entry {_path((where, name))!r} has type {ftype},"
                     f" its inode has mode {child_ino.mode:o}",
                     nid=nid,
                     offset=ino.offset,
@@ -720,7 +749,7 @@ class _Reader:
             if child_type == S_IFDIR:
                 if child_nid in expanded:
                     raise ErofsError(
-                        f"directory {child_path!r} was reached twice (a cycle or a"
+                        f"directory {_path((where, name))!r} was reached twice (a cycle or a"
                         " hard-linked directory)",
                         nid=child_nid,
                         offset=child_ino.offset,
@@ -734,10 +763,12 @@ class _Reader:
                 and _STUB_NAME.fullmatch(name)
             ):
                 continue  # one of the 256 stubs 00..ff
-            yield name, child_ino, child_path
+            yield name, child_ino
         if not (seen_dot and seen_dotdot):
             raise ErofsError(
-                f"directory {path!r} lacks its '.' or '..' entry", nid=nid, offset=ino.offset
+                f"directory {_path(where)!r} lacks its '.' or '..' entry",
+                nid=nid,
+                offset=ino.offset,
             )
 
     def tree(self) -> FileSystem:
@@ -745,17 +776,21 @@ class _Reader:
         root = Directory(Stat(0))
         expanded: set[int] = {root_ino.nid}
         leaves: dict[int, Leaf] = {}
-        # (directory, its decoded inode, its parent's nid, its path)
-        stack: list[tuple[Directory, _Inode, int, bytes]] = [(root, root_ino, root_ino.nid, b"/")]
+        # (directory, its decoded inode, its parent's nid, where it is, its depth)
+        stack: list[tuple[Directory, _Inode, int, _Where, int]] = [
+            (root, root_ino, root_ino.nid, None, 0)
+        ]
         while stack:
-            directory, ino, parent_nid, path = stack.pop()
+            directory, ino, parent_nid, where, depth = stack.pop()
             raw = self.xattrs(ino)
             has_whiteout = False
-            for name, child_ino, child_path in self.children(ino, parent_nid, path, expanded):
+            for name, child_ino in self.children(ino, parent_nid, where, expanded):
                 if child_ino.mode & S_IFMT == S_IFDIR:
                     sub = Directory(Stat(0))
                     directory.entries[name] = sub
-                    stack.append((sub, child_ino, ino.nid, child_path))
+                    stack.append(
+                        (sub, child_ino, ino.nid, _deeper(where, name, depth, child_ino), depth + 1)
+                    )
                     continue
                 leaf = leaves.get(child_ino.nid)
                 if leaf is None:
@@ -786,13 +821,15 @@ class _Reader:
         root_ino = self.root()
         expanded: set[int] = {root_ino.nid}
         out: set[Digest] = set()
-        stack: list[tuple[_Inode, int, bytes]] = [(root_ino, root_ino.nid, b"/")]
+        stack: list[tuple[_Inode, int, _Where, int]] = [(root_ino, root_ino.nid, None, 0)]
         while stack:
-            ino, parent_nid, path = stack.pop()
-            for _name, child_ino, child_path in self.children(ino, parent_nid, path, expanded):
+            ino, parent_nid, where, depth = stack.pop()
+            for name, child_ino in self.children(ino, parent_nid, where, expanded):
                 ftype = child_ino.mode & S_IFMT
                 if ftype == S_IFDIR:
-                    stack.append((child_ino, ino.nid, child_path))
+                    stack.append(
+                        (child_ino, ino.nid, _deeper(where, name, depth, child_ino), depth + 1)
+                    )
                 elif ftype == S_IFREG and child_ino.layout == LAYOUT_CHUNK_BASED:
                     for name, value in self.xattrs(child_ino):
                         if name == _METACOPY:
