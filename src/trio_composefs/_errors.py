@@ -43,6 +43,46 @@ class SplitStreamError(FormatError):
     """A splitstream file that is truncated, inconsistent or of another kind."""
 
 
+class DumpfileError(FormatError):
+    """A composefs dumpfile (composefs-dump(5)) that the strict parser rejects.
+
+    Attributes:
+        line: the 1-based line number at fault, when known.
+        field: the name of the field at fault (``PATH``, ``MODE``, ..., ``XATTR``).
+    """
+
+    def __init__(self, message: str, *, line: int | None = None, field: str | None = None):
+        self.reason = message
+        self.line = line
+        self.field = field
+        where = []
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field {field}")
+        super().__init__(f"dumpfile: {message}" + (f" ({', '.join(where)})" if where else ""))
+
+
+class ErofsError(FormatError):
+    """A composefs EROFS image that cannot be read: truncated, corrupt or hostile.
+
+    Attributes:
+        nid: the inode number (byte offset / 32 in the inode table) at fault, when known.
+        offset: the byte offset in the image where the problem was found, when known.
+    """
+
+    def __init__(self, message: str, *, nid: int | None = None, offset: int | None = None):
+        self.reason = message
+        self.nid = nid
+        self.offset = offset
+        where = []
+        if nid is not None:
+            where.append(f"nid {nid}")
+        if offset is not None:
+            where.append(f"byte offset {offset}")
+        super().__init__(f"erofs: {message}" + (f" ({', '.join(where)})" if where else ""))
+
+
 class RepositoryError(ComposefsError):
     """A repository that cannot be opened, read or written as asked."""
 
