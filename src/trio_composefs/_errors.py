@@ -63,6 +63,10 @@ class SplitStreamError(FormatError):
     """A splitstream file that is truncated, inconsistent or of another kind."""
 
 
+class ScanError(ComposefsError):
+    """A directory tree that changed, or is too deep, while being scanned."""
+
+
 class RepositoryError(ComposefsError):
     """A repository that cannot be opened, read or written as asked."""
 
