@@ -19,6 +19,7 @@ only these documented allowances:
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -72,9 +73,9 @@ def content(size: int, seed: int) -> bytes:
 class TreeMaker:
     """Write files under a layer directory; timestamps are applied by :meth:`finish`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, exist_ok: bool = False) -> None:
         self.root = root
-        root.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=exist_ok)
         self.times: list[tuple[Path, int]] = [(root, T0)]
         self.tick = 0
 
@@ -356,3 +357,115 @@ def test_treecompare_reports_every_kind_of_difference(tmp_path: Path) -> None:
         change()
         problems = compare_trees(base, scan_directory(root, digest_file=hash_fd))
         assert any(field in p for p in problems), (field, problems)
+
+
+async def test_same_layer_whiteouts_follow_upstream_not_oci(tmp_path: Path) -> None:
+    """Upstream issue #8: whiteouts act at once, also on entries of their own layer.
+
+    umoci follows the OCI rule (a whiteout hides lower layers only), so exactly the
+    entries added before a whiteout in the same layer differ; everything else agrees,
+    including a whiteout in a directory that does not exist (nothing is created).
+    """
+    d = tarfile.DIRTYPE
+    lower = python_tar(
+        [
+            (info("usr", d, mode=0o755), b""),
+            (info("d", d, mode=0o755), b""),
+            (info("d/old", size=1), b"o"),
+            (info("w", d, mode=0o755), b""),
+            (info("w/x", size=1), b"x"),
+        ]
+    )
+    upper = python_tar(
+        [
+            (info("d", d, mode=0o755), b""),
+            (info("d/+early", size=1), b"e"),  # before the marker, same layer
+            (info("d/.wh..wh..opq"), b""),
+            (info("d/late", size=1), b"l"),
+            (info("w/y", size=1), b"y"),
+            (info("w/.wh.y"), b""),  # removes the y just added
+            (info("w/.wh.x"), b""),
+            (info("nowhere/a/.wh.b"), b""),
+        ]
+    )
+    ours, theirs = await pull_and_build(tmp_path, [lower, upper])
+    assert [p for p, _ in ours.walk()] == [b"/", b"/d", b"/d/late", b"/usr", b"/w"]
+    assert compare_trees(ours, theirs, ignore_root=True) == [
+        "b'/d/+early': only in actual (InlineFile)",
+        "b'/w/y': only in actual (InlineFile)",
+    ]
+
+
+def umoci(*args: str) -> None:
+    subprocess.run([str(UMOCI), *args], check=True, capture_output=True, umask=0o022)
+
+
+def umoci_image(tmp: Path) -> Path:
+    """An image whose layers umoci generated from rootfs changes (its whiteouts)."""
+    layout = tmp / "layout"
+    umoci("init", "--layout", str(layout))
+    umoci("new", "--image", f"{layout}:t")
+    umoci("unpack", "--image", f"{layout}:t", str(tmp / "b1"))
+    rootfs = tmp / "b1" / "rootfs"
+    maker = TreeMaker(rootfs, exist_ok=True)
+    maker.dir("usr", mtime_ns=T0 + 5)
+    maker.dir("usr/bin")
+    maker.file("usr/bin/ping", content(5000, 1), mode=0o4755)
+    os.setxattr(rootfs / "usr/bin/ping", "security.capability", CAPABILITY)
+    maker.file("usr/bin/a", content(65, 2), owner=(12, 34), xattrs={"user.k": b"v"})
+    maker.link("usr/bin/b", "usr/bin/a")
+    maker.file("usr/bin/small", b"s")
+    maker.dir("usr/share/doc/pkg")
+    maker.file("usr/share/doc/pkg/README", content(2 * 1024 * 1024, 3))
+    maker.file("usr/share/doc/pkg/NEWS", b"")
+    maker.dir("var/lib", mode=0o700)
+    maker.file("var/lib/state", content(64, 4))
+    maker.symlink("usr/lib", "share")
+    maker.node("usr/null", 0o20666, os.makedev(1, 3))
+    maker.finish()
+    umoci("repack", "--image", f"{layout}:t", str(tmp / "b1"))
+
+    umoci("unpack", "--image", f"{layout}:t", str(tmp / "b2"))
+    rootfs = tmp / "b2" / "rootfs"
+    shutil.rmtree(rootfs / "usr/share/doc")
+    os.unlink(rootfs / "usr/bin/small")
+    os.unlink(rootfs / "usr/lib")
+    maker = TreeMaker(rootfs, exist_ok=True)
+    maker.dir("usr/lib", mode=0o755)  # a symlink replaced by a directory
+    maker.file("usr/lib/libc.so", content(300, 5))
+    maker.link("usr/bin/c", "usr/bin/a")  # a new name for a lower layer's file
+    maker.file("var/lib/state", content(65, 6), mtime_ns=T0 + 77)
+    maker.dir("run/lock")
+    maker.file("run/lock/x", b"")
+    maker.finish()
+    umoci("repack", "--image", f"{layout}:t", str(tmp / "b2"))
+    return layout
+
+
+async def test_umoci_built_layers_match_umoci_unpack(tmp_path: Path) -> None:
+    layout = umoci_image(tmp_path)
+    with Repository.init(tmp_path / "repo", algorithm=Algorithm.SHA256, insecure=True) as repo:
+        async with open_source(parse_source(f"oci:{layout}:t")) as source:
+            await pull_image(repo, source)
+        index = json.loads((layout / "index.json").read_bytes())
+        manifest = json.loads(blob(layout, index["manifests"][0]["digest"]))
+        config = json.loads(blob(layout, manifest["config"]["digest"]))
+        builder = TreeBuilder()
+        for diff_id in config["rootfs"]["diff_ids"]:
+            builder.add_layer(iter_layer_entries(repo, f"oci-layer-{diff_id}"), name=diff_id)
+    ours = builder.filesystem
+    await trio.run_process(
+        [str(UMOCI), "unpack", "--image", f"{layout}:t", str(tmp_path / "final")],
+        capture_stdout=True,
+        capture_stderr=True,
+    )
+    theirs = scan_directory(tmp_path / "final" / "rootfs", digest_file=hash_fd)
+    assert_same_tree(ours, theirs, ignore_root=True)
+    assert b"/usr/share/doc" not in dict(ours.walk())
+    transform_for_oci(ours)
+    transform_for_oci(theirs)
+    assert_same_tree(ours, theirs)
+
+
+def blob(layout: Path, digest: str) -> bytes:
+    return (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
