@@ -16,16 +16,29 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from trio_composefs.fs import (
+    BlockDevice,
+    CharDevice,
     Directory,
     ExternalFile,
+    Fifo,
     FileSystem,
     InlineFile,
     Inode,
     Leaf,
+    Socket,
+    Stat,
     Symlink,
 )
+from trio_composefs.fs._tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG
+from trio_composefs.fsverity import Algorithm, Digest
 
-__all__ = ["assert_same_tree", "compare_trees", "link_groups", "summary"]
+__all__ = [
+    "assert_same_tree",
+    "compare_trees",
+    "link_groups",
+    "summary",
+    "tree_from_c_dump",
+]
 
 
 def _fields(inode: Inode, *, mtime: bool) -> dict[str, object]:
@@ -144,3 +157,89 @@ def _kind(inode: Inode) -> str:
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _unescape(field: bytes) -> bytes:
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        c = field[i]
+        if c != 0x5C:  # backslash
+            out.append(c)
+            i += 1
+            continue
+        nxt = field[i + 1 : i + 2]
+        if nxt == b"x":
+            out.append(int(field[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            out += {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t"}[nxt]
+            i += 2
+    return bytes(out)
+
+
+def tree_from_c_dump(text: bytes, algorithm: Algorithm = Algorithm.SHA256) -> FileSystem:
+    """A tree from C ``composefs-info dump`` output (composefs-dump(5)), for oracles.
+
+    A minimal reader for the C tool's own output (not a validating parser): hard-link
+    lines (``@`` modes) share their target's leaf.
+    """
+    root: Directory | None = None
+    for line in text.splitlines():
+        fields = line.split(b" ")
+        path = _unescape(fields[0])
+        size, mode_field = int(fields[1]), fields[2]
+        uid, gid, rdev = int(fields[4]), int(fields[5]), int(fields[6])
+        sec, _, nsec = fields[7].partition(b".")
+        payload, body, digest = (None if f == b"-" else _unescape(f) for f in fields[8:11])
+        xattrs = dict(_unescape(x).split(b"=", 1) for x in fields[11:])
+        parent_path, _, name = path.rpartition(b"/")
+        if mode_field.startswith(b"@"):
+            assert root is not None
+            assert payload is not None
+            target = _lookup(root, payload)
+            assert isinstance(target, Leaf)
+            parent = _lookup(root, parent_path)
+            assert isinstance(parent, Directory)
+            parent.entries[name] = target
+            continue
+        mode = int(mode_field, 8)
+        stat = Stat(mode & 0o7777, uid, gid, int(sec), int(nsec or b"0"), xattrs)
+        kind = mode & S_IFMT
+        inode: Inode
+        if kind == S_IFDIR:
+            inode = Directory(stat)
+        elif kind == S_IFREG:
+            if digest is not None:
+                inode = Leaf(stat, ExternalFile(size, Digest.from_hex(digest.decode(), algorithm)))
+            else:
+                inode = Leaf(stat, InlineFile(body or b""))
+        elif kind == S_IFLNK:
+            inode = Leaf(stat, Symlink(payload or b""))
+        elif kind == S_IFCHR:
+            inode = Leaf(stat, CharDevice(rdev))
+        elif kind == S_IFBLK:
+            inode = Leaf(stat, BlockDevice(rdev))
+        elif kind == S_IFIFO:
+            inode = Leaf(stat, Fifo())
+        else:
+            inode = Leaf(stat, Socket())
+        if path == b"/":
+            assert isinstance(inode, Directory)
+            root = inode
+            continue
+        assert root is not None
+        parent = _lookup(root, parent_path)
+        assert isinstance(parent, Directory)
+        parent.entries[name] = inode
+    assert root is not None
+    return FileSystem(root)
+
+
+def _lookup(root: Directory, path: bytes) -> Inode:
+    node: Inode = root
+    for part in path.split(b"/"):
+        if part:
+            assert isinstance(node, Directory)
+            node = node.entries[part]
+    return node
