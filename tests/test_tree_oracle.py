@@ -267,7 +267,9 @@ async def pull_and_build(
 ) -> tuple[FileSystem, FileSystem]:
     """Our raw tree (from the pulled layer streams) and umoci's (scanned)."""
     layout = Layout(tmp / "layout")
-    image = layout.add_image(tars, compression=["gzip", None, "gzip"][: len(tars)], tag=tag)
+    image = layout.add_image(
+        tars, compression=[("gzip", None)[i % 2] for i in range(len(tars))], tag=tag
+    )
     layout.write_index()
     with Repository.init(tmp / "repo", algorithm=Algorithm.SHA256, insecure=True) as repo:
         async with open_source(parse_source(f"oci:{layout.path}:{tag}")) as source:
@@ -276,12 +278,14 @@ async def pull_and_build(
         for diff_id in image.diff_ids:
             builder.add_layer(iter_layer_entries(repo, f"oci-layer-{diff_id}"), name=diff_id)
     bundle = tmp / "bundle"
-    await trio.run_process(
+    done = await trio.run_process(
         [str(UMOCI), "unpack", "--image", f"{layout.path}:{tag}", str(bundle)],
         capture_stdout=True,
         capture_stderr=True,
         umask=0o022,
+        check=False,
     )
+    assert done.returncode == 0, f"umoci unpack failed: {done.stderr.decode(errors='replace')}"
     theirs = scan_directory(bundle / "rootfs", digest_file=hash_fd)
     return builder.filesystem, theirs
 
