@@ -111,6 +111,11 @@ class TreeBuilder:
     def __init__(self) -> None:
         self.filesystem = FileSystem(Directory(Stat(0)))
         self._layers = 0
+        # The parent directory of the last entry, by its raw path: layers list a
+        # directory's entries together, so most lookups are this one. Any removal or
+        # replacement of a directory forgets it.
+        self._cached_key: bytes | None = None
+        self._cached_dir = self.filesystem.root
 
     def add_layer(self, entries: Iterable[TarEntry], *, name: str | None = None) -> None:
         """Apply every entry of one layer, in order.
@@ -128,17 +133,23 @@ class TreeBuilder:
         Raises:
             TreeError: the entry cannot be applied (see the module doc).
         """
-        parts = self._components(entry.path, entry.path, layer)
-        root = self.filesystem.root
-        if not parts:
-            if entry.type is not EntryType.DIRECTORY:
-                raise TreeError(
-                    f"the root must be a directory, not a {entry.type.value}",
-                    path=entry.path,
-                    layer=layer,
-                )
-            root.stat = _stat(entry)
-            return
+        raw = _encode(entry.path)
+        parent_key, _, name = raw.rpartition(b"/")
+        parent: Directory | None
+        if (
+            parent_key == self._cached_key
+            and name
+            and len(name) <= NAME_MAX
+            and name not in (b".", b"..")
+            and b"\0" not in name
+        ):
+            parts = None  # fast path: same directory as the last entry
+        else:
+            parts = self._components(raw, entry.path, layer)
+            if not parts:
+                self._set_root(entry, layer)
+                return
+            name = parts[-1]
 
         inode: Inode
         if entry.type is EntryType.HARDLINK:
@@ -148,12 +159,18 @@ class TreeBuilder:
         else:
             inode = Leaf(_stat(entry), _content(entry, layer))
 
-        name = parts[-1]
         whiteout = name.startswith(_WHITEOUT)
-        parent = self._parent(entry, parts, layer, create=not whiteout)
-        if parent is None:
-            return  # a whiteout in a directory that does not exist: nothing to remove
+        if parts is None:
+            parent = self._cached_dir
+        else:
+            parent = self._parent(entry, parts, layer, create=not whiteout)
+            if parent is None:
+                return  # a whiteout in a directory that does not exist: nothing to remove
+            normal = len(raw) == len(parts) + sum(map(len, parts)) and raw.startswith(b"/")
+            self._cached_key = parent_key if normal else None
+            self._cached_dir = parent
         if whiteout:
+            self._cached_key = None
             rest = name[len(_WHITEOUT) :]
             if rest == _OPAQUE:
                 parent.entries.clear()
@@ -161,14 +178,24 @@ class TreeBuilder:
                 parent.entries.pop(rest, None)
             return
         old = parent.entries.get(name)
-        if isinstance(inode, Directory) and isinstance(old, Directory):
-            old.stat = inode.stat
-        else:
-            parent.entries[name] = inode
+        if isinstance(old, Directory):
+            if isinstance(inode, Directory):
+                old.stat = inode.stat
+                return
+            self._cached_key = None  # a directory (maybe the cached one's parent) goes
+        parent.entries[name] = inode
+
+    def _set_root(self, entry: TarEntry, layer: str | None) -> None:
+        if entry.type is not EntryType.DIRECTORY:
+            raise TreeError(
+                f"the root must be a directory, not a {entry.type.value}",
+                path=entry.path,
+                layer=layer,
+            )
+        self.filesystem.root.stat = _stat(entry)
 
     @staticmethod
-    def _components(path: str, entry: str, layer: str | None) -> list[bytes]:
-        raw = _encode(path)
+    def _components(raw: bytes, entry: str, layer: str | None) -> list[bytes]:
         parts = [part for part in raw.split(b"/") if part and part != b"."]
         if len(parts) > MAX_DEPTH:
             raise TreeError(
@@ -212,7 +239,7 @@ class TreeBuilder:
         target = entry.link_target
         if target is None:
             raise TreeError("hard link without a target", path=entry.path, layer=layer)
-        parts = self._components(target, entry.path, layer)
+        parts = self._components(_encode(target), entry.path, layer)
         what = f"hard link to {target!r}"
         if not parts:
             raise TreeError(f"{what}: the target is a directory", path=entry.path, layer=layer)
@@ -245,13 +272,14 @@ def _describe(parts: list[bytes], inode: Leaf) -> str:
 
 
 def _stat(entry: TarEntry) -> Stat:
+    xattrs = entry.xattrs
     return Stat(
         entry.mode & 0o7777,
         entry.uid,
         entry.gid,
         entry.mtime,
         entry.mtime_nsec,
-        {_encode(name): value for name, value in entry.xattrs.items()},
+        {_encode(name): value for name, value in xattrs.items()} if xattrs else {},
     )
 
 
