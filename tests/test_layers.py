@@ -247,6 +247,9 @@ def test_missing_parents_are_created_deterministically() -> None:
     ("layer", "message"),
     [
         ([f("/a/../b")], r"'\.\.' component"),
+        ([f("/a/x"), f("/a/..")], r"'\.\.' component"),  # after a sibling (shortcut)
+        ([f("/a/x"), f("/a/" + "n" * 256)], "256 bytes"),
+        ([f("/a/x"), f("/a/n\0")], "NUL"),
         ([f("/" + "n" * 256)], "256 bytes"),
         ([f("/a\0b")], "NUL"),
         ([sym("/s", "/etc"), f("/s/passwd")], "goes through a symlink, '/s'"),
@@ -340,3 +343,18 @@ def test_tree_from_layers() -> None:
     assert fs.root.stat.mtime == 3
     with pytest.raises(TreeError, match="layer 2"):
         tree_from_layers([[d("/usr")], [link("/x", "/nope")]])
+
+
+def test_removed_or_replaced_directories_are_not_reused() -> None:
+    """The last-parent shortcut never writes into a directory that left the tree."""
+    fs = build([f("/a/b/x"), f("/.wh.a"), f("/a/b/y", mtime=9)])
+    assert paths(fs) == ["/", "/a", "/a/b", "/a/b/y"]
+    assert lookup(fs, "a").stat.mtime == 9  # made again, as a missing parent
+    fs = build([f("/a/b/x"), f("/a/.wh..wh..opq"), f("/a/b/y")])
+    assert paths(fs) == ["/", "/a", "/a/b", "/a/b/y"]
+    with pytest.raises(TreeError, match="non-directory, '/a'"):
+        build([f("/a/b/x"), f("/a", b"file now"), f("/a/b/y")])
+    fs = build([f("/a/b/x"), d("/a", mode=0o700), f("/a/b/y")])  # dir over dir: same object
+    assert paths(fs) == ["/", "/a", "/a/b", "/a/b/x", "/a/b/y"]
+    fs = build([f("/a/b/x"), f("/./a//b/./z"), f("/a/b/w")])  # unnormalised paths too
+    assert paths(fs) == ["/", "/a", "/a/b", "/a/b/w", "/a/b/x", "/a/b/z"]
