@@ -1,5 +1,8 @@
 """Random layer stacks: our tree from layers equals ``umoci unpack`` of the same image.
 
+When the C tools are built, :func:`scan_directory` of each unpacked tree is also
+checked against C ``mkcomposefs`` (``composefs-info dump``) on the same directory.
+
 Hypothesis writes layers (Python's :mod:`tarfile`) of random operations on a small name
 space so that names collide often: directories (also over directories and files), files
 of 0/1/64/65/300 bytes, symlinks, fifos, devices, hard links (within and across
@@ -12,6 +15,8 @@ in ``test_tree_oracle.py``); everything else is decided by umoci, not by us.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
@@ -21,8 +26,14 @@ import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from test_tree_oracle import UMOCI, pull_and_build, python_tar
-from treecompare import assert_same_tree
+from test_scan import C_BIN
+from test_tree_oracle import UMOCI, hash_fd, pull_and_build, python_tar
+from treecompare import assert_same_tree, tree_from_c_dump
+from trio_composefs.scan import scan_directory
+
+_C_PATH = f"{C_BIN}:{os.environ.get('PATH', '')}"
+MKCOMPOSEFS = shutil.which("mkcomposefs", path=_C_PATH)
+COMPOSEFS_INFO = shutil.which("composefs-info", path=_C_PATH)
 
 pytestmark = [
     pytest.mark.skipif(UMOCI is None, reason="umoci is not installed"),
@@ -187,4 +198,14 @@ def _operation(
 def test_random_layers_match_umoci(stack: Stack) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours, theirs = trio.run(pull_and_build, Path(tmp), stack.tars())
-    assert_same_tree(ours, theirs, ignore_root=True)
+        assert_same_tree(ours, theirs, ignore_root=True)
+        # and the scanner on the same random tree against C mkcomposefs, when built
+        if MKCOMPOSEFS is not None and COMPOSEFS_INFO is not None:
+            rootfs = Path(tmp) / "bundle" / "rootfs"
+            image = Path(tmp) / "image"
+            subprocess.run([MKCOMPOSEFS, str(rootfs), str(image)], check=True)
+            dump = subprocess.run(
+                [COMPOSEFS_INFO, "dump", str(image)], check=True, capture_output=True
+            ).stdout
+            scanned = scan_directory(rootfs, digest_file=hash_fd, hardlinks=False)
+            assert_same_tree(tree_from_c_dump(dump), scanned)
