@@ -4,6 +4,9 @@
 writer and reader live beside it.
 """
 
+from ._layers import TreeBuilder as TreeBuilder
+from ._layers import transform_for_oci as transform_for_oci
+from ._layers import tree_from_layers as tree_from_layers
 from ._tree import BlockDevice as BlockDevice
 from ._tree import CharDevice as CharDevice
 from ._tree import Directory as Directory
