@@ -118,9 +118,13 @@ def test_symlinks_are_never_followed(tmp_path: Path) -> None:
         scan_directory(tmp_path / "link", digest_file=hash_fd)
     assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
     os.symlink(real, real / "loop")
+    os.setxattr(real / "f", "user.on-target", b"t")
+    os.setxattr(real / "loop", "trusted.on-link", b"l", follow_symlinks=False)
     fs = scan_directory(real, digest_file=hash_fd)
     assert sorted(fs.root.entries) == [b"f", b"loop"]
-    assert not isinstance(fs.root.entries[b"loop"], Directory)
+    loop = fs.root.entries[b"loop"]
+    assert not isinstance(loop, Directory)
+    assert loop.stat.xattrs == {b"trusted.on-link": b"l"}  # the link's own, not f's
 
 
 def test_depth_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
