@@ -473,3 +473,24 @@ async def test_umoci_built_layers_match_umoci_unpack(tmp_path: Path) -> None:
 
 def blob(layout: Path, digest: str) -> bytes:
     return (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
+
+
+async def test_empty_xattr_values_as_gnu_tar_extracts_them(tmp_path: Path) -> None:
+    """An xattr with an empty value: GNU tar writes ``SCHILY.xattr.user.e=`` and
+    restores the empty xattr; umoci (Go's archive/tar) drops it. We keep it, as GNU tar
+    does. (What upstream's tar-core does here is not verified: an open question.)"""
+    maker = TreeMaker(tmp_path / "layer")
+    maker.dir("usr")
+    maker.file("usr/f", b"", xattrs={"user.e": b"", "user.f": b"x"})
+    tar = gnu_tar(maker.finish(), tmp_path / "layer.tar")
+    ours, theirs = await pull_and_build(tmp_path, [tar])
+    assert compare_trees(ours, theirs, ignore_root=True) == [
+        "b'/usr/f': xattrs {b'user.e': b'', b'user.f': b'x'} != {b'user.f': b'x'}"
+    ]
+    extracted = tmp_path / "gnu-extracted"
+    extracted.mkdir()
+    await trio.run_process(
+        [str(TAR), "--xattrs", "--xattrs-include=*", "-xf", str(tmp_path / "layer.tar")],
+        cwd=extracted,
+    )
+    assert_same_tree(ours, scan_directory(extracted, digest_file=hash_fd), ignore_root=True)
