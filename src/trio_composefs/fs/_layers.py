@@ -22,9 +22,11 @@ and so the same image ID:
   objects, are :class:`ExternalFile` ``(size, digest)``. Upstream's consistency check is
   kept: inline content over 64 bytes or an external one of 64 or less is an error.
 * Names are bytes: ``path.encode("utf-8", "surrogateescape")`` gives back the archive's
-  raw bytes. Permission bits are ``mode & 0o7777`` (upstream ORs the raw header mode
-  with the type; the type bits some writers put in the mode field always agree with
-  the entry type, so the results are the same).
+  raw bytes. Permission bits are ``mode & 0o7777``. Upstream keeps the raw header
+  mode and ORs the type into it when writing: the same result whenever the mode
+  field's type bits are absent or match the entry type (old Go ``archive/tar`` writes
+  matching ones); a header whose type bits contradict its type gives upstream a
+  mangled file type, and us the entry's type.
 
 Where upstream refuses a layer and this module accepts it (documented choice):
 
