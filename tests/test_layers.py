@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_composefs._chunks import ExternalChunk
 from trio_composefs._errors import FormatError, TreeError
@@ -358,3 +360,40 @@ def test_removed_or_replaced_directories_are_not_reused() -> None:
     assert paths(fs) == ["/", "/a", "/a/b", "/a/b/x", "/a/b/y"]
     fs = build([f("/a/b/x"), f("/./a//b/./z"), f("/a/b/w")])  # unnormalised paths too
     assert paths(fs) == ["/", "/a", "/a/b", "/a/b/w", "/a/b/x", "/a/b/z"]
+
+
+_SEGMENTS = st.sampled_from(["a", "b", ".", "..", "", ".wh.a", ".wh..wh..opq", "n" * 256, "x\0"])
+
+
+@st.composite
+def hostile_entry(draw: st.DrawFn) -> TarEntry:
+    path = "/".join(draw(st.lists(_SEGMENTS, max_size=5)))
+    kind = draw(st.sampled_from(list(EntryType)))
+    target = "/".join(draw(st.lists(_SEGMENTS, max_size=4)))
+    data = draw(st.sampled_from([b"", b"x" * 64, b"x" * 65]))
+    content: bytes | ExternalChunk = data
+    if kind is EntryType.REGULAR and draw(st.booleans()):
+        content = ExternalChunk(fsverity_digest(b""), draw(st.sampled_from([1, 64, 65])))
+    link = target if kind in (EntryType.HARDLINK, EntryType.SYMLINK) else None
+    return entry(path, kind, link_target=link, content=content)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(hostile_entry(), max_size=8), max_size=4))
+def test_any_entry_sequence_builds_or_fails_cleanly(layers: list[list[TarEntry]]) -> None:
+    """Arbitrary input: a TreeError or a sound tree, never another exception."""
+    builder = TreeBuilder()
+    message = "tree: "
+    try:
+        for layer in layers:
+            builder.add_layer(layer)
+    except TreeError as e:
+        message = str(e)
+    assert message.startswith("tree: ")
+    fs = builder.filesystem
+    directories = [id(i) for _, i in fs.walk() if isinstance(i, Directory)]
+    assert len(directories) == len(set(directories))  # a tree: no directory twice
+    for path, _inode in fs.walk():
+        parts = path.split(b"/")[1:] if path != b"/" else []
+        assert all(p and p not in (b".", b"..") and len(p) <= 255 for p in parts), path
+        assert b"\0" not in path
