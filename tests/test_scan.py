@@ -28,6 +28,9 @@ from trio_composefs.fsverity import Digest
 from trio_composefs.scan import scan_directory
 
 C_BIN = Path("/var/cache/trio-composefs/composefs-1.0.8/bin")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root (devices, owners, security.capability)"
+)
 
 
 def c_tool(name: str) -> str:
@@ -52,6 +55,7 @@ def rich_tree(tmp: Path) -> Path:
     return root
 
 
+@needs_root
 def test_scan_matches_c_mkcomposefs(tmp_path: Path) -> None:
     mkcomposefs, info = c_tool("mkcomposefs"), c_tool("composefs-info")
     root = rich_tree(tmp_path)
@@ -66,6 +70,7 @@ def test_scan_matches_c_mkcomposefs(tmp_path: Path) -> None:
         assert ours.root.entries[b"files"].entries[b"s0"].stat.xattrs  # type: ignore[union-attr]
 
 
+@needs_root
 def test_hard_links_are_one_inode_and_read_once(tmp_path: Path) -> None:
     root = rich_tree(tmp_path)
     calls: list[int] = []
@@ -109,6 +114,7 @@ def test_inline_threshold_and_sockets(tmp_path: Path) -> None:
     assert entries[b"sock"].content == Socket()  # type: ignore[union-attr]
 
 
+@needs_root  # trusted.* xattrs
 def test_symlinks_are_never_followed(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()
