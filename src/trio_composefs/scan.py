@@ -62,7 +62,10 @@ from .fsverity import Digest
 __all__ = ["DigestFile", "scan_directory"]
 
 DigestFile = Callable[[int, int], Digest]
-"""``digest_file(fd, size)``: store or hash the ``size`` bytes of open file ``fd``."""
+"""``digest_file(fd, size)``: store or hash the ``size`` bytes of open file ``fd``.
+
+It reads from the current offset (0) and should fail if the file does not hold
+exactly ``size`` bytes (it changed since ``fstat``); it must not close ``fd``."""
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
