@@ -39,6 +39,26 @@ class TarError(FormatError):
         super().__init__(f"tar: {message}" + (f" ({', '.join(where)})" if where else ""))
 
 
+class TreeError(FormatError):
+    """Layer entries that do not make a filesystem tree.
+
+    Attributes:
+        path: the path of the entry at fault, when it is known.
+        layer: the layer that holds it (its diff_id, or ``"layer N"``), when known.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, layer: str | None = None):
+        self.reason = message
+        self.path = path
+        self.layer = layer
+        where = []
+        if path is not None:
+            where.append(f"entry {path!r}")
+        if layer is not None:
+            where.append(f"in {layer}")
+        super().__init__(f"tree: {message}" + (f" ({', '.join(where)})" if where else ""))
+
+
 class SplitStreamError(FormatError):
     """A splitstream file that is truncated, inconsistent or of another kind."""
 
@@ -81,6 +101,10 @@ class ErofsError(FormatError):
         if offset is not None:
             where.append(f"byte offset {offset}")
         super().__init__(f"erofs: {message}" + (f" ({', '.join(where)})" if where else ""))
+
+
+class ScanError(ComposefsError):
+    """A directory tree that changed, or is too deep, while being scanned."""
 
 
 class RepositoryError(ComposefsError):
