@@ -12,6 +12,7 @@ from ._errors import DigestError as DigestError
 from ._errors import DigestMismatchError as DigestMismatchError
 from ._errors import FormatError as FormatError
 from ._errors import InternalError as InternalError
+from ._errors import MountError as MountError
 from ._errors import ObjectNotFoundError as ObjectNotFoundError
 from ._errors import RepositoryError as RepositoryError
 from ._errors import SplitStreamError as SplitStreamError

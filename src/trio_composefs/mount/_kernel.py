@@ -525,7 +525,16 @@ def _attach_loop(image_fd: int) -> tuple[int, str]:
     with _closing_fd(ctl):
         last: OSError | None = None
         for _ in range(32):  # another process may take the free device first
-            number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            try:
+                number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            except OSError as e:
+                if e.errno in (errno.EPERM, errno.EACCES):
+                    raise _not_root_error(e) from None
+                raise MountError(
+                    f"no free loop device (LOOP_CTL_GET_FREE: {e.strerror}): free one "
+                    "(losetup -D) or load more (modprobe loop max_loop=...)",
+                    errno=e.errno,
+                ) from None
             device = f"/dev/loop{number}"
             try:
                 fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
