@@ -425,7 +425,7 @@ def _mount_file_backed(image: str, objects: str, mountpoint: str, opts: _Options
                 ) from None
             raise MountError(
                 f"image {image} could not be mounted as EROFS: {e.strerror}"
-                f"{' (' + log + ')' if log else ''}",
+                f"{' (' + log + ')' if log else ' (see dmesg)'}",
                 errno=e.errno,
             ) from None
     with _closing_fd(erofs_mnt):
@@ -465,7 +465,7 @@ def _mount_file_backed(image: str, objects: str, mountpoint: str, opts: _Options
                     ) from None
                 raise MountError(
                     f"overlayfs over image {image} and objects {objects} failed: {e.strerror}"
-                    f"{' (' + log + ')' if log else ''}",
+                    f"{' (' + log + ')' if log else ' (see dmesg)'}",
                     errno=e.errno,
                 ) from None
         with _closing_fd(ovl_mnt):
