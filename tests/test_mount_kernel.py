@@ -741,4 +741,43 @@ async def test_cancelled_while_mounting(
             go.set()
     assert [r.method for r in results] == ["file-backed"]
     assert not is_mount(mnt)
-    assert entered in (True, False)  # either way, nothing stays mounted
+    # the finished mount is handed to the block, whose first checkpoint is cancelled
+    assert entered
+
+
+_CTRL_C_SCRIPT = """
+import os, signal, sys, time
+import trio
+from trio_composefs.mount import _async, mount_image_file, mounted
+
+def gated(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the thread mounts
+    time.sleep(0.2)
+    return mount_image_file(*args, **kwargs)
+
+_async.mount_image_file = gated
+
+async def main():
+    async with mounted(sys.argv[1], sys.argv[2], sys.argv[3]):
+        print("entered", flush=True)
+        await trio.sleep(30)
+
+try:
+    trio.run(main)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+print("mounted" if os.path.ismount(sys.argv[3]) else "not mounted")
+"""
+
+
+def test_ctrl_c_while_mounting_leaves_nothing_mounted(built: Built, mnt: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_SCRIPT, str(built.image), str(built.objects), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if os.path.ismount(mnt):
+        unmount(mnt)
+    assert proc.stdout.split("\n")[-3:] == ["KeyboardInterrupt", "not mounted", ""], proc.stderr

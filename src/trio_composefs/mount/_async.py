@@ -14,6 +14,7 @@ __all__ = ["mounted"]
 
 
 @contextlib.asynccontextmanager
+@trio.lowlevel.enable_ki_protection
 async def mounted(
     image: int | PathArg,
     objects_dir: int | PathArg,
@@ -39,6 +40,9 @@ async def mounted(
         block never leaves the image mounted. If the unmount itself fails (a
         file under the mountpoint still open, EBUSY), :class:`MountError` is
         raised from the exit, chained to the block's own exception if any.
+        The generator is protected from KeyboardInterrupt (Ctrl-C is delivered
+        at the block's checkpoints instead), so a Ctrl-C cannot land between
+        the mount and the ``try`` that undoes it.
 
     Raises:
         MountError: the mount or the final unmount failed.
