@@ -140,6 +140,18 @@ def _options(target: Path) -> list[str]:
 # struct vfs_cap_data, revision 2: magic_etc (revision | effective), then permitted and
 # inheritable for the two 32-bit halves. cap_net_bind_service (10), effective.
 CAPABILITY = struct.pack("<IIIII", 0x02000000 | 1, 1 << 10, 0, 0, 0)
+# posix_acl_xattr: version 2, then (tag u16, perm u16, id u32) entries in tag order:
+# USER_OBJ rw-, USER 1000 r--, GROUP_OBJ r--, MASK r--, OTHER r--.
+ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, ident)
+    for tag, perm, ident in [
+        (0x01, 6, 0xFFFFFFFF),
+        (0x02, 4, 1000),
+        (0x04, 4, 0xFFFFFFFF),
+        (0x10, 4, 0xFFFFFFFF),
+        (0x20, 4, 0xFFFFFFFF),
+    ]
+)
 
 
 def make_source(root: Path) -> None:
@@ -197,6 +209,7 @@ def make_source(root: Path) -> None:
     }
     for name, mode in modes.items():
         os.chmod(root / name, mode)
+    os.setxattr(root / "etc/deep/er/file", "system.posix_acl_access", ACL)
     paths = sorted(
         (p for p in root.rglob("*")), key=lambda p: (-len(p.parts), str(p))
     )  # children before parents
@@ -426,6 +439,11 @@ def test_composefs_header_decides_noacl(
     with mounted_sync(image, built.objects, mnt, force_loop=force_loop) as result:
         assert result.acl == has_acl
         assert (mnt / "data/page").read_bytes() == (built.source / "data/page").read_bytes()
+        # noacl: the EROFS hides its ACLs, so the overlay shows none
+        shown = os.listxattr(mnt / "etc/deep/er/file")
+        assert ("system.posix_acl_access" in shown) == has_acl
+        if has_acl:
+            assert os.getxattr(mnt / "etc/deep/er/file", "system.posix_acl_access") == ACL
 
 
 def test_fallback_when_new_api_is_missing(
