@@ -243,11 +243,16 @@ def _copy_meta(src: Path, dst: Path) -> None:
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
+def dfs_order(root: Path) -> list[Path]:
+    """Entries below ``root`` depth first, children sorted by name (dumpfile order)."""
+    return sorted(root.rglob("*"), key=lambda p: [os.fsencode(c) for c in p.parts])
+
+
 def make_image(source: Path, objects: Path, image: Path) -> dict[str, str]:
     """Objects and a mkfs.erofs placeholder image of ``source``; returns path -> object name."""
     placeholder = image.with_name(image.name + ".tree")
     placeholder.mkdir()
-    entries = sorted(source.rglob("*"))
+    entries = dfs_order(source)
     externals = [
         p for p in entries if stat.S_ISREG(os.lstat(p).st_mode) and os.lstat(p).st_size > INLINE_MAX
     ]
@@ -326,6 +331,112 @@ def mnt(tmp_path: Path) -> Path:
     target = tmp_path / "mnt"
     target.mkdir()
     return target
+
+
+# --- C mkcomposefs images from a dumpfile (composefs-dump(5)) ----------------------------------
+
+C_BIN = Path("/var/cache/trio-composefs/composefs-1.0.8/bin")
+
+
+def c_tool(name: str) -> str:
+    found = shutil.which(name, path=f"{C_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.skip(f"C composefs {name} not built (.ci/build-composefs on branch oracle)")
+    return found
+
+
+def _dump_escape(data: bytes, *, xattr: bool = False) -> str:
+    out = []
+    for b in data:
+        if b == 0x5C:
+            out.append("\\\\")
+        elif b in (0x0A, 0x0D, 0x09):
+            out.append({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}[b])
+        elif 0x21 <= b <= 0x7E and not (xattr and b == 0x3D):
+            out.append(chr(b))
+        else:
+            out.append(f"\\x{b:02x}")
+    text = "".join(out)
+    return "\\x2d" if text == "-" else text
+
+
+def make_dumpfile(source: Path, object_of: dict[str, str]) -> str:
+    """The dumpfile of ``source``: inline up to 64 bytes, external files by object name."""
+    lines = []
+    first: dict[tuple[int, int], str] = {}
+    for p in [source, *dfs_order(source)]:
+        st = os.lstat(p)
+        rel = str(p.relative_to(source))
+        path = "/" if p == source else "/" + rel
+        mtime = f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9}"
+        key = (st.st_dev, st.st_ino)
+        head = f"{st.st_nlink} {st.st_uid} {st.st_gid} {st.st_rdev} {mtime}"
+        if stat.S_ISREG(st.st_mode) and key in first:
+            target = _dump_escape(first[key].encode())
+            lines.append(
+                f"{_dump_escape(path.encode())} {st.st_size} @{st.st_mode:o} {head} {target} - -"
+            )
+            continue
+        first[key] = path
+        payload = content = digest = "-"
+        size = st.st_size
+        if stat.S_ISDIR(st.st_mode):
+            size = 0
+        elif stat.S_ISLNK(st.st_mode):
+            payload = _dump_escape(os.fsencode(os.readlink(p)))
+        elif stat.S_ISREG(st.st_mode):
+            if rel in object_of:
+                payload = object_of[rel]
+                digest = payload.replace("/", "")
+            elif size:
+                content = _dump_escape(p.read_bytes())
+        xattrs = "".join(
+            f" {_dump_escape(k.encode(), xattr=True)}="
+            f"{_dump_escape(os.getxattr(p, k, follow_symlinks=False), xattr=True)}"
+            for k in sorted(os.listxattr(p, follow_symlinks=False))
+        )
+        lines.append(
+            f"{_dump_escape(path.encode())} {size} {st.st_mode:o} {head} "
+            f"{payload} {content} {digest}{xattrs}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def c_image(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    mkcomposefs = c_tool("mkcomposefs")
+    base = tmp_path_factory.mktemp("c-image")
+    dump = base / "source.dump"
+    dump.write_text(make_dumpfile(built.source, built.object_of), encoding="ascii")
+    image = base / "c.cfs"
+    subprocess.run([mkcomposefs, "--from-file", str(dump), str(image)], check=True)
+    return image
+
+
+@pytest.mark.parametrize("force_loop", [False, True], ids=["file-backed", "loop"])
+def test_c_mkcomposefs_image_shows_the_source_tree(
+    built: Built, c_image: Path, mnt: Path, force_loop: bool
+) -> None:
+    with mounted_sync(c_image, built.objects, mnt, force_loop=force_loop) as result:
+        assert result.method == ("loop" if force_loop else "file-backed")
+        assert result.acl  # the tree has an ACL: C sets HAS_ACL
+        # equal listings: the 256 whiteout stubs 00..ff in the image root are not shown
+        assert_same_tree(built.source, mnt)
+
+
+def test_c_mount_composefs_shows_the_same_tree(
+    built: Built, c_image: Path, mnt: Path, tmp_path: Path
+) -> None:
+    mount_composefs = c_tool("mount.composefs")
+    basedir = tmp_path / "objects-link"  # -o cannot carry the ',' in the real name
+    basedir.symlink_to(built.objects)
+    subprocess.run(
+        [mount_composefs, "-o", f"basedir={basedir}", str(c_image), str(mnt)], check=True
+    )
+    try:
+        assert_same_tree(built.source, mnt)
+    finally:
+        unmount(mnt)
 
 
 # --- comparing trees ----------------------------------------------------------------------------
@@ -454,6 +565,36 @@ def test_fallback_when_new_api_is_missing(
         assert result.method == "loop"
         assert "ENOSYS" in (result.fallback_reason or "")
         assert (mnt / "bin/su").read_bytes() == (built.source / "bin/su").read_bytes()
+
+
+@pytest.mark.parametrize("by_fd", [True, False], ids=["SET_FD", "proc-path"])
+def test_overlay_layers_by_fd_or_by_proc_path(
+    built: Built, mnt: Path, monkeypatch: pytest.MonkeyPatch, by_fd: bool
+) -> None:
+    """6.13+ takes the EROFS mount fd itself; older kernels get /proc/self/fd/N."""
+    if not by_fd:
+
+        def refuse(fd: int, key: str, value_fd: int) -> None:
+            raise OSError(errno.EINVAL, "fsconfig(fd): Invalid argument")
+
+        monkeypatch.setattr(_kernel, "sys_fsconfig_fd", refuse)
+    objects_fd = os.open(built.objects, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with mounted_sync(built.image, objects_fd, mnt) as result:
+            assert result.method == "file-backed"
+            opts = _options(mnt)
+            lower = [o for o in opts if o.startswith("lowerdir+=")]
+            data = [o for o in opts if o.startswith("datadir+=")]
+            if by_fd:
+                assert lower == ["lowerdir+=/"]  # the detached EROFS mount's root
+                # the objects' real path (findmnt splits it at its ',')
+                assert data[0].startswith(f"datadir+={built.objects.parent}/obj")
+            else:
+                assert lower[0].startswith("lowerdir+=/proc/self/fd/")
+                assert data[0].startswith("datadir+=/proc/self/fd/")
+            assert (mnt / "data/big").read_bytes() == (built.source / "data/big").read_bytes()
+    finally:
+        os.close(objects_fd)
 
 
 # --- missing objects, verity, writable ----------------------------------------------------------

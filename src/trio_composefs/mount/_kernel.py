@@ -19,7 +19,9 @@ Two ways to get there, tried in this order:
     ``fsopen("erofs")`` with ``source`` = the image *file* (a regular file
     gives a file-backed mount, no loop device), ``ro``, ``fsmount`` — the
     EROFS mount stays detached, known only by its fd; then
-    ``fsopen("overlay")`` with ``lowerdir+=/proc/self/fd/<erofs mount fd>``,
+    ``fsopen("overlay")`` with ``lowerdir+`` = the EROFS mount fd
+    (``FSCONFIG_SET_FD``, 6.13+; else the string ``/proc/self/fd/<fd>``;
+    ``findmnt`` then shows ``lowerdir+=/``, the detached mount's root),
     ``fsmount``, and ``move_mount`` onto the target. Closing the fds leaves only
     the overlay; unmounting it frees everything.
 ``loop`` (the fallback, and the way C ``mount.composefs`` mounts on older
@@ -101,6 +103,7 @@ FSOPEN_CLOEXEC = 0x1
 FSMOUNT_CLOEXEC = 0x1
 FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
 MOUNT_ATTR_RDONLY = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
@@ -212,6 +215,37 @@ def sys_fsconfig(fd: int, cmd: int, key: str | None = None, value: str | None = 
         ),
         f"fsconfig({key or 'create'})",
     )
+
+
+def sys_fsconfig_fd(fd: int, key: str, value_fd: int) -> None:
+    """fsconfig(2) FSCONFIG_SET_FD: a parameter given as an open fd (``aux``)."""
+    _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_FSCONFIG),
+            ctypes.c_int(fd),
+            ctypes.c_uint(FSCONFIG_SET_FD),
+            ctypes.c_char_p(key.encode()),
+            ctypes.c_char_p(None),
+            ctypes.c_int(value_fd),
+        ),
+        f"fsconfig({key}, fd)",
+    )
+
+
+def _set_layer(ctx: int, key: str, fd: int | None, name: str) -> None:
+    """Give overlayfs a layer: by fd where the kernel takes one (6.13+), else by name.
+
+    A detached mount (the EROFS) has no path; its name is ``/proc/self/fd/N``,
+    which the kernel resolves through the magic link.
+    """
+    if fd is not None:
+        try:
+            sys_fsconfig_fd(ctx, key, fd)
+            return
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    sys_fsconfig(ctx, FSCONFIG_SET_STRING, key, name)
 
 
 def sys_fsmount(fd: int, attr_flags: int) -> int:
@@ -397,7 +431,9 @@ class _Fallback(Exception):
     """The file-backed way is not available here; the reason says why."""
 
 
-def _mount_file_backed(image: str, objects: str, mountpoint: str, opts: _Options) -> None:
+def _mount_file_backed(
+    image: str, objects: str, objects_fd: int | None, mountpoint: str, opts: _Options
+) -> None:
     try:
         erofs_ctx = sys_fsopen("erofs")
     except OSError as e:
@@ -441,11 +477,9 @@ def _mount_file_backed(image: str, objects: str, mountpoint: str, opts: _Options
                 sys_fsconfig(ovl_ctx, FSCONFIG_SET_STRING, "source", "composefs")
                 sys_fsconfig(ovl_ctx, FSCONFIG_SET_STRING, "metacopy", "on")
                 sys_fsconfig(ovl_ctx, FSCONFIG_SET_STRING, "redirect_dir", "on")
-                sys_fsconfig(
-                    ovl_ctx, FSCONFIG_SET_STRING, "lowerdir+", f"/proc/self/fd/{erofs_mnt}"
-                )
+                _set_layer(ovl_ctx, "lowerdir+", erofs_mnt, f"/proc/self/fd/{erofs_mnt}")
                 step = "datadir+"
-                sys_fsconfig(ovl_ctx, FSCONFIG_SET_STRING, "datadir+", objects)
+                _set_layer(ovl_ctx, "datadir+", objects_fd, objects)
                 step = "options"
                 if opts.upperdir is not None and opts.workdir is not None:
                     sys_fsconfig(ovl_ctx, FSCONFIG_SET_STRING, "upperdir", opts.upperdir)
@@ -683,7 +717,13 @@ def mount_image_file(
         reason: str | None = None
         if not force_loop:
             try:
-                _mount_file_backed(image_name, objects_name, target, opts)
+                _mount_file_backed(
+                    image_name,
+                    objects_name,
+                    objects_dir if isinstance(objects_dir, int) else None,
+                    target,
+                    opts,
+                )
             except _Fallback as fb:
                 reason = str(fb)
             else:
