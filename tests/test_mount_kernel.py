@@ -735,6 +735,27 @@ def test_busy_mountpoint(built: Built, mnt: Path, tmp_path: Path, force_loop: bo
         assert _mount_targets().count(str(mnt)) == 1
 
 
+def test_bind_mounted_mountpoint_is_busy(built: Built, mnt: Path) -> None:
+    """A directory bind-mounted onto itself: same device and parent, only mountinfo knows."""
+    subprocess.run(["mount", "--bind", str(mnt), str(mnt)], check=True)
+    try:
+        assert not os.path.ismount(mnt)
+        with pytest.raises(MountError, match="already has a filesystem mounted"):
+            mount_image_file(built.image, built.objects, mnt)
+        assert _mount_targets().count(str(mnt)) == 1
+    finally:
+        unmount(mnt)
+
+
+def test_mountpoint_through_a_symlink(built: Built, mnt: Path, tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(mnt)
+    with mounted_sync(built.image, built.objects, link) as result:
+        assert result.mountpoint == str(mnt)
+        assert os.path.ismount(mnt)
+    assert not os.path.ismount(mnt)
+
+
 @pytest.mark.parametrize("force_loop", [False, True], ids=["file-backed", "loop"])
 def test_overlay_refusal_after_erofs_leaves_nothing(
     built: Built, mnt: Path, tmp_path: Path, force_loop: bool

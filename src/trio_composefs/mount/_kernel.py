@@ -338,6 +338,38 @@ def _not_root_error(err: OSError) -> MountError:
     )
 
 
+def _unescape_mountinfo(field: str) -> str:
+    r"""Undo the kernel's octal escapes (``\040`` for space, ``\134`` for ``\``)."""
+    out = bytearray()
+    raw = field.encode()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def is_mount_point(path: str) -> bool:
+    """Whether something is mounted on ``path`` (an absolute, resolved path).
+
+    /proc/self/mountinfo (field 5, the mount point) catches bind mounts on the
+    same filesystem, which :func:`os.path.ismount` misses.
+    """
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return any(
+                _unescape_mountinfo(line.split(" ")[4]) == path for line in f if line.strip()
+            )
+    except OSError:
+        return False
+
+
 def _check_mountpoint(mountpoint: str) -> None:
     try:
         st = os.stat(mountpoint)
@@ -353,7 +385,7 @@ def _check_mountpoint(mountpoint: str) -> None:
             f"mountpoint {mountpoint} is not a directory: mount on an empty directory",
             errno=errno.ENOTDIR,
         )
-    if os.path.ismount(mountpoint):
+    if is_mount_point(mountpoint):
         raise MountError(
             f"mountpoint {mountpoint} already has a filesystem mounted on it: "
             f"unmount it first (umount {mountpoint})",
@@ -693,7 +725,7 @@ def mount_image_file(
         raise MountError(
             "a writable mount needs both --upperdir and --workdir (on the same filesystem)"
         )
-    target = os.path.abspath(os.fspath(mountpoint))
+    target = os.path.realpath(os.fspath(mountpoint))
     _check_mountpoint(target)
     with (
         _open_dir_or_path(image, "image") as (image_fd, image_name),
