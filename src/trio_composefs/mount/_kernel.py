@@ -713,6 +713,14 @@ def mount_image_file(
         force_loop: use the loop-device fallback even where the file-backed
             way works.
 
+    What users see through the mount (Linux 6.18): the image's tree, with
+    ``trusted.overlay.metacopy``/``redirect`` consumed by overlayfs and the
+    composefs whiteout stubs ``00``..``ff`` not listed. Metadata comes from the
+    image, contents from the objects, looked up lazily on open: a missing
+    object still stats, but opening it fails with ENOENT (the kernel logs
+    "lazy lowerdata lookup failed"); with ``verity`` an object without the
+    right fs-verity digest fails with EIO ("has no fs-verity digest").
+
     Returns:
         A :class:`MountResult` saying which way was used.
 
