@@ -402,15 +402,34 @@ def make_dumpfile(source: Path, object_of: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mkcomposefs(dump_text: str, base: Path) -> Path:
+    dump = base / "source.dump"
+    dump.write_text(dump_text, encoding="ascii")
+    image = base / "c.cfs"
+    subprocess.run([c_tool("mkcomposefs"), "--from-file", str(dump), str(image)], check=True)
+    return image
+
+
 @pytest.fixture(scope="module")
 def c_image(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    mkcomposefs = c_tool("mkcomposefs")
-    base = tmp_path_factory.mktemp("c-image")
-    dump = base / "source.dump"
-    dump.write_text(make_dumpfile(built.source, built.object_of), encoding="ascii")
-    image = base / "c.cfs"
-    subprocess.run([mkcomposefs, "--from-file", str(dump), str(image)], check=True)
-    return image
+    c_tool("mkcomposefs")
+    return _mkcomposefs(
+        make_dumpfile(built.source, built.object_of), tmp_path_factory.mktemp("c-image")
+    )
+
+
+@pytest.mark.parametrize("force_loop", [False, True], ids=["file-backed", "loop"])
+def test_c_mkcomposefs_image_without_acls(
+    built: Built, mnt: Path, tmp_path: Path, force_loop: bool
+) -> None:
+    """No ACL in the tree: C leaves HAS_ACL unset and the EROFS is mounted noacl."""
+    lines = make_dumpfile(built.source, built.object_of).splitlines()
+    no_acl = [" ".join(w for w in line.split(" ") if not w.startswith("system.")) for line in lines]
+    image = _mkcomposefs("\n".join(no_acl) + "\n", tmp_path)
+    assert struct.unpack_from("<III", image.read_bytes()) == (0xD078629A, 1, 0)
+    with mounted_sync(image, built.objects, mnt, force_loop=force_loop) as result:
+        assert not result.acl
+        assert_same_tree(built.source, mnt, drop_xattr="system.posix_acl_access")
 
 
 @pytest.mark.parametrize("force_loop", [False, True], ids=["file-backed", "loop"])
@@ -420,6 +439,7 @@ def test_c_mkcomposefs_image_shows_the_source_tree(
     with mounted_sync(c_image, built.objects, mnt, force_loop=force_loop) as result:
         assert result.method == ("loop" if force_loop else "file-backed")
         assert result.acl  # the tree has an ACL: C sets HAS_ACL
+        assert struct.unpack_from("<III", c_image.read_bytes()) == (0xD078629A, 1, 1)
         # equal listings: the 256 whiteout stubs 00..ff in the image root are not shown
         assert_same_tree(built.source, mnt)
 
@@ -482,8 +502,10 @@ def snapshot(root: Path) -> tuple[dict[str, dict[str, Any]], set[frozenset[str]]
     return entries, groups
 
 
-def assert_same_tree(source: Path, mounted_root: Path) -> None:
+def assert_same_tree(source: Path, mounted_root: Path, *, drop_xattr: str | None = None) -> None:
     want, want_groups = snapshot(source)
+    for e in want.values():
+        e["xattrs"].pop(drop_xattr, None)
     got, got_groups = snapshot(mounted_root)
     assert sorted(got) == sorted(want), "listings differ (stubs, objects or entries leaked)"
     for path in want:
