@@ -586,6 +586,7 @@ def test_fallback_when_new_api_is_missing(
     with mounted_sync(built.image, built.objects, mnt) as result:
         assert result.method == "loop"
         assert "ENOSYS" in (result.fallback_reason or "")
+        assert "fell back because the kernel has no new mount API" in result.describe()
         assert (mnt / "bin/su").read_bytes() == (built.source / "bin/su").read_bytes()
 
 
@@ -889,6 +890,21 @@ async def test_mounted_async(built: Built, mnt: Path) -> None:
         assert result.method == "file-backed"
         data = await trio.Path(mnt / "data/big").read_bytes()
         assert data == (built.source / "data/big").read_bytes()
+    assert not is_mount(mnt)
+
+
+async def test_mounted_with_fds(built: Built, mnt: Path) -> None:
+    """As a repository would call it: the image and objects opened by the caller."""
+    image_fd = os.open(built.image, os.O_RDONLY | os.O_CLOEXEC)
+    objects_fd = os.open(built.objects, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        async with mounted(image_fd, objects_fd, mnt) as result:
+            assert result.describe().startswith(f"mounted {mnt}: file-backed EROFS")
+            data = await trio.Path(mnt / "bin/big-link").read_bytes()
+            assert data == (built.source / "data/big").read_bytes()
+    finally:
+        os.close(image_fd)
+        os.close(objects_fd)
     assert not is_mount(mnt)
 
 

@@ -162,6 +162,22 @@ class MountResult:
     loop_device: str | None = None
     fallback_reason: str | None = None
 
+    def describe(self) -> str:
+        """One line for ``--debug``: the way used, and why the fallback if it was one."""
+        if self.method == "file-backed":
+            how = "file-backed EROFS (new mount API, no loop device)"
+        else:
+            how = f"loop device {self.loop_device} (legacy mount(2))"
+        extras = [
+            "verity=require" if self.verity else "no verity",
+            "writable" if self.writable else "read-only",
+            "acl" if self.acl else "noacl",
+        ]
+        line = f"mounted {self.mountpoint}: {how}, {', '.join(extras)}"
+        if self.fallback_reason:
+            line += f"; fell back because {self.fallback_reason}"
+        return line
+
 
 # --- thin syscall wrappers ----------------------------------------------------------------------
 
