@@ -101,7 +101,15 @@ def _erofs_tmpdirs() -> set[str]:
 def no_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     base = str(tmp_path_factory.getbasetemp())
     tmpdirs_before = _erofs_tmpdirs()
+    fds_before = set(os.listdir("/proc/self/fd"))
     yield
+    # a leaked fd could be a detached EROFS or overlay mount, alive but invisible to findmnt
+    leaked = {
+        fd: os.readlink(f"/proc/self/fd/{fd}")
+        for fd in set(os.listdir("/proc/self/fd")) - fds_before
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
+    assert leaked == {}, "file descriptors left open"
     mounts = [t for t in _mount_targets() if t.startswith(base) or ERO_TMP_PREFIX in t]
     loops = [(n, b) for n, b in _loop_backing() if b.startswith(base)]
     tmpdirs = _erofs_tmpdirs() - tmpdirs_before
