@@ -20,13 +20,19 @@ from . import _lazy
 from ._errors import ComposefsError as ComposefsError
 from ._errors import DigestError as DigestError
 from ._errors import DigestMismatchError as DigestMismatchError
+from ._errors import DumpfileError as DumpfileError
+from ._errors import ErofsError as ErofsError
+from ._errors import ErofsWriteError as ErofsWriteError
 from ._errors import FormatError as FormatError
 from ._errors import ImageSourceError as ImageSourceError
 from ._errors import InternalError as InternalError
+from ._errors import MountError as MountError
 from ._errors import ObjectNotFoundError as ObjectNotFoundError
 from ._errors import RepositoryError as RepositoryError
+from ._errors import ScanError as ScanError
 from ._errors import SplitStreamError as SplitStreamError
 from ._errors import TarError as TarError
+from ._errors import TreeError as TreeError
 from ._errors import VerityUnsupportedError as VerityUnsupportedError
 from ._version import __version__ as __version__
 
@@ -138,7 +144,10 @@ __all__ = [
     "Digest",
     "DigestError",
     "DigestMismatchError",
+    "DumpfileError",
     "EntryType",
+    "ErofsError",
+    "ErofsWriteError",
     "ExternalChunk",
     "FormatError",
     "FsVerityHasher",
@@ -154,6 +163,7 @@ __all__ = [
     "InternalError",
     "LayerProgress",
     "LayerStats",
+    "MountError",
     "ObjectNotFoundError",
     "ObjectTmpfile",
     "OciLayoutSource",
@@ -161,6 +171,7 @@ __all__ = [
     "Platform",
     "Repository",
     "RepositoryError",
+    "ScanError",
     "SplitStreamBuilder",
     "SplitStreamEncoder",
     "SplitStreamError",
@@ -168,6 +179,7 @@ __all__ = [
     "TarEntry",
     "TarError",
     "TarSplitter",
+    "TreeError",
     "VerityUnsupportedError",
     "__version__",
     "copy_stream",

@@ -133,6 +133,23 @@ class ErofsWriteError(ComposefsError, ValueError):
     the entry at fault."""
 
 
+class MountError(ComposefsError):
+    """A composefs image could not be mounted or unmounted.
+
+    The message is one line naming what is at fault (the image, the mountpoint,
+    the kernel) and what to do about it. Nothing is left mounted or attached
+    when it is raised by a mount.
+
+    Attributes:
+        errno: the errno the kernel answered, when the failure came from a
+            system call (``None`` for checks made before any call).
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None):
+        self.errno = errno
+        super().__init__(message)
+
+
 class InternalError(ComposefsError):
     """An invariant of this library was broken. This is a bug: please report it."""
 
