@@ -18,6 +18,7 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from oracles import need_c_tool
+from trio_composefs.formats import Algorithm, Digest
 from trio_composefs.fs import (
     BlockDevice,
     CharDevice,
@@ -33,7 +34,6 @@ from trio_composefs.fs import (
     Symlink,
     write_dumpfile,
 )
-from trio_composefs.fsverity import Algorithm, Digest
 
 # --- the C oracles ---------------------------------------------------------------------
 

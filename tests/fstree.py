@@ -15,6 +15,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 import oracles
+from trio_composefs.formats import Algorithm, Digest
 from trio_composefs.fs import (
     BlockDevice,
     CharDevice,
@@ -28,7 +29,6 @@ from trio_composefs.fs import (
     Stat,
     Symlink,
 )
-from trio_composefs.fsverity import Algorithm, Digest
 
 
 def have_c_tools() -> bool:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from fstree import c_tool, dumpfile, filesystems, have_c_tools, iter_chunks, signature
 from trio_composefs._errors import DumpfileError
+from trio_composefs.formats import Digest
 from trio_composefs.fs import (
     BlockDevice,
     CharDevice,
@@ -32,7 +33,6 @@ from trio_composefs.fs import (
 )
 from trio_composefs.fs._dumpfile import write_dumpfile
 from trio_composefs.fs._dumpfile_parse import parse_dumpfile
-from trio_composefs.fsverity import Digest
 
 DATA = Path(__file__).parent / "data" / "composefs-c"
 ROOT = b"/ 4096 40755 2 0 0 0 0.0 - - -\n"

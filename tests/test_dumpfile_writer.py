@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 
 from erofs_trees import c_dump, c_mkcomposefs, dumpfile_bytes, filesystems
 from trio_composefs._errors import ErofsWriteError
+from trio_composefs.formats import Algorithm, Digest
 from trio_composefs.fs import (
     BlockDevice,
     CharDevice,
@@ -29,7 +30,6 @@ from trio_composefs.fs import (
     write_dumpfile,
 )
 from trio_composefs.fs.erofs import write_erofs
-from trio_composefs.fsverity import Algorithm, Digest
 
 
 def _simple() -> FileSystem:

@@ -29,12 +29,12 @@ from fstree import (
 )
 from rs_snapshot import image_from_snapshot
 from trio_composefs._errors import ErofsError, FormatError
+from trio_composefs.formats import Algorithm, Digest, fsverity_digest
 from trio_composefs.fs import CharDevice, Directory, ExternalFile, FileSystem, Leaf, Stat
 from trio_composefs.fs._dumpfile import write_dumpfile
 from trio_composefs.fs._dumpfile_parse import parse_dumpfile
 from trio_composefs.fs.erofs import write_erofs
 from trio_composefs.fs.erofs._reader import image_objects, read_erofs, read_erofs_header
-from trio_composefs.fsverity import Algorithm, Digest, fsverity_digest
 
 DATA = Path(__file__).parent / "data" / "composefs-c"
 RS_DATA = Path(__file__).parent / "data" / "composefs-rs"

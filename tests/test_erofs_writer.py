@@ -22,6 +22,7 @@ from erofs_trees import (
 )
 from oracles import need_c_tool
 from trio_composefs._errors import ErofsWriteError
+from trio_composefs.formats import Algorithm, Digest, fsverity_digest
 from trio_composefs.fs import (
     BlockDevice,
     CharDevice,
@@ -37,7 +38,6 @@ from trio_composefs.fs import (
 )
 from trio_composefs.fs.erofs import compute_image_id, iter_erofs, write_erofs
 from trio_composefs.fs.erofs._format import xxh32
-from trio_composefs.fsverity import Algorithm, Digest, fsverity_digest
 
 # --- xxh32 against the published XXH32 test vectors ----------------------------------------
 

@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "oci": 2,
     "maintenance": 2,
     "mount": 2,
+    "images": 2,
     "cli": 3,
     "__main__": 3,
     "testing": 3,

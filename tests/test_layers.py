@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_composefs._chunks import ExternalChunk
 from trio_composefs._errors import FormatError, TreeError
+from trio_composefs.formats import EntryType, ExternalChunk, TarEntry, fsverity_digest
 from trio_composefs.fs import Directory, FileSystem, Leaf
 from trio_composefs.fs._layers import (
     MAX_DEPTH,
@@ -31,8 +31,6 @@ from trio_composefs.fs._tree import (
     Stat,
     Symlink,
 )
-from trio_composefs.fsverity import fsverity_digest
-from trio_composefs.tarentry import EntryType, TarEntry
 
 
 def entry(path: str, kind: EntryType = EntryType.REGULAR, **kw: Any) -> TarEntry:

@@ -32,15 +32,13 @@ import trio
 from ocifixtures import Layout
 from treecompare import assert_same_tree, compare_trees, summary
 from trio_composefs._errors import TreeError
+from trio_composefs.formats import Algorithm, Digest, FsVerityHasher
 from trio_composefs.fs import FileSystem
 from trio_composefs.fs._layers import TreeBuilder, transform_for_oci
-from trio_composefs.fsverity import Algorithm, Digest, FsVerityHasher
-from trio_composefs.image_tree import image_filesystem
-from trio_composefs.oci import open_image, open_source, pull_image
-from trio_composefs.oci_source import parse_source
-from trio_composefs.reassemble import iter_layer_entries
-from trio_composefs.repository import Repository
-from trio_composefs.scan import scan_directory
+from trio_composefs.images._scan import scan_directory
+from trio_composefs.oci import open_image, open_source, parse_source, pull_image
+from trio_composefs.oci._image_tree import image_filesystem
+from trio_composefs.repository import Repository, iter_layer_entries
 
 UMOCI = shutil.which("umoci")
 TAR = shutil.which("tar")

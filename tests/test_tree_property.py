@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from test_scan import C_BIN
 from test_tree_oracle import UMOCI, hash_fd, pull_and_build, python_tar
 from treecompare import assert_same_tree, tree_from_c_dump
-from trio_composefs.scan import scan_directory
+from trio_composefs.images._scan import scan_directory
 
 _C_PATH = f"{C_BIN}:{os.environ.get('PATH', '')}"
 MKCOMPOSEFS = shutil.which("mkcomposefs", path=_C_PATH)

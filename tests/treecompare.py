@@ -1,7 +1,7 @@
 """Compare two :class:`~trio_composefs.fs.FileSystem` trees entry by entry.
 
 Reusable by any test that checks a tree against an independent one: our tree from
-layers against ``umoci unpack`` scanned with :func:`trio_composefs.scan.scan_directory`,
+layers against ``umoci unpack`` scanned with :func:`trio_composefs.images.scan_directory`,
 a mounted image against the same, and so on. Every difference is reported (path and
 field), not just the first, so a failure shows the whole picture.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
+from trio_composefs.formats import Algorithm, Digest
 from trio_composefs.fs import (
     BlockDevice,
     CharDevice,
@@ -30,7 +31,6 @@ from trio_composefs.fs import (
     Symlink,
 )
 from trio_composefs.fs._tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG
-from trio_composefs.fsverity import Algorithm, Digest
 
 __all__ = [
     "assert_same_tree",

@@ -8,6 +8,7 @@ from ._dumpfile import escape as escape
 from ._dumpfile import escape_optional as escape_optional
 from ._dumpfile import escape_xattr as escape_xattr
 from ._dumpfile import write_dumpfile as write_dumpfile
+from ._dumpfile_parse import parse_dumpfile as parse_dumpfile
 from ._layers import TreeBuilder as TreeBuilder
 from ._layers import transform_for_oci as transform_for_oci
 from ._layers import tree_from_layers as tree_from_layers
@@ -24,4 +25,3 @@ from ._tree import LeafContent as LeafContent
 from ._tree import Socket as Socket
 from ._tree import Stat as Stat
 from ._tree import Symlink as Symlink
-from ._dumpfile_parse import parse_dumpfile as parse_dumpfile

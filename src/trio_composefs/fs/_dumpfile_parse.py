@@ -52,7 +52,7 @@ import re
 from collections.abc import Iterable, Iterator
 
 from .._errors import DumpfileError
-from ..fsverity import Algorithm, Digest
+from ..formats._fsverity import Algorithm, Digest
 from ._tree import (
     S_IFBLK,
     S_IFCHR,

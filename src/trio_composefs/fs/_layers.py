@@ -54,9 +54,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .._chunks import ExternalChunk
 from .._errors import TreeError
-from ..tarentry import EntryType, TarEntry
+from ..formats._chunks import ExternalChunk
+from ..formats._tarentries import EntryType, TarEntry
 from ._tree import (
     BlockDevice,
     CharDevice,

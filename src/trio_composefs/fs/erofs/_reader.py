@@ -67,7 +67,7 @@ from collections.abc import Iterator
 import attrs
 
 from ..._errors import ErofsError
-from ...fsverity import Algorithm, Digest
+from ...formats._fsverity import Algorithm, Digest
 from .._tree import (
     S_IFBLK,
     S_IFCHR,

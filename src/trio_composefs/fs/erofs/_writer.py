@@ -37,7 +37,7 @@ from array import array
 from collections.abc import Iterator
 
 from ..._errors import ErofsWriteError, InternalError
-from ...fsverity import Algorithm, Digest, FsVerityHasher
+from ...formats._fsverity import Algorithm, Digest, FsVerityHasher
 from .._tree import (
     S_IFBLK,
     S_IFCHR,

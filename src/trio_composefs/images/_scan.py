@@ -41,9 +41,10 @@ from typing import ParamSpec, TypeVar
 
 import attrs
 
-from ._errors import ScanError
-from .fs._layers import INLINE_MAX, MAX_DEPTH
-from .fs._tree import (
+from .._errors import ScanError
+from ..formats._fsverity import Digest
+from ..fs._layers import INLINE_MAX, MAX_DEPTH
+from ..fs._tree import (
     BlockDevice,
     CharDevice,
     Directory,
@@ -57,7 +58,6 @@ from .fs._tree import (
     Stat,
     Symlink,
 )
-from .fsverity import Digest
 
 __all__ = ["DigestFile", "scan_directory"]
 

@@ -13,13 +13,13 @@ import mmap
 import os
 from collections.abc import Iterator
 
-from ._errors import FormatError
-from .fs import FileSystem, TreeBuilder, transform_for_oci
-from .fsverity import Digest
-from .oci import StoredImage
-from .repository import Repository
-from .splitstream import ContentType, iter_chunks, parse_splitstream
-from .tarentry import TarEntry, iter_entries
+from .._errors import FormatError
+from ..formats._fsverity import Digest
+from ..formats._splitstream import ContentType, iter_chunks, parse_splitstream
+from ..formats._tarentries import TarEntry, iter_entries
+from ..fs import FileSystem, TreeBuilder, transform_for_oci
+from ..repository._repository import Repository
+from ._pull import StoredImage
 
 __all__ = ["image_filesystem", "layer_entries"]
 

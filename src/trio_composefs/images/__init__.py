@@ -1,0 +1,1 @@
+"""composefs images from directory trees, and the image commands of the library."""
