@@ -5,6 +5,9 @@
 ``VerityOps`` wraps the fs-verity ioctls.
 """
 
+from ._images import read_image as read_image
+from ._images import referenced_objects as referenced_objects
+from ._images import store_image as store_image
 from ._meta import RepoMetadata as RepoMetadata
 from ._reading import copy_stream as copy_stream
 from ._reading import iter_layer_entries as iter_layer_entries

@@ -6,7 +6,8 @@ On-disk format of composefs-rs 0.9::
     objects/XX/<rest>              content named by its fs-verity digest
     streams/<content-id>           -> ../objects/XX/<rest>
     streams/refs/<name...>         -> ../<content-id> (one ``..`` per directory level)
-    images/, images/refs/          EROFS images (not written here yet)
+    images/<hex>                   -> ../objects/XX/<rest> (composefs EROFS images)
+    images/refs/<name...>          -> ../<hex> (one ``..`` per directory level)
 
 Objects are written to an anonymous ``O_TMPFILE`` in ``objects/`` and linked
 under their digest only once complete, so ``objects/XX/`` never holds a partial
@@ -734,12 +735,16 @@ class Repository:
             ObjectNotFoundError: the name, a link in its chain, or the object is missing.
         """
         _check_name("stream", name)
-        current = f"streams/{name}"
+        return self._resolve_link("streams", name, "stream")
+
+    def _resolve_link(self, top: str, name: str, kind: str) -> Digest:
+        """Follow ``<top>/<name>`` link by link (never outside the repository) to an object."""
+        current = f"{top}/{name}"
         for _ in range(40):
             try:
                 target = os.readlink(current, dir_fd=self.dirfd)
             except (FileNotFoundError, NotADirectoryError):
-                raise ObjectNotFoundError(f"stream {name!r} not found in {self.path}") from None
+                raise ObjectNotFoundError(f"{kind} {name!r} not found in {self.path}") from None
             except OSError as e:
                 raise RepositoryError(f"{self.path}/{current}: {e}") from e
             if target.startswith("/"):
@@ -758,11 +763,11 @@ class Repository:
                     ) from e
                 if not self.has_object(digest):
                     raise ObjectNotFoundError(
-                        f"stream {name!r} in {self.path} is dangling: object {digest} is missing"
+                        f"{kind} {name!r} in {self.path} is dangling: object {digest} is missing"
                     )
                 return digest
             current = resolved
-        raise RepositoryError(f"stream {name!r} in {self.path}: too many levels of symlinks")
+        raise RepositoryError(f"{kind} {name!r} in {self.path}: too many levels of symlinks")
 
     def list_streams(self) -> dict[str, Digest]:
         """Every ``streams/<content-id>`` symlink whose target is an object path."""
@@ -786,6 +791,98 @@ class Repository:
             resolved = posixpath.normpath(posixpath.join(where, target))
             head, sep, rest = resolved.partition("/")
             out[ref] = rest if head == "streams" and sep and "/" not in rest else target
+        return out
+
+    # ---------------------------------------------------------------- images
+
+    def publish_image(self, digest: Digest, ref: str | None = None, *, sync: bool = True) -> None:
+        """Name a stored EROFS image object ``images/<hex>``, and optionally ``images/refs/<ref>``.
+
+        As :meth:`publish_stream`: ``syncfs`` first (unless ``sync`` is false), then
+        relative symlinks, atomically replaced.
+
+        Raises:
+            RepositoryError: an invalid ref name, or a read-only repository.
+        """
+        if ref is not None:
+            _check_name("image ref", ref)
+        self._check_algorithm(digest)
+        self.ensure_writable()
+        if sync:
+            self.sync()
+        image_path = f"images/{digest.hex()}"
+        try:
+            self._symlink(image_path, f"objects/{digest.object_path()}")
+            if ref is not None:
+                self._symlink(f"images/refs/{ref}", image_path)
+        except OSError as e:
+            raise RepositoryError(f"cannot publish image {digest} in {self.path}: {e}") from e
+
+    def has_image(self, digest: Digest) -> bool:
+        """Whether ``images/<hex>`` names this object (and the object exists)."""
+        self._check_algorithm(digest)
+        try:
+            return self._resolve_link("images", digest.hex(), "image") == digest
+        except (ObjectNotFoundError, RepositoryError):
+            return False
+
+    def resolve_image(self, name: str) -> Digest:
+        """The object digest of an image named by its hex digest, ``refs/<ref>`` or a ref name.
+
+        As composefs-rs: a name without ``/`` that is a digest in the repository's
+        algorithm names ``images/<hex>``; ``refs/...`` names ``images/refs/...``; any
+        other name is tried as ``images/refs/<name>``.
+
+        Raises:
+            ObjectNotFoundError: no such image (or its object is missing).
+        """
+        _check_name("image", name)
+        if "/" not in name and len(name) == 2 * self.algorithm.digest_size:
+            try:
+                Digest.from_hex(name, self.algorithm)
+            except DigestError:
+                pass
+            else:
+                return self._resolve_link("images", name, "image")
+        if not name.startswith("refs/"):
+            name = f"refs/{name}"
+        return self._resolve_link("images", name, "image")
+
+    def open_image(self, name: str) -> tuple[Digest, int]:
+        """Resolve an image name and open its object read-only: ``(digest, fd)``.
+
+        An image named by its digest in a secure repository is measured first (the
+        kernel's fs-verity digest must equal the name), as composefs-rs does.
+        """
+        digest = self.resolve_image(name)
+        by_digest = "/" not in name and name == digest.hex()
+        return digest, self.open_object(digest, verify=by_digest and not self.insecure)
+
+    def list_images(self) -> dict[str, Digest]:
+        """Every ``images/<hex>`` link that names an object: ``{hex: digest}``."""
+        out: dict[str, Digest] = {}
+        n = 2 * self.algorithm.digest_size + 1
+        for entry_name, target in _symlinks_in(self.dirfd, "images", recursive=False):
+            if entry_name.startswith(".") or not target.startswith("../objects/"):
+                continue
+            try:
+                digest = Digest.from_object_path(target[-n:], self.algorithm)
+            except DigestError:
+                continue
+            if digest.hex() == entry_name:
+                out[entry_name] = digest
+        return out
+
+    def list_image_refs(self) -> dict[str, str]:
+        """Every ref under ``images/refs/``: ``{ref: image hex}`` (raw target if not an image)."""
+        out: dict[str, str] = {}
+        for ref, target in _symlinks_in(self.dirfd, "images/refs", recursive=True):
+            if posixpath.basename(ref).startswith(TMP_SYMLINK_PREFIX):
+                continue
+            where = posixpath.dirname(f"images/refs/{ref}")
+            resolved = posixpath.normpath(posixpath.join(where, target))
+            head, sep, rest = resolved.partition("/")
+            out[ref] = rest if head == "images" and sep and "/" not in rest else target
         return out
 
 
