@@ -381,6 +381,8 @@ def cmd_oci_pull(args: argparse.Namespace, out: TextIO) -> int:
     print(f"config   {stats.config_digest}", file=out)
     print(f"verity   {stats.manifest_stream.hex()}", file=out)
     print(f"tagged   {tag}", file=out)
+    if stats.image is not None:
+        print(f"image    {stats.image.hex()}", file=out)
     if stats.skipped:
         summary = f"{len(stats.layers)} layers, image already present"
     else:
@@ -442,7 +444,7 @@ def cmd_oci_inspect(args: argparse.Namespace, out: TextIO) -> int:
         "manifest": image.manifest.decode("utf-8", "replace"),
         "config": image.config.decode("utf-8", "replace"),
         "referrers": [],
-        "composefs_erofs": None,
+        "composefs_erofs": image.image.hex() if image.image is not None else None,
         "composefs_boot_erofs": None,
     }
     print(json.dumps(reply, indent=2), file=out)
