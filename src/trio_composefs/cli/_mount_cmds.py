@@ -10,8 +10,11 @@ shared lock until interrupted: ``gc`` waits meanwhile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 import trio
@@ -55,21 +58,62 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", metavar="DIR", help="overlayfs work directory")
 
 
-def _mount(args: argparse.Namespace, repo: Repository, name: str, out: TextIO) -> int:
-    from ..mount import mount_image
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[list[int]]:
+    """Record SIGINT instead of raising KeyboardInterrupt inside the block (main thread only).
 
-    if repo.insecure:
-        print(INSECURE_NOTE.format(path=repo.path), file=sys.stderr)
-    result = mount_image(repo, name, args.mountpoint, upperdir=args.upperdir, workdir=args.workdir)
-    if args.debug:
-        print(result.describe(), file=out)
-    return 0
+    A KeyboardInterrupt raised between the kernel's mount and the code that would undo it
+    would leave the image mounted by a command that reports "interrupted": the block
+    runs uninterrupted and the caller looks at the list afterwards.
+    """
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _mount_command(
+    args: argparse.Namespace, out: TextIO, name_of: Callable[[Repository], str]
+) -> int:
+    """Open the repository, find the image, mount it; a Ctrl-C at any point leaves no mount.
+
+    Ctrl-C while the name is resolved (or the image built) stops there; during the
+    mount it is deferred until the mount is made, which is then undone before the
+    command reports "interrupted" (exit 130).
+    """
+    from ..mount import mount_image, unmount
+
+    mountpoints: list[str] = []
+    try:
+        with _open_repo(args) as repo:
+            name = name_of(repo)
+            with _deferred_sigint() as interrupted:
+                result = mount_image(
+                    repo, name, args.mountpoint, upperdir=args.upperdir, workdir=args.workdir
+                )
+                mountpoints.append(result.mountpoint)
+                if interrupted:
+                    raise KeyboardInterrupt
+            if repo.insecure:
+                print(INSECURE_NOTE.format(path=repo.path), file=sys.stderr)
+            if args.debug:
+                print(result.describe(), file=out)
+        return 0
+    except KeyboardInterrupt:
+        for mountpoint in mountpoints:
+            unmount(mountpoint)
+        raise
 
 
 def cmd_mount(args: argparse.Namespace, out: TextIO) -> int:
     """Mount an image named by digest or ``images/refs`` name; it stays mounted."""
-    with _open_repo(args) as repo:
-        return _mount(args, repo, args.name, out)
+    name: str = args.name
+    return _mount_command(args, out, lambda _repo: name)
 
 
 def _oci_image_digest(repo: Repository, image: str) -> str:
@@ -93,8 +137,8 @@ def _oci_image_digest(repo: Repository, image: str) -> str:
 
 def cmd_oci_mount(args: argparse.Namespace, out: TextIO) -> int:
     """Mount an OCI image (tag or manifest digest) through its composefs image."""
-    with _open_repo(args) as repo:
-        return _mount(args, repo, _oci_image_digest(repo, args.image), out)
+    image: str = args.image
+    return _mount_command(args, out, lambda repo: _oci_image_digest(repo, image))
 
 
 def cmd_transaction(args: argparse.Namespace, out: TextIO) -> int:
