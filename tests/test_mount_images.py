@@ -345,8 +345,7 @@ async def test_mounted_image_blocks_gc(rich: tuple[Path, Path, set[bytes]], mnt:
     unmount(mnt)
     with Repository.open(repo_path) as repo:
         (hex_name,) = repo.list_images()
-    # the image has no ref (the fallback publishes images/<hex> only, or the OCI config
-    # names it): either way, what the mount serves must survive a gc run meanwhile
+    # gc runs while the image is mounted: it must wait until the block has unmounted
     repo = Repository.open(repo_path)
     gc: subprocess.Popen[str] | None = None
     try:

@@ -119,20 +119,9 @@ def cmd_mount(args: argparse.Namespace, out: TextIO) -> int:
 def _oci_image_digest(repo: Repository, image: str) -> str:
     """The hex digest of ``image``'s ``composefs.image.v1`` image, building it if missing."""
     from ..oci import open_image
+    from ..oci._build import ensure_oci_image
 
-    stored = open_image(repo, image)
-    try:
-        from ..oci._build import ensure_oci_image  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # not on this branch yet: build, store and publish it here
-        from ..oci._image_tree import image_filesystem
-        from ..repository import store_image
-
-        digest = store_image(repo, image_filesystem(repo, stored))
-        repo.sync()
-        repo.publish_image(digest)
-    else:
-        digest = ensure_oci_image(repo, stored)
-    return str(digest.hex())
+    return ensure_oci_image(repo, open_image(repo, image)).hex()
 
 
 def cmd_oci_mount(args: argparse.Namespace, out: TextIO) -> int:
