@@ -511,6 +511,7 @@ def test_mount_the_sample_image(mnt: Path, tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["mount", "nope", "{mnt}"], "image 'refs/nope' not found"),
+        (["mount", "t", "{mnt}"], "'t' is an OCI tag: mount it with `trio-cfsctl oci mount t"),
         (["oci", "mount", "nope", "{mnt}"], "nope"),
         (["oci", "mount", "t", "{tmp}/absent"], "does not exist"),
         (["oci", "mount", "t", "{mnt}", "--upperdir", "{tmp}"], "both --upperdir and --workdir"),

@@ -19,6 +19,7 @@ from typing import TextIO
 
 import trio
 
+from .._errors import ComposefsError, ObjectNotFoundError
 from ..repository import Repository
 from ._commands import PROG, _open_repo, _repo_path
 
@@ -113,7 +114,23 @@ def _mount_command(
 def cmd_mount(args: argparse.Namespace, out: TextIO) -> int:
     """Mount an image named by digest or ``images/refs`` name; it stays mounted."""
     name: str = args.name
-    return _mount_command(args, out, lambda _repo: name)
+
+    def checked(repo: Repository) -> str:
+        try:
+            repo.resolve_image(name)
+        except ObjectNotFoundError as e:
+            from ..oci import resolve_tag
+
+            try:
+                resolve_tag(repo, name)
+            except (ObjectNotFoundError, ValueError, ComposefsError):
+                raise e from None
+            raise ObjectNotFoundError(
+                f"{e}; {name!r} is an OCI tag: mount it with `{PROG} oci mount {name} ...`"
+            ) from None
+        return name
+
+    return _mount_command(args, out, checked)
 
 
 def _oci_image_digest(repo: Repository, image: str) -> str:
