@@ -23,6 +23,7 @@ tree has no ``/usr`` directory; ``transform=False`` is cfsctl's
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -55,10 +56,10 @@ def _limiter(limiter: trio.CapacityLimiter | None) -> trio.CapacityLimiter:
 
 
 def _check_cancelled() -> None:
-    try:
+    # outside a trio worker thread (the blocking helpers called directly) there is no
+    # cancellation to check
+    with contextlib.suppress(RuntimeError):
         trio.from_thread.check_cancelled()
-    except RuntimeError:  # not in a trio worker thread (the blocking helpers called directly)
-        pass
 
 
 def _store_file(repo: Repository) -> Callable[[int, int], Digest]:
@@ -124,9 +125,7 @@ def _create_image_sync(
     keep_user_xattrs: bool,
 ) -> Digest:
     repo.ensure_writable()
-    fs = scan_tree(
-        path, _store_file(repo), transform=transform, keep_user_xattrs=keep_user_xattrs
-    )
+    fs = scan_tree(path, _store_file(repo), transform=transform, keep_user_xattrs=keep_user_xattrs)
     _check_cancelled()
     digest = store_image(repo, fs, version=version)
     repo.publish_image(digest, name)  # syncfs first: never a name without its objects

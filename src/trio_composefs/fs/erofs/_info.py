@@ -116,9 +116,7 @@ class _Loader:
             node.payload = target.split(b"\0", 1)[0]
         elif ftype == S_IFREG and ino.size and ino.layout != LAYOUT_CHUNK_BASED:
             if ino.size > 5000:
-                raise ErofsError(
-                    f"inline file of {ino.size} bytes", nid=ino.nid, offset=ino.offset
-                )
+                raise ErofsError(f"inline file of {ino.size} bytes", nid=ino.nid, offset=ino.offset)
             node.content = r.file_data(ino, "inline file")
         for key, value in self._raw_xattrs(ino):
             self._xattr(node, key, value)
@@ -206,7 +204,9 @@ class _Loader:
         return root
 
 
-def _escape(data: bytes, *, equal: bool = False, lone_dash: bool = False, space: bool = False) -> bytes:
+def _escape(
+    data: bytes, *, equal: bool = False, lone_dash: bool = False, space: bool = False
+) -> bytes:
     """C ``print_escaped``: ``\\\\ \\n \\r \\t``, ``\\xHH`` outside isgraph (isprint with
     ``space``), ``=`` as ``\\x3d`` with ``equal``, a lone ``-`` as ``\\x2d`` with ``lone_dash``."""
     if lone_dash and data == b"-":
