@@ -9,9 +9,11 @@ errors are :class:`~trio_composefs._errors.ComposefsError` (one line, exit 1).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import mmap
 import os
+import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
@@ -20,7 +22,7 @@ import trio
 
 from .._errors import ComposefsError, DigestMismatchError, VerityUnsupportedError
 from ..formats import Algorithm, Digest, FsVerityHasher
-from ..fs import CharDevice, Directory, FileSystem, Leaf, parse_dumpfile
+from ..fs import CharDevice, Directory, ExternalFile, FileSystem, Leaf, parse_dumpfile
 from ..fs import write_dumpfile as dumpfile_lines
 from ..fs._dumpfile import _leaf_line, _line, escape_optional
 from ..fs.erofs import iter_erofs, read_erofs
@@ -154,8 +156,6 @@ def _leaf_entry(
 
 
 def cmd_dump_files(args: argparse.Namespace, out: TextIO) -> int:
-    from ..fs import ExternalFile
-
     with _open_repo(args) as repo:
         fs = read_erofs(read_image_bytes(repo, args.image))
     nlinks = fs.nlinks()
@@ -341,6 +341,19 @@ def _apply_build_flags(fs: FileSystem, args: argparse.Namespace) -> None:
                     del inode.entries[name]
 
 
+def _c_digests(fs: FileSystem) -> None:
+    """C mkcomposefs knows SHA-256 only: a longer DIGEST field gives its first 32 bytes."""
+    for _path, inode in fs.walk():
+        if isinstance(inode, Leaf) and isinstance(inode.content, ExternalFile):
+            digest = inode.content.digest
+            if digest is not None and digest.algorithm is not Algorithm.SHA256:
+                inode.content = ExternalFile(
+                    inode.content.size,
+                    Digest(Algorithm.SHA256, digest.raw[:32]),
+                    inode.content.payload,
+                )
+
+
 def _mkcomposefs_version(args: argparse.Namespace, fs: FileSystem) -> int:
     """C ``lcfs_write_to``: start at the minimum; rise to 1 for a whiteout (a character
     device 0/0) when the maximum allows; without either option the range is 0..1, with
@@ -386,6 +399,7 @@ def cmd_mkcomposefs(args: argparse.Namespace, out: TextIO) -> int:
         if not text.strip(b"\n"):
             raise ComposefsError("No files in dump file")
         fs = parse_dumpfile(text)
+        _c_digests(fs)
     else:
         fs = _scan_for_mkcomposefs(args)
     _apply_build_flags(fs, args)
@@ -418,6 +432,17 @@ def cmd_mkcomposefs(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _c_empty_digest() -> Digest:
+    """What C 1.0.8's userspace hasher gives an empty file: a root hash over one zero
+    block (fs-verity proper, and the ``fsverity`` tool, use an all-zero root hash)."""
+    root = hashlib.sha256(bytes(4096)).digest()
+    descriptor = struct.pack("<BBBBIQ", 1, 1, 12, 0, 0, 0) + root.ljust(64, b"\0") + bytes(176)
+    return Digest(Algorithm.SHA256, hashlib.sha256(descriptor).digest())
+
+
+_C_EMPTY_DIGEST = _c_empty_digest()
+
+
 def _measure(path: str) -> Digest:
     """C ``lcfs_fd_get_fsverity``: the kernel's SHA-256 fs-verity digest, or computed here
     when the file has no fs-verity."""
@@ -434,7 +459,10 @@ def _measure(path: str) -> Digest:
             raise ComposefsError(f"failed to measure '{path}': {e}") from None
         if measured is not None:
             return measured
-        return digest_fd(fd, os.fstat(fd).st_size, Algorithm.SHA256)
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return _C_EMPTY_DIGEST
+        return digest_fd(fd, size, Algorithm.SHA256)
     except OSError as e:
         raise ComposefsError(f"failed to measure '{path}': {e.strerror}") from None
     finally:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import trio
 
-from .._errors import ScanError
+from .._errors import ScanError, TreeError
 from ..formats import Algorithm, Digest, FsVerityHasher
 from ..fs import FileSystem, transform_for_oci
 from ..fs import write_dumpfile as _dumpfile_lines
@@ -112,7 +112,14 @@ def scan_tree(
     """
     fs = scan_directory(path, digest_file=digest_file)
     if transform:
-        transform_for_oci(fs, keep_user_xattrs=keep_user_xattrs)
+        try:
+            transform_for_oci(fs, keep_user_xattrs=keep_user_xattrs)
+        except TreeError as e:
+            raise TreeError(
+                f"{e.reason}; {os.fsdecode(path)} is not an OCI root filesystem: pass"
+                " transform=False (cfsctl's --no-propagate-usr-to-root) to take it as it is",
+                path=e.path,
+            ) from None
     return fs
 
 
