@@ -8,10 +8,12 @@ on the same input — images byte for byte, printed digests, and the text of
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -329,8 +331,6 @@ def test_create_image_equals_c_and_lists(tmp_path: Path, transform: bool) -> Non
     # images, image-objects
     listing = ok(*r, "images").decode()
     assert f"{image_id}  mine" in listing
-    import json
-
     doc = json.loads(ok(*r, "images", "--json"))
     assert {"id": image_id, "refs": ["mine"], "present": True} in doc["images"]
     objects = ok(*r, "image-objects", "mine").decode().split()
@@ -403,17 +403,17 @@ def test_compute_id_follows_the_repository_algorithm(tmp_path: Path) -> None:
 
 def oci_layout(tmp_path: Path) -> Path:
     layout = Layout(tmp_path / "layout")
-    import io as _io
-    import tarfile
 
     def tar(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
-        buf = _io.BytesIO()
+        buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
             for info, data in entries:
-                t.addfile(info, _io.BytesIO(data) if data is not None else None)
+                t.addfile(info, io.BytesIO(data) if data is not None else None)
         return buf.getvalue()
 
-    def entry(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **kw: object):
+    def entry(
+        name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **kw: object
+    ) -> tuple[tarfile.TarInfo, bytes | None]:
         info = tarfile.TarInfo(name)
         info.type = kind
         info.size = len(data) if kind == tarfile.REGTYPE else 0
