@@ -379,14 +379,28 @@ def test_dump_files(tmp_path: Path) -> None:
     assert_one_line_error(run(*r, "dump-files", "nope", "/etc"), "nope")
 
 
-def test_create_image_without_usr_is_an_error(tmp_path: Path) -> None:
+@needs_c
+def test_create_image_without_usr(tmp_path: Path) -> None:
+    """Where cfsctl refuses a tree without /usr, the transform keeps the root's own
+    metadata (main's documented deviation); the xattr allowlist still applies."""
     src = make_source_tree(tmp_path / "src", usr=False)
     r = init_repo(tmp_path)
-    assert_one_line_error(run(*r, "create-image", str(src), "x"), "/usr", "--no-propagate")
-    assert not (tmp_path / "repo" / "images" / "refs" / "x").exists()
-    assert_one_line_error(run(*r, "compute-id", str(src)), "/usr")
-    assert ok(*r, "create-image", "--no-propagate-usr-to-root", str(src), "x")
+    image_id = ok(*r, "create-image", str(src), "x").decode().strip()
+    text = ok(*r, "create-dumpfile", str(src))
+    assert text.startswith(b"/ 0 40755 ")
+    assert b"user." not in text
+    c_id = c_run(
+        "mkcomposefs",
+        "--min-version=1",
+        "--max-version=1",
+        "--print-digest-only",
+        "--from-file",
+        "-",
+        stdin=text,
+    )
+    assert c_id.decode().strip() == image_id
     assert_one_line_error(run(*r, "image-objects", "nope"), "nope")
+    assert_one_line_error(run(*r, "create-image", str(tmp_path / "nope")), "nope")
 
 
 def test_compute_id_follows_the_repository_algorithm(tmp_path: Path) -> None:
@@ -472,4 +486,12 @@ def test_oci_dump_and_compute_id(tmp_path: Path) -> None:
     assert b"/etc/gone" not in dump
     assert b"/run/x" not in dump
     assert b"/usr/bin/b 0 @120000 - - - - 0.0 /usr/bin/a - -\n" in dump
+    # the image the pull stored is that one, and `images` lists it
+    inspect = json.loads(ok(*r, "oci", "inspect", "t"))
+    assert inspect["composefs_erofs"] == image_id
+    assert image_id in ok(*r, "images").decode()
+    stored = tmp_path / "repo" / "images" / image_id
+    assert c_run("composefs-info", "dump", str(stored)) == c_run(
+        "composefs-info", "dump", str(tmp_path / "c.cfs")
+    )
     assert_one_line_error(run(*r, "oci", "dump", "nope"), "nope")

@@ -25,7 +25,6 @@ from trio_composefs import (
     Algorithm,
     ObjectTmpfile,
     Repository,
-    TreeError,
     compute_image_id,
     create_image,
     read_image,
@@ -189,14 +188,14 @@ async def test_sha512_repository(repo: Repository, tmp_path: Path) -> None:
 
 
 async def test_without_usr(repo: Repository, tmp_path: Path) -> None:
+    """No /usr: the root keeps its own metadata (cfsctl refuses; main's transform goes on)."""
     src = make_tree(tmp_path / "src", usr=False)
-    with pytest.raises(TreeError, match="transform=False"):
-        await create_image(repo, src, "x")
-    assert repo.list_images() == {}
-    with pytest.raises(TreeError, match="/usr"):
-        await compute_image_id(src)
-    digest = await create_image(repo, src, "x", transform=False)
-    assert repo.resolve_image("x") == digest
+    digest = await create_image(repo, src, "x")
+    tree = await read_image(repo, "x")
+    assert tree.root.stat.mtime == (T0 + 1) // 10**9
+    assert tree.root.stat.mode == os.stat(src).st_mode & 0o7777
+    assert digest == await compute_image_id(src, Algorithm.SHA256)
+    assert digest != await compute_image_id(src, Algorithm.SHA256, transform=False)
 
 
 async def test_cancelled_create_image_names_nothing(

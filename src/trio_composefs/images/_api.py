@@ -15,8 +15,9 @@ an interrupted pull).
 What ``cfsctl`` does for the same commands (composefs-rs ``read_container_root`` and
 ``commit_image``): the directory is read with every xattr, then by default
 :func:`~trio_composefs.fs.transform_for_oci` runs (the root takes ``/usr``'s metadata,
-``/run`` is emptied, only ``security.capability`` xattrs stay), which fails when the
-tree has no ``/usr`` directory; ``transform=False`` is cfsctl's
+``/run`` is emptied, only ``security.capability`` xattrs stay; where cfsctl refuses a
+tree without ``/usr``, the root keeps its own metadata, as the transform documents);
+``transform=False`` is cfsctl's
 ``--no-propagate-usr-to-root`` (no transform, every xattr kept). Regular files over
 64 bytes become objects named by their fs-verity digest; smaller ones are inline.
 """
@@ -29,7 +30,7 @@ from collections.abc import Callable
 
 import trio
 
-from .._errors import ScanError, TreeError
+from .._errors import ScanError
 from ..formats import Algorithm, Digest, FsVerityHasher
 from ..fs import FileSystem, transform_for_oci
 from ..fs import write_dumpfile as _dumpfile_lines
@@ -107,19 +108,11 @@ def scan_tree(
     """Blocking: the tree under ``path`` as cfsctl reads it (see the module docstring).
 
     Raises:
-        TreeError: ``transform`` and the tree has no ``/usr`` directory.
         ScanError, OSError: the directory cannot be read.
     """
     fs = scan_directory(path, digest_file=digest_file)
     if transform:
-        try:
-            transform_for_oci(fs, keep_user_xattrs=keep_user_xattrs)
-        except TreeError as e:
-            raise TreeError(
-                f"{e.reason}; {os.fsdecode(path)} is not an OCI root filesystem: pass"
-                " transform=False (cfsctl's --no-propagate-usr-to-root) to take it as it is",
-                path=e.path,
-            ) from None
+        transform_for_oci(fs, keep_user_xattrs=keep_user_xattrs)
     return fs
 
 
@@ -157,7 +150,6 @@ async def create_image(
     ``images/<hex>`` and, with ``name``, ``images/refs/<name>``.
 
     Raises:
-        TreeError: ``transform`` and the tree has no ``/usr`` directory.
         ScanError, OSError: the directory cannot be read.
         RepositoryError: the repository is read-only, or ``name`` is not a valid ref.
     """
