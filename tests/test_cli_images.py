@@ -495,3 +495,27 @@ def test_oci_dump_and_compute_id(tmp_path: Path) -> None:
         "composefs-info", "dump", str(tmp_path / "c.cfs")
     )
     assert_one_line_error(run(*r, "oci", "dump", "nope"), "nope")
+
+
+@needs_c
+def test_reached_by_argv0(tmp_path: Path) -> None:
+    """Installed (symlinked) as ``mkcomposefs``/``composefs-info``, the console script
+    behaves as those tools, as cfsctl does."""
+    script = shutil.which("trio-cfsctl", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the trio-cfsctl console script is not installed next to this Python")
+    for name in ("mkcomposefs", "composefs-info"):
+        os.symlink(script, tmp_path / name)
+    src = make_source_tree(tmp_path / "src")
+    mk = subprocess.run(
+        [str(tmp_path / "mkcomposefs"), "--print-digest", str(src), str(tmp_path / "o")],
+        capture_output=True,
+        check=True,
+    )
+    assert mk.stdout == c_run("mkcomposefs", "--print-digest-only", str(src))
+    info = subprocess.run(
+        [str(tmp_path / "composefs-info"), "ls", str(tmp_path / "o")],
+        capture_output=True,
+        check=True,
+    )
+    assert info.stdout == c_run("composefs-info", "ls", str(tmp_path / "o"))

@@ -305,6 +305,13 @@ def _describe(e: BaseException) -> str:
     return str(e)
 
 
+#: Names under which the console script acts as that C tool (as cfsctl does by argv0).
+C_TOOL_NAMES = ("mkcomposefs", "composefs-info")
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point of the ``trio-cfsctl`` console script."""
+    """Entry point of the ``trio-cfsctl`` console script (``mkcomposefs`` or
+    ``composefs-info`` when invoked under that name, e.g. through a symlink)."""
+    if argv is None and os.path.basename(sys.argv[0]) in C_TOOL_NAMES:
+        argv = [os.path.basename(sys.argv[0]), *sys.argv[1:]]
     sys.exit(run(argv))
