@@ -438,6 +438,8 @@ def _check_stream_names(
         return False
     bad = False
     for ref_name, target in sorted(named_refs.items()):
+        if not repo.has_object(target):
+            continue  # reported as missing-named-ref
         if ref_name.startswith("config:"):
             wanted = [f"oci-config-{ref_name[len('config:') :]}"]
         elif _LAYER_REF.fullmatch(ref_name):
