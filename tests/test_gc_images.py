@@ -451,3 +451,28 @@ def _reachable(repo: Repository) -> set[str]:
         out |= {x.object_path() for x in info.object_refs}
         pending.extend(info.stream_refs)
     return out
+
+
+async def test_tag_never_follows_symlinked_refs_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A symlinked ``streams/refs/oci`` or ``images/refs`` is refused; nothing is made outside."""
+    path, _ = await tagged_repo(tmp_path)
+    (manifest,) = [p.name for p in (path / "streams").glob("oci-manifest-*")]
+    outside = tmp_path / "outside-oci"
+    os.rename(path / "streams/refs/oci", outside)
+    os.symlink(outside, path / "streams/refs/oci")
+    before = sorted(p.name for p in outside.iterdir())
+    digest = manifest.removeprefix("oci-manifest-")
+    code, _out, err = await run_cli(capsys, "--repo", str(path), "oci", "tag", digest, "new")
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1, err
+    assert "streams/refs/oci" in err
+    assert sorted(p.name for p in outside.iterdir()) == before
+    with Repository.open(path) as repo:
+        image = repo.store_object(b"x")
+        os.rename(path / "images/refs", tmp_path / "outside-images")
+        os.symlink(tmp_path / "outside-images", path / "images/refs")
+        with pytest.raises(RepositoryError, match="images/refs is a symlink"):
+            repo.publish_image(image, "named")
+    assert list((tmp_path / "outside-images").iterdir()) == []

@@ -862,15 +862,28 @@ class Repository:
             and parent[common] == target_parts[common]
         ):
             common += 1
-        ancestor = parent[:common]
-        ups = []
-        for part in parent[common:]:
-            ancestor.append(part)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir("/".join(ancestor), 0o755, dir_fd=self.dirfd)
-            ups.append("..")
-        relative = "/".join(ups + target_parts[common:])
-        _replace_symlink(self.dirfd, relative, name)
+        relative = "/".join([".."] * (len(parent) - common) + target_parts[common:])
+        # Directory by directory, never following a symlink (a symlinked
+        # streams/refs/oci must not put the link outside the repository).
+        fd = os.dup(self.dirfd)
+        try:
+            for i, part in enumerate(parent):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                try:
+                    nxt = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+                except OSError as e:
+                    where = "/".join(parent[: i + 1])
+                    raise UnsafeLayoutError(
+                        f"cannot create {self.path}/{name}: {self.path}/{where} is"
+                        f" {_entry_kind(fd, part)}, not a directory (not followed)",
+                        path=where,
+                    ) from e
+                os.close(fd)
+                fd = nxt
+            _replace_symlink(fd, relative, name.rsplit("/", 1)[-1])
+        finally:
+            os.close(fd)
 
     def has_stream(self, content_id: str) -> Digest | None:
         """The object digest behind ``streams/<content_id>``, or ``None``."""
