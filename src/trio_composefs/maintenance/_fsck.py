@@ -1,7 +1,8 @@
 """Checking a repository's consistency (``fsck``), like composefs-rs's ``Repository::fsck``.
 
 What is checked, in order, and the kebab-case kind of each problem (the names
-composefs-rs uses, plus ``stream-digest-mismatch``):
+composefs-rs uses, plus ``stream-digest-mismatch``, ``missing-stream-name`` and
+``image-digest-mismatch``):
 
 1. ``meta.json`` parses and names the repository's algorithm
    (``metadata-parse-failed``, ``metadata-algorithm-mismatch``).
@@ -18,9 +19,24 @@ composefs-rs uses, plus ``stream-digest-mismatch``):
    ``oci-{config,manifest,blob,layer}-sha256:<hex>`` are reassembled and their
    sha256 compared with the name (``stream-digest-mismatch``); for layers this
    reads every byte and can be turned off.
-4. Every symlink under ``streams/refs/`` and ``images/refs/`` resolves
-   (``broken-symlink``, ``unexpected-file-type``); first-level ``images/``
-   entries are symlinks that resolve. EROFS images are not parsed.
+   A manifest's or config's named refs must have their ``streams/`` names
+   (``config:<d>`` -> ``oci-config-<d>``, a layer ``sha256:<hex>`` ->
+   ``oci-layer-sha256:<hex>``), linked to the very object the ref holds
+   (``missing-stream-name``).
+4. Every symlink under ``streams/refs/`` and ``images/refs/`` resolves, link by
+   link, to an object inside the repository (``broken-symlink``: dangling, a
+   loop, an absolute or escaping target; ``unexpected-file-type``: not a
+   symlink). Directories the repository owns (``objects``, ``objects/XX``,
+   ``streams``, ``images``, their ``refs``) must be real directories: a symlink
+   there is reported (``unexpected-file-type``) and never followed.
+5. Images (upstream's kinds): every first-level ``images/<hex>`` is a symlink
+   that resolves (``entry-not-symlink``, ``broken-symlink``,
+   ``image-open-failed``, ``image-read-failed``) to the object named ``<hex>``
+   (``image-invalid``), whose bytes re-hash to that digest
+   (``image-digest-mismatch``), parse as a composefs EROFS (header, superblock,
+   directories and metacopy xattrs: ``image-invalid``), and every object it
+   references exists (``image-missing-object``). Counted as ``images_checked``
+   and ``images_corrupted``.
 
 Leftover temporary files of interrupted writers (``objects/.tmp-object-*``,
 ``.symlink-*`` next to stream names, ``.tmp-spool-*``) are listed as
@@ -127,7 +143,7 @@ class FsckProgress:
     """Handed to the ``progress`` callback after each unit of work.
 
     Attributes:
-        phase: ``"objects"`` or ``"streams"``.
+        phase: ``"objects"``, ``"images"`` or ``"streams"``.
         done: directories (objects phase) or streams finished.
         total: how many there are in this phase.
         objects_checked: objects whose digest was checked so far.

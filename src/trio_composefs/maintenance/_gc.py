@@ -2,23 +2,36 @@
 
 Roots are every symlink under ``streams/refs/`` and ``images/refs/``
 (recursively) plus the names the caller adds (first-level stream or image
-names). From each root stream, its own object, every entry of its
-``object_refs`` and every stream ref are live; a stream ref that is a
-first-level stream (found through the map object → name built from
-``streams/*``) is walked in turn. Then:
+names); ``images/`` itself is not a root. Live objects:
 
-1. every file of ``objects/XX/`` that is not live is deleted (sizes summed);
+* an image root: the image object and every object it references, read from
+  its metacopy xattrs by the EROFS reader (``fs.erofs.image_objects``, as
+  composefs-rs's ``collect_objects``);
+* a root stream: its own object, every entry of its ``object_refs`` and of its
+  ``stream_refs`` (the targets of its named refs). A stream ref whose object is
+  a splitstream (magic ``SplitStream`` at byte 0, or 18 in the header of
+  bootc <= 1.15) is walked in turn *whether or not it has a* ``streams/`` *name*;
+  one that is a composefs EROFS (or is named ``composefs.image*``, as a config's
+  ``composefs.image.v1``) is walked as an image.
+
+Then:
+
+1. every file of the real ``objects/XX/`` directories that is not live is
+   deleted (sizes summed); an ``objects/XX`` that is a symlink is never entered;
 2. temporary files of interrupted writers are deleted (``objects/.tmp-object-*``,
    ``.tmp-spool-*``, ``.symlink-*``), which composefs-rs leaves alone;
 3. dangling symlinks are pruned: first-level ``streams/`` and ``images/``,
    then recursively under their ``refs/``.
 
-Differences from composefs-rs, each keeping more, never less: all stream refs
-are kept alive, not only the named ones; and EROFS images are not parsed (this
-project does not build them yet). An image root keeps its own object and every
-object whose path ``/XX/<rest>`` appears in the image's bytes, which is where
-composefs images store their ``trusted.overlay.redirect`` xattrs: a superset of
-what composefs-rs's ``collect_objects`` returns.
+gc stops *before deleting anything*, saying what to repair, when: ``objects``,
+``streams``, ``images`` or their ``refs`` is not a real directory (a symlink is
+never followed); a root is damaged (a regular file, a loop, an absolute target
+or one leaving the repository, a target that is not an object); or a reachable
+stream or image cannot be parsed. A dangling root (its name or object missing)
+is no root: it is pruned, as composefs-rs does.
+
+Differences from composefs-rs, each keeping more, never less: every stream ref
+is kept alive, not only the named ones, and unnamed streams are walked.
 
 The whole collection runs under the repository's *exclusive* lock, which waits
 for every other open repository (running imports hold the shared lock), so an
