@@ -14,6 +14,7 @@ import io
 import json
 import os
 import posixpath
+import sys
 import tarfile
 from pathlib import Path
 
@@ -121,7 +122,14 @@ async def test_gc_keeps_image_roots_and_their_objects(
     path = tmp_path / "repo"
     with Repository.init(path, algorithm=ALG, insecure=True) as repo:
         await pull(repo, layout, "t")
+        # The image pull commits is live through the config's composefs.image.v1 ref.
+        pulled = repo.list_images()
+        assert len(pulled) == 1
+        dry = gc(repo, dry_run=True)
+        assert dry.objects_removed == ()
+        assert dry.links_pruned == ()
         hexd = build_image(repo, "t", "img")
+        assert set(pulled) == {hexd}  # the same tree gives the same image
         image_obj = f"{hexd[:2]}/{hexd[2:]}"
         refs = {d.object_path() for d in referenced_objects(repo, repo.resolve_image(hexd))}
     assert len(refs) == 3
@@ -350,8 +358,15 @@ async def test_gc_walks_streams_without_names(
     code, _out, err = await run_cli(capsys, "--repo", str(path), "gc")
     assert code == 0, err
     assert (path / "streams" / target).resolve().is_file()
-    # The repair: the name again; the layer reassembles to its diff_id.
+    # The repair: the name again; `cat` reassembles the layer to its diff_id.
     os.symlink(target, layer)
+    done = await trio.run_process(
+        [sys.executable, "-m", "trio_composefs", "--repo", str(path), "cat", layer.name],
+        capture_stdout=True,
+    )
+    assert "sha256:" + hashlib.sha256(done.stdout).hexdigest() == layer.name.removeprefix(
+        "oci-layer-"
+    )
     code, out, _ = await run_cli(capsys, "--repo", str(path), "fsck", "--json")
     assert code == 0, out
     with Repository.open(path) as repo:
