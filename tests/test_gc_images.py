@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ocifixtures import Layout
@@ -30,7 +30,7 @@ from trio_composefs import RepositoryError
 from trio_composefs.formats import Algorithm, ContentType, InlineChunk, encode_splitstream
 from trio_composefs.formats._splitstream import parse_splitstream
 from trio_composefs.maintenance import gc
-from trio_composefs.oci import open_image, open_source, parse_source, pull_image
+from trio_composefs.oci import open_image, open_source, parse_source, pull_image, tag_image
 from trio_composefs.oci._image_tree import image_filesystem
 from trio_composefs.repository import Repository, referenced_objects, store_image
 
@@ -63,9 +63,14 @@ def tar_of(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def files_for(seed: str) -> dict[str, bytes]:
-    """Files over the inline limit (so the image references them as objects)."""
-    return {f"usr/share/{seed}-{i}": blob(f"{seed}{i}", 200 + 100 * i) for i in range(3)}
+def files_for(seed: str, names: str | None = None) -> dict[str, bytes]:
+    """Files over the inline limit (so the image references them as objects).
+
+    With ``names``, the paths of ``files_for(names)``: an upper layer that replaces
+    them, so the lower files are in no image, only in their layer stream.
+    """
+    prefix = names or seed
+    return {f"usr/share/{prefix}-{i}": blob(f"{seed}{i}", 200 + 100 * i) for i in range(3)}
 
 
 def objects(path: Path) -> set[str]:
@@ -253,7 +258,7 @@ async def test_fsck_image_damage(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 async def tagged_repo(tmp_path: Path) -> tuple[Path, Path]:
-    layout = layout_with(tmp_path, {"t": [files_for("d"), files_for("e")]})
+    layout = layout_with(tmp_path, {"t": [files_for("d"), files_for("e", "d")]})
     path = tmp_path / "repo"
     with Repository.init(path, algorithm=ALG, insecure=True) as repo:
         await pull(repo, layout, "t")
@@ -347,8 +352,14 @@ async def test_gc_walks_streams_without_names(
 ) -> None:
     """A tagged image whose ``streams/oci-layer-…`` name is gone keeps its file objects."""
     path, _ = await tagged_repo(tmp_path)
-    layer = sorted((path / "streams").glob("oci-layer-*"))[0]
+    # The lower layer: its files are replaced by the upper one, so no image has them.
+    lower = hashlib.sha256(tar_of(files_for("d"))).hexdigest()
+    layer = path / "streams" / f"oci-layer-sha256:{lower}"
     target = os.readlink(layer)
+    with Repository.open(path) as repo:
+        info = parse_splitstream(repo.read_object(repo.resolve_stream(layer.name)), algorithm=ALG)
+        files = {d.object_path() for d in info.object_refs}
+    assert len(files) == 3
     layer.unlink()
     code, out, _ = await run_cli(capsys, "--repo", str(path), "fsck", "--metadata-only", "--json")
     errors = json.loads(out)["errors"]
@@ -358,6 +369,7 @@ async def test_gc_walks_streams_without_names(
     code, _out, err = await run_cli(capsys, "--repo", str(path), "gc")
     assert code == 0, err
     assert (path / "streams" / target).resolve().is_file()
+    assert files <= objects(path)
     # The repair: the name again; `cat` reassembles the layer to its diff_id.
     os.symlink(target, layer)
     done = await trio.run_process(
@@ -378,7 +390,9 @@ async def test_gc_walks_streams_without_names(
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["pull", "image", "untag", "unimage", "unname", "gc"]),
+        st.sampled_from(
+            ["pull", "image", "tag", "untag", "unimage", "unname", "unname", "damage", "gc", "gc"]
+        ),
         st.integers(0, 2),
     ),
     min_size=2,
@@ -393,6 +407,7 @@ OPS = st.lists(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(ops=OPS)
+@example(ops=[("unname", 0), ("untag", 1), ("gc", 0), ("image", 0), ("untag", 0), ("gc", 0)])
 def test_gc_never_deletes_what_a_root_reaches(
     tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]]
 ) -> None:
@@ -401,7 +416,7 @@ def test_gc_never_deletes_what_a_root_reaches(
 
 async def _property_run(tmp: Path, ops: list[tuple[str, int]]) -> None:
     shared = files_for("shared")
-    layout = layout_with(tmp, {f"t{i}": [shared, files_for(f"own{i}")] for i in range(3)})
+    layout = layout_with(tmp, {f"t{i}": [shared, files_for(f"own{i}", "shared")] for i in range(3)})
     path = tmp / "repo"
     with Repository.init(path, algorithm=ALG, insecure=True) as repo:
         for i in range(3):
@@ -420,6 +435,17 @@ async def _property_run(tmp: Path, ops: list[tuple[str, int]]) -> None:
                 names = sorted((path / "streams").glob("oci-layer-*"))
                 if names:
                     names[i % len(names)].unlink()
+            elif op == "tag" and (path / "streams/refs/oci" / tag).is_symlink():
+                manifest = os.readlink(path / "streams/refs/oci" / tag).rsplit("/", 1)[-1]
+                tag_image(repo, manifest.removeprefix("oci-manifest-"), f"alias{i}")
+            elif op == "damage":
+                # A ref left as a regular file: gc must stop and delete nothing.
+                (path / "streams/refs/oci" / f"broken{i}").write_text("../../x")
+                before = tree(path)
+                with pytest.raises(RepositoryError, match="nothing was deleted"):
+                    gc(repo)
+                assert tree(path) == before
+                (path / "streams/refs/oci" / f"broken{i}").unlink()  # the repair
             elif op == "gc":
                 live = _reachable(repo)
                 gc(repo)
