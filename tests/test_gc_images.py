@@ -520,3 +520,16 @@ async def test_tag_never_follows_symlinked_refs_dir(
         with pytest.raises(RepositoryError, match="images/refs is a symlink"):
             repo.publish_image(image, "named")
     assert list((tmp_path / "outside-images").iterdir()) == []
+
+
+async def test_listing_never_follows_symlinked_refs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = await tagged_repo(tmp_path)
+    outside = tmp_path / "outside-refs"
+    os.rename(path / "streams/refs", outside)
+    os.symlink(outside, path / "streams/refs")
+    code, _out, err = await run_cli(capsys, "--repo", str(path), "oci", "images")
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1, err
+    assert "streams/refs: a symlink" in err

@@ -537,32 +537,7 @@ class Repository:
         Raises:
             UnsafeLayoutError: a component is a symlink or not a directory.
         """
-        fd = os.dup(self.dirfd)
-        done: list[str] = []
-        try:
-            for part in rel.split("/"):
-                done.append(part)
-                try:
-                    nxt = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
-                except FileNotFoundError:
-                    os.close(fd)
-                    return None
-                except (NotADirectoryError, OSError) as e:
-                    kind = _entry_kind(fd, part)
-                    os.close(fd)
-                    where = "/".join(done)
-                    raise UnsafeLayoutError(
-                        f"{self.path}/{where}: {kind} where the repository keeps a directory"
-                        f" (not followed; replace it with a real directory or remove it)",
-                        path=where,
-                    ) from e
-                os.close(fd)
-                fd = nxt
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            raise
-        return fd
+        return _open_dir_nofollow(self.dirfd, rel, f"{self.path}/")
 
     def scan_owned_dir(self, rel: str) -> list[tuple[str, int]] | None:
         """``(name, st_mode)`` of each entry of a layout directory (sorted, never followed).
@@ -1403,22 +1378,60 @@ def _replace_symlink(dirfd: int, target: str, name: str) -> None:
 
 
 def _symlinks_in(dirfd: int, rel: str, *, recursive: bool) -> list[tuple[str, str]]:
-    """``(path relative to rel, target)`` for every symlink under ``rel``."""
+    """``(path relative to rel, target)`` for every symlink under ``rel``.
+
+    Iterative (a ref tree of any depth), and never following a symlinked
+    directory: each directory is opened with ``O_NOFOLLOW|O_DIRECTORY``.
+
+    Raises:
+        UnsafeLayoutError: ``rel`` (or a component of it) is not a real directory.
+    """
     out: list[tuple[str, str]] = []
-    try:
-        fd = os.open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
-    except FileNotFoundError:
+    top = _open_dir_nofollow(dirfd, rel)
+    if top is None:
         return out
+    stack: list[tuple[int, str]] = [(top, "")]
     try:
-        with os.scandir(fd) as it:
-            entries = list(it)
-        for entry in entries:
-            mode = entry.stat(follow_symlinks=False).st_mode
-            if stat.S_ISLNK(mode):
-                out.append((entry.name, os.readlink(entry.name, dir_fd=fd)))
-            elif recursive and stat.S_ISDIR(mode):
-                for sub, target in _symlinks_in(fd, entry.name, recursive=True):
-                    out.append((f"{entry.name}/{sub}", target))
+        while stack:
+            cur, prefix = stack.pop()
+            try:
+                with os.scandir(cur) as it:
+                    entries = sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
+                for name, mode in entries:
+                    if stat.S_ISLNK(mode):
+                        out.append((prefix + name, os.readlink(name, dir_fd=cur)))
+                    elif recursive and stat.S_ISDIR(mode):
+                        with contextlib.suppress(OSError):
+                            sub = os.open(name, _DIR_NOFOLLOW, dir_fd=cur)
+                            stack.append((sub, f"{prefix}{name}/"))
+            finally:
+                os.close(cur)
     finally:
-        os.close(fd)
+        for f, _ in stack:
+            os.close(f)
     return out
+
+
+def _open_dir_nofollow(dirfd: int, rel: str, where: str = "") -> int | None:
+    """Open ``rel`` component by component without following symlinks (``None``: absent)."""
+    fd = os.dup(dirfd)
+    done: list[str] = []
+    for part in rel.split("/"):
+        done.append(part)
+        try:
+            nxt = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        except OSError as e:
+            kind = _entry_kind(fd, part)
+            os.close(fd)
+            path = "/".join(done)
+            raise UnsafeLayoutError(
+                f"{where}{path}: {kind} where the repository keeps a directory"
+                " (not followed; replace it with a real directory or remove it)",
+                path=path,
+            ) from e
+        os.close(fd)
+        fd = nxt
+    return fd
