@@ -34,6 +34,7 @@ from ._errors import ScanError as ScanError
 from ._errors import SplitStreamError as SplitStreamError
 from ._errors import TarError as TarError
 from ._errors import TreeError as TreeError
+from ._errors import UnsafeLayoutError as UnsafeLayoutError
 from ._errors import VerityUnsupportedError as VerityUnsupportedError
 from ._version import __version__ as __version__
 
@@ -187,6 +188,7 @@ __all__ = [
     "Platform",
     "Repository",
     "RepositoryError",
+    "UnsafeLayoutError",
     "ScanError",
     "SplitStreamBuilder",
     "SplitStreamEncoder",
