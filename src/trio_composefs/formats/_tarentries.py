@@ -242,8 +242,14 @@ class EntryReader:
             raise self._error
         if self._eof:
             raise DataAfterEndError("EntryReader.receive_chunk() after the end of input")
-        if isinstance(chunk, ExternalChunk) or chunk.data:
+        if isinstance(chunk, ExternalChunk):
             self._pending.append(chunk)
+        elif chunk.data:
+            if self._pending or self._awaiting is not None:
+                self._pending.append(chunk)  # in order, after what is queued
+            else:
+                # Nothing is queued ahead of it: the splitter may buffer it now.
+                self._splitter.receive_data(chunk.data)
 
     def receive_eof(self) -> None:
         """Signal that no more chunks will come.
