@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import trio
 
 from ocifixtures import Layout
 from oracles import need_c_tool
@@ -164,3 +165,56 @@ async def test_image_that_cannot_be_built_names_nothing(tmp_path: Path, repo: Re
     assert repo.has_stream(config_content_id(image.config_digest)) is None
     assert repo.list_stream_refs() == {}
     assert repo.list_images() == {}
+
+
+def test_two_trio_runs_pull_into_one_repository(tmp_path: Path) -> None:
+    """Nothing of a pull is process-global: two event loops in two threads, one repository."""
+    import threading
+
+    from trio_composefs.formats import Algorithm
+
+    layout = two_layer_layout(tmp_path / "lay")
+    Repository.init(tmp_path / "repo", algorithm=Algorithm.SHA256, insecure=True).close()
+    results: list[object] = []
+
+    def run() -> None:
+        async def main() -> ImageStats:
+            with Repository.open(tmp_path / "repo") as repo:
+                return await pull(repo, layout)
+
+        try:
+            results.append(trio.run(main))
+        except BaseException as e:  # reported below
+            results.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(r, ImageStats) for r in results), results
+    images = {r.image for r in results if isinstance(r, ImageStats)}
+    assert len(images) == 1
+
+
+async def test_pulls_sharing_an_importer_import_a_layer_once(
+    tmp_path: Path, repo: Repository
+) -> None:
+    from trio_composefs.importer import Importer, open_importer
+
+    layout = Layout(tmp_path / "lay")
+    shared = tar_of(LAYER1)
+    layout.add_image([shared], tag="a")
+    layout.add_image([shared, tar_of(LAYER2)], tag="b")
+    layout.write_index()
+    stats: dict[str, ImageStats] = {}
+
+    async def one(importer: Importer, tag: str) -> None:
+        async with open_source(parse_source(f"oci:{layout.path}:{tag}")) as source:
+            stats[tag] = await pull_image(importer, source, tag=tag)
+
+    async with open_importer(repo) as importer, trio.open_nursery() as nursery:
+        nursery.start_soon(one, importer, "a")
+        nursery.start_soon(one, importer, "b")
+    imported = [layer for s in stats.values() for layer in s.layers if not layer.skipped]
+    assert len(imported) == 2  # the shared layer once, the second layer of b once

@@ -337,9 +337,6 @@ def _store_blob_stream(repo: Repository, cid: str, obj: Digest, size: int) -> Di
 
 # --------------------------------------------------------------------------- pull
 
-_IN_FLIGHT: dict[tuple[str, str], trio.Event] = {}
-"""Layers being imported in this process: (repository path, content id) -> done event."""
-
 
 @attrs.define(eq=False)
 class _Pull:
@@ -363,14 +360,13 @@ class _Pull:
             )
 
     async def thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=_OWN_LIMITER.get())
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.importer.metadata_limiter)
 
     async def ensure_layer(self, desc: Descriptor, diff_id: str) -> LayerStats:
         """Import one layer unless it is present, or being imported by another task here."""
         repo = self.repo
         compression = _TAR_TYPES.get(desc.media_type, "raw")
         cid = layer_content_id(diff_id)  # also for raw blobs, as upstream (their digest, usually)
-        key = (str(repo.path), cid)
         while True:
             existing = await self.thread(repo.has_stream, cid)
             if existing is not None:
@@ -378,20 +374,16 @@ class _Pull:
                 self.layers_done += 1
                 self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True))
                 return LayerStats(diff_id=diff_id, splitstream=existing, skipped=True)
-            event = _IN_FLIGHT.get(key)
+            event = self.importer.in_flight(cid)
             if event is None:
                 break
             await event.wait()
-        event = _IN_FLIGHT[key] = trio.Event()
-        try:
+        with self.importer.claim_layer(cid):
             self.report(LayerProgress(diff_id, 0, 0, 0, 0))
             if compression == "raw":
                 stats = await self._import_blob(desc, diff_id, cid)
             else:
                 stats = await self._import_tar(desc, diff_id, cast(Compression, compression))
-        finally:
-            del _IN_FLIGHT[key]
-            event.set()
         self.layers_done += 1
         self.report(
             LayerProgress(
@@ -451,9 +443,6 @@ class _Pull:
         )
 
 
-_OWN_LIMITER: Final = trio.lowlevel.RunVar[trio.CapacityLimiter]("trio_composefs_oci_limiter")
-
-
 async def pull_image(
     target: RepositoryLike | Importer,
     source: ImageSource,
@@ -468,8 +457,8 @@ async def pull_image(
     Layers are imported concurrently, largest first, at most ``layer_jobs``
     at once (default: one per CPU), each in its own task of a nursery nested
     in this call, all sharing the importer's object-writer limiter and hash
-    pool. A layer whose stream exists is skipped; one that another pull in
-    this process is importing is waited for, not imported twice.
+    pool. A layer whose stream exists is skipped; one that another pull through
+    the same importer is importing is waited for, not imported twice.
 
     Args:
         target: a repository, or an :class:`Importer` to share with other
@@ -495,10 +484,6 @@ async def pull_image(
     are complete), the manifest and tag are published last.
     """
     ref = _check_tag(tag) if tag is not None else None
-    try:
-        _OWN_LIMITER.get()
-    except LookupError:
-        _OWN_LIMITER.set(trio.CapacityLimiter(8))
     if isinstance(target, Importer):
         return await _pull(target, source, ref, tag, platform, progress, layer_jobs)
     async with open_importer(target) as importer:
