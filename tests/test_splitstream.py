@@ -37,6 +37,7 @@ from trio_composefs.formats._splitstream import (
     Event,
     ExternalRef,
     InlineData,
+    Sentinel,
     SplitStreamEncoder,
     SplitStreamInfo,
     describe_content_type,
@@ -488,8 +489,8 @@ def test_encoder_misuse() -> None:
 # --------------------------------------------------------------------------- ChunkDecoder
 
 
-def drain(dec: ChunkDecoder) -> list[Event]:
-    events: list[Event] = []
+def drain(dec: ChunkDecoder) -> list[Event | Sentinel]:
+    events: list[Event | Sentinel] = []
     while True:
         e = dec.next_event()
         events.append(e)
@@ -497,8 +498,8 @@ def drain(dec: ChunkDecoder) -> list[Event]:
             return events
 
 
-def merged(events: Iterable[Event]) -> list[Event]:
-    out: list[Event] = []
+def merged(events: Iterable[Event | Sentinel]) -> list[Event | Sentinel]:
+    out: list[Event | Sentinel] = []
     for e in events:
         if e is NEED_DATA:
             continue
@@ -510,7 +511,7 @@ def merged(events: Iterable[Event]) -> list[Event]:
 
 
 STREAM = i64(-5) + b"hello" + i64(0) + i64(2) + i64(-1) + b"!" + i64(1)
-STREAM_EVENTS: list[Event] = [
+STREAM_EVENTS: list[Event | Sentinel] = [
     InlineData(b"hello"),
     ExternalRef(0),
     ExternalRef(2),
@@ -534,7 +535,7 @@ def test_chunk_decoder_whole() -> None:
 
 def test_chunk_decoder_byte_by_byte() -> None:
     dec = ChunkDecoder(3)
-    events: list[Event] = []
+    events: list[Event | Sentinel] = []
     for i in range(len(STREAM)):
         dec.receive_data(STREAM[i : i + 1])
         events += drain(dec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import attrs
@@ -28,10 +29,13 @@ from tarfixtures import (
     split,
     write_archive,
 )
-from trio_composefs import TarError
+from trio_composefs import DataAfterEndError, InternalError, TarError
 from trio_composefs.cli._format import format_entry
 from trio_composefs.formats import (
+    END,
+    NEED_DATA,
     Chunk,
+    EntryReader,
     EntryType,
     ExternalChunk,
     InlineChunk,
@@ -389,3 +393,186 @@ def test_bad_metadata_numbers(field: str, start: int, message: str) -> None:
     with pytest.raises(TarError, match=message) as info:
         list(iter_entries([InlineChunk(data)]))
     assert (info.value.entry, info.value.offset) == ("meta", 512)
+
+
+# --------------------------------------------------------------------------- EntryReader
+
+
+def read_all(reader: EntryReader, chunks: Iterable[Chunk]) -> list[TarEntry]:
+    """Feed ``chunks`` one at a time, draining after each, then the end of input."""
+    entries: list[TarEntry] = []
+    for chunk in chunks:
+        reader.receive_chunk(chunk)
+        while (result := reader.next_entry()) is not NEED_DATA:
+            assert isinstance(result, TarEntry), result
+            entries.append(result)
+    reader.receive_eof()
+    while (result := reader.next_entry()) is not END:
+        assert isinstance(result, TarEntry), result
+        entries.append(result)
+    assert reader.next_entry() is END  # END repeats
+    return entries
+
+
+def bytewise(chunks: list[Chunk]) -> list[Chunk]:
+    """Every inline chunk cut into one-byte chunks; external chunks kept."""
+    out: list[Chunk] = []
+    for chunk in chunks:
+        if isinstance(chunk, ExternalChunk):
+            out.append(chunk)
+        else:
+            out += [InlineChunk(chunk.data[i : i + 1]) for i in range(len(chunk.data))]
+    return out
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_entry_reader_whole_bytewise_and_trailing(
+    writer: str, trees: dict[Profile, Path], tmp_path: Path
+) -> None:
+    data = write_archive(writer, trees[profile_for(writer)], tmp_path / "out.tar")
+    chunks, _ = chunks_from_events(split(data))
+    expected = expected_entries(data)  # Python's tarfile is the oracle
+    assert read_all(EntryReader(), chunks) == expected
+    assert read_all(EntryReader(), bytewise(chunks)) == expected
+    # Bytes after the end-of-archive marker are kept inline and are not entries.
+    trailing = [*chunks, InlineChunk(b"trailing junk" + bytes(600))]
+    assert read_all(EntryReader(), trailing) == expected
+    assert read_all(EntryReader(), bytewise(trailing)) == expected
+
+
+def test_entry_reader_is_incremental() -> None:
+    small = member(raw_header(b"small", size=3), b"abc")
+    header, padding = BIG[:512], BIG[612:]
+    good = ExternalChunk(fake_digest(b"B" * 100), 100)
+    reader = EntryReader()
+    assert reader.next_entry() is NEED_DATA
+    reader.receive_chunk(InlineChunk(small[:514]))
+    assert reader.next_entry() is NEED_DATA  # the content is not complete yet
+    reader.receive_chunk(InlineChunk(small[514:] + header))
+    first = reader.next_entry()
+    assert isinstance(first, TarEntry)
+    assert (first.path, first.content) == ("/small", b"abc")
+    assert reader.next_entry() is NEED_DATA  # the external chunk is due
+    assert reader.next_entry() is NEED_DATA
+    reader.receive_chunk(good)
+    reader.receive_chunk(InlineChunk(b""))  # empty chunks are ignored
+    reader.receive_chunk(InlineChunk(padding + EOA))
+    second = reader.next_entry()
+    assert isinstance(second, TarEntry)
+    assert (second.path, second.content) == ("/big", good)
+    assert reader.offset == len(small) + 612
+    assert reader.next_entry() is NEED_DATA  # the end of input has not been signalled
+    reader.receive_eof()
+    assert reader.next_entry() is END
+    assert reader.next_entry() is END
+    assert reader.offset == len(small) + len(BIG) + len(EOA)
+
+
+def test_entry_reader_data_after_end() -> None:
+    reader = EntryReader()
+    reader.receive_chunk(InlineChunk(EOA))
+    reader.receive_eof()
+    with pytest.raises(DataAfterEndError, match="receive_chunk"):
+        reader.receive_chunk(InlineChunk(b"x"))
+    with pytest.raises(DataAfterEndError, match="receive_eof"):
+        reader.receive_eof()
+    assert reader.next_entry() is END
+    assert issubclass(DataAfterEndError, RuntimeError)
+    assert issubclass(DataAfterEndError, InternalError)
+
+
+STICKY_CASES: list[tuple[list[Chunk], str]] = [
+    ([InlineChunk(BIG + EOA)], "inline bytes where an external"),
+    ([InlineChunk(BIG[:512]), ExternalChunk(fake_digest(b"B" * 100), 99)], "external chunk of 99"),
+    ([InlineChunk(BIG[:512])], "missing external chunk"),
+    ([InlineChunk(BIG[:512]), InlineChunk(b"x")], "inline bytes where an external"),
+    ([ExternalChunk(fake_digest(b"B" * 100), 100)], "unexpected external chunk"),
+    ([InlineChunk(member(raw_header(b"f", size=10), b"x" * 10)[:520])], "truncated"),
+    ([InlineChunk(member(raw_header(b"../f", typeflag=b"5")) + EOA)], "'..'"),
+]
+
+
+@pytest.mark.parametrize(("chunks", "message"), STICKY_CASES)
+def test_entry_reader_errors_are_sticky(chunks: list[Chunk], message: str) -> None:
+    reader = EntryReader()
+    with pytest.raises(TarError, match=message) as info:
+        read_all(reader, chunks)
+    error = info.value
+    assert error.offset is not None
+    # Every later call raises the very same error.
+    for call in (
+        reader.next_entry,
+        reader.receive_eof,
+        lambda: reader.receive_chunk(InlineChunk(b"more")),
+        reader.next_entry,
+    ):
+        with pytest.raises(TarError) as again:
+            call()
+        assert again.value is error
+    # iter_entries, the driver, raises the same error at the same offset.
+    with pytest.raises(TarError, match=message) as driven:
+        list(iter_entries(chunks))
+    assert (driven.value.entry, driven.value.offset) == (error.entry, error.offset)
+
+
+def _entries_then_error(results: Iterable[TarEntry]) -> tuple[list[TarEntry], str | None]:
+    """The entries handed out before any error, and the error's message."""
+    entries: list[TarEntry] = []
+    try:
+        for entry in results:
+            entries.append(entry)
+    except TarError as error:
+        return entries, str(error)
+    return entries, None
+
+
+def _reader_results(chunks: list[Chunk], polls: list[int]) -> Iterator[TarEntry]:
+    """Drive an EntryReader, asking for entries ``polls[i]`` times after chunk ``i``
+    (cycled; 0 lets chunks queue up unread), then draining at the end."""
+    reader = EntryReader()
+    for index, chunk in enumerate(chunks):
+        reader.receive_chunk(chunk)
+        for _ in range(polls[index % len(polls)]):
+            result = reader.next_entry()
+            if result is NEED_DATA:
+                break
+            assert isinstance(result, TarEntry)
+            yield result
+    reader.receive_eof()
+    while (result := reader.next_entry()) is not END:
+        assert isinstance(result, TarEntry), result
+        yield result
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    _rich_layer(),
+    st.lists(st.integers(1, 700), min_size=1, max_size=6),
+    st.lists(st.integers(0, 3), min_size=1, max_size=5),
+    st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 7)), max_size=2),
+    st.binary(max_size=40),
+)
+def test_property_entry_reader_matches_iter_entries(
+    data: bytes,
+    cuts: list[int],
+    polls: list[int],
+    flips: list[tuple[int, int]],
+    trailing: bytes,
+) -> None:
+    """Any chunking of a layer's chunks, read with any pattern of polls, gives exactly what
+    ``iter_entries`` gives for the layer's chunks as split: entries, then the same error."""
+    mutated = bytearray(data)
+    for where, bit in flips:
+        mutated[where % len(mutated)] ^= 1 << bit
+    try:
+        chunks, _ = chunks_from_events(split(bytes(mutated)))
+    except TarError:
+        return
+    if trailing:
+        chunks.append(InlineChunk(trailing))
+    expected = _entries_then_error(iter_entries(chunks))
+    if not flips:
+        assert expected == (expected_entries(data), None)
+    rechunked = resplit(chunks, cuts)
+    assert _entries_then_error(_reader_results(rechunked, polls)) == expected
+    assert _entries_then_error(_reader_results(bytewise(chunks), [1])) == expected

@@ -34,8 +34,8 @@ from tarfixtures import (
     split,
     write_archive,
 )
-from trio_composefs import TarError
-from trio_composefs.formats import iter_entries
+from trio_composefs import DataAfterEndError, TarError, formats
+from trio_composefs.formats import _splitstream, _tarentries, iter_entries
 from trio_composefs.formats._tarsplit import (
     END,
     NEED_DATA,
@@ -551,3 +551,66 @@ def test_property_random_trees_with_tools(
         )
         for start, content in externals:
             assert (tree / _norm(start.path)).read_bytes() == content
+
+
+def test_one_sentinel_vocabulary() -> None:
+    # The old names stay importable from every module that had them, as the same objects.
+    for module in (_splitstream, _tarentries):
+        assert module.NEED_DATA is NEED_DATA is formats.NEED_DATA
+        assert module.END is END is formats.END
+    assert _splitstream.Sentinel is formats.Sentinel
+    assert list(formats.Sentinel) == [NEED_DATA, END]
+    assert str(NEED_DATA) == "NEED_DATA"
+    # Data after the end raises the same error in both byte codecs.
+    splitter = TarSplitter()
+    splitter.receive_data(b"")
+    decoder = formats.ChunkDecoder(0)
+    decoder.receive_data(b"")
+    for receive in (splitter.receive_data, decoder.receive_data):
+        with pytest.raises(DataAfterEndError, match="after the end of input"):
+            receive(b"x")
+        with pytest.raises(DataAfterEndError):
+            receive(b"")
+
+
+def test_skip_external_content() -> None:
+    big = member(raw_header(b"big", size=100), b"B" * 100)
+    small = member(raw_header(b"small", size=1), b"s")
+    splitter = TarSplitter()
+    splitter.receive_data(big[:512])
+    assert splitter.next_event() == Inline(big[:512])
+    assert splitter.next_event() == FileStart("big", 100, 512)
+    splitter.skip_external_content()
+    assert splitter.offset == 612
+    splitter.receive_data(big[612:] + small + EOA)
+    splitter.receive_data(b"")
+    events = []
+    while (event := splitter.next_event()) is not END:
+        assert event is not NEED_DATA
+        events.append(event)
+    assert events[0] == Inline(big[612:])  # the padding follows inline
+    assert b"".join(e.data for e in events if isinstance(e, Inline)) == big[612:] + small + EOA
+    assert splitter.offset == len(big) + len(small) + len(EOA)
+
+
+@pytest.mark.parametrize(
+    ("before", "after_start", "message"),
+    [
+        (b"", False, "external content where none is due"),  # no FileStart yet
+        (b"B", True, "inline bytes where an external file's content belongs"),
+    ],
+)
+def test_skip_external_content_errors_are_sticky(
+    before: bytes, after_start: bool, message: str
+) -> None:
+    splitter = TarSplitter()
+    splitter.receive_data(raw_header(b"big", size=100) + before)
+    if after_start:
+        assert isinstance(splitter.next_event(), Inline)
+        assert isinstance(splitter.next_event(), FileStart)
+    with pytest.raises(TarError, match=message) as info:
+        splitter.skip_external_content()
+    for call in (splitter.next_event, splitter.skip_external_content):
+        with pytest.raises(TarError) as again:
+            call()
+        assert again.value is info.value

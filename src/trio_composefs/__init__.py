@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from . import _lazy
 from ._errors import ComposefsError as ComposefsError
+from ._errors import DataAfterEndError as DataAfterEndError
 from ._errors import DigestError as DigestError
 from ._errors import DigestMismatchError as DigestMismatchError
 from ._errors import DumpfileError as DumpfileError
@@ -158,6 +159,7 @@ __all__ = [
     "ContentType",
     "Descriptor",
     "Digest",
+    "DataAfterEndError",
     "DigestError",
     "DigestMismatchError",
     "DumpfileError",

@@ -166,3 +166,21 @@ class InternalError(ComposefsError):
         super().__init__(
             f"internal error: {message} (this is a bug in trio-composefs; please report it)"
         )
+
+
+class DataAfterEndError(InternalError, RuntimeError):
+    """Input fed to a sans-IO codec after its end of input was signalled.
+
+    Raised alike by :class:`~trio_composefs.formats.TarSplitter`,
+    :class:`~trio_composefs.formats.EntryReader` and
+    :class:`~trio_composefs.formats.ChunkDecoder`. It is a bug in the code that drives the
+    codec (ours, when it comes from this library): an :class:`InternalError`, and a
+    :class:`RuntimeError` as misuse of a protocol object is in h11.
+    """
+
+    def __init__(self, message: str):
+        ComposefsError.__init__(
+            self,
+            f"internal error: {message} (a bug in the code that feeds this codec;"
+            " please report it if that is trio-composefs)",
+        )

@@ -2,9 +2,11 @@
 its entries, chunks, splitstreams.
 
 Nothing here imports trio, ``os``, threads, sockets or subprocesses; a test enforces it.
-Each codec is fed bytes and returns events (h11's ``receive_data``/``next_event`` shape).
-The two codecs' ``NEED_DATA``/``END`` sentinels and ``Event`` aliases are still separate:
-import them from ``trio_composefs.formats._tarsplit`` or ``._splitstream`` for now.
+Each codec is fed input and returns events (h11's ``receive_data``/``next_event`` shape):
+:class:`TarSplitter` (events :data:`TarEvent`), :class:`EntryReader` (entries) and
+:class:`ChunkDecoder` (events :data:`ChunkEvent`) share one vocabulary, the
+:class:`Sentinel` values :data:`NEED_DATA` and :data:`END`; input after the end raises
+:class:`~trio_composefs.DataAfterEndError` in each.
 
 This ``__init__`` is lazy (PEP 562), like the root's: a hash worker imports ``_fsverity``
 alone, not zstandard and the codecs.
@@ -29,7 +31,11 @@ if TYPE_CHECKING:
     from ._fsverity import fsverity_digest as fsverity_digest
     from ._fsverity import level1_digests as level1_digests
     from ._fsverity import level1_group_size as level1_group_size
+    from ._sentinels import END as END
+    from ._sentinels import NEED_DATA as NEED_DATA
+    from ._sentinels import Sentinel as Sentinel
     from ._splitstream import ChunkDecoder as ChunkDecoder
+    from ._splitstream import ChunkEvent as ChunkEvent
     from ._splitstream import ContentType as ContentType
     from ._splitstream import ExternalRef as ExternalRef
     from ._splitstream import InlineData as InlineData
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
     from ._splitstream import encode_splitstream as encode_splitstream
     from ._splitstream import iter_chunks as iter_chunks
     from ._splitstream import parse_splitstream as parse_splitstream
+    from ._tarentries import EntryReader as EntryReader
     from ._tarentries import EntryType as EntryType
     from ._tarentries import TarEntry as TarEntry
     from ._tarentries import iter_entries as iter_entries
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
     from ._tarsplit import FileEnd as FileEnd
     from ._tarsplit import FileStart as FileStart
     from ._tarsplit import Inline as Inline
+    from ._tarsplit import TarEvent as TarEvent
     from ._tarsplit import TarSplitter as TarSplitter
 
 _LAZY: dict[str, str] = {
@@ -64,7 +72,11 @@ _LAZY: dict[str, str] = {
     "fsverity_digest": "._fsverity",
     "level1_digests": "._fsverity",
     "level1_group_size": "._fsverity",
+    "END": "._sentinels",
+    "NEED_DATA": "._sentinels",
+    "Sentinel": "._sentinels",
     "ChunkDecoder": "._splitstream",
+    "ChunkEvent": "._splitstream",
     "ContentType": "._splitstream",
     "ExternalRef": "._splitstream",
     "InlineData": "._splitstream",
@@ -74,6 +86,7 @@ _LAZY: dict[str, str] = {
     "encode_splitstream": "._splitstream",
     "iter_chunks": "._splitstream",
     "parse_splitstream": "._splitstream",
+    "EntryReader": "._tarentries",
     "EntryType": "._tarentries",
     "TarEntry": "._tarentries",
     "iter_entries": "._tarentries",
@@ -84,6 +97,7 @@ _LAZY: dict[str, str] = {
     "FileEnd": "._tarsplit",
     "FileStart": "._tarsplit",
     "Inline": "._tarsplit",
+    "TarEvent": "._tarsplit",
     "TarSplitter": "._tarsplit",
 }
 
@@ -92,8 +106,11 @@ __all__ = [
     "BLOCK_SIZE",
     "Chunk",
     "ChunkDecoder",
+    "ChunkEvent",
     "ContentType",
     "Digest",
+    "END",
+    "EntryReader",
     "EntryType",
     "ExternalChunk",
     "ExternalRef",
@@ -105,9 +122,12 @@ __all__ = [
     "Inline",
     "InlineChunk",
     "InlineData",
+    "NEED_DATA",
+    "Sentinel",
     "SplitStreamEncoder",
     "SplitStreamInfo",
     "TarEntry",
+    "TarEvent",
     "TarHeader",
     "TarSplitter",
     "describe_content_type",

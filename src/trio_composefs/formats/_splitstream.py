@@ -38,20 +38,23 @@ import mmap
 import struct
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Final, Literal, TypeAlias
+from typing import Final, TypeAlias
 
 import attrs
 import zstandard
 
-from .._errors import InternalError, SplitStreamError
+from .._errors import DataAfterEndError, InternalError, SplitStreamError
 from ._chunks import Chunk, ExternalChunk, InlineChunk
 from ._fsverity import LOG_BLOCK_SIZE, Algorithm, Digest
+from ._sentinels import END, NEED_DATA, Sentinel
 
 __all__ = [
     "END",
     "Event",
     "NEED_DATA",
+    "Sentinel",
     "ChunkDecoder",
+    "ChunkEvent",
     "ContentType",
     "ExternalRef",
     "InlineData",
@@ -610,20 +613,11 @@ class ExternalRef:
     index: int
 
 
-class Sentinel(enum.Enum):
-    """The two non-chunk results of :meth:`ChunkDecoder.next_event`."""
-
-    NEED_DATA = "NEED_DATA"
-    END = "END"
-
-    def __repr__(self) -> str:
-        return self.value
-
-
-NEED_DATA: Final = Sentinel.NEED_DATA
-END: Final = Sentinel.END
-
-Event: TypeAlias = InlineData | ExternalRef | Literal[Sentinel.NEED_DATA, Sentinel.END]
+#: The events of :meth:`ChunkDecoder.next_event` (events only; the sentinels
+#: :data:`NEED_DATA` and :data:`END` are the shared ones of ``formats._sentinels``).
+Event: TypeAlias = InlineData | ExternalRef
+#: :data:`Event` under the name :mod:`trio_composefs.formats` exports it by.
+ChunkEvent: TypeAlias = Event
 
 
 class ChunkDecoder:
@@ -654,9 +648,14 @@ class ChunkDecoder:
         return self._offset
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add decompressed stream bytes; ``b""`` means there are no more."""
+        """Add decompressed stream bytes; ``b""`` means there are no more.
+
+        Raises:
+            DataAfterEndError: data after the end of input was signalled (an
+                :class:`~trio_composefs.InternalError` and a :class:`RuntimeError`).
+        """
         if self._eof:
-            raise InternalError("ChunkDecoder.receive_data() after end of data")
+            raise DataAfterEndError("ChunkDecoder.receive_data() after the end of input")
         if data:
             self._buffer += data
         else:
@@ -672,7 +671,7 @@ class ChunkDecoder:
         self._offset += n
         return out
 
-    def next_event(self) -> Event:
+    def next_event(self) -> Event | Sentinel:
         """The next chunk event, :data:`NEED_DATA`, or :data:`END` (repeated once reached).
 
         Raises:
@@ -749,7 +748,7 @@ def iter_chunks(
         if end > len(mv) or start > end:
             raise _error(f"stream range [{start}, {end}) is not inside the {len(mv)}-byte file")
         with _zstd_reader(mv, start, end, "stream") as reader:
-            event: Event = NEED_DATA
+            event: Event | Sentinel = NEED_DATA
             while event is not END:
                 try:
                     piece = reader.read(_PIECE_SIZE)

@@ -1,26 +1,38 @@
 """Read a layer's tar entries back from its splitstream chunks.
 
 The chunk sequence is the tar stream with each large regular file replaced by an
-:class:`~trio_composefs.formats.ExternalChunk`. :func:`iter_entries` runs the same
-splitter that produced the chunks over the inline bytes and checks that every external
-chunk sits exactly where a large file's content was. Metadata is resolved as
+:class:`~trio_composefs.formats.ExternalChunk`. :class:`EntryReader` (sans-IO, fed chunk
+by chunk) runs the same splitter that produced the chunks over the inline bytes and
+checks that every external chunk sits exactly where a large file's content was;
+:func:`iter_entries` drives it over an iterable of chunks. Metadata is resolved as
 composefs-rs does (``composefs-rs-notes.md`` §4.3).
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import stat
 from collections.abc import Iterable, Iterator
 
 import attrs
 
-from .._errors import TarError
-from ._chunks import Chunk, ExternalChunk, InlineChunk
+from .._errors import DataAfterEndError, InternalError, TarError
+from ._chunks import Chunk, ExternalChunk
+from ._sentinels import END, NEED_DATA, Sentinel
 from ._tarheader import TarHeader
-from ._tarsplit import END, INLINE_MAX, NEED_DATA, FileData, FileEnd, FileStart, TarSplitter
+from ._tarsplit import INLINE_MAX, FileData, FileEnd, FileStart, TarSplitter
 
-__all__ = ["EntryType", "TarEntry", "iter_entries", "makedev", "normalize_path"]
+__all__ = [
+    "END",
+    "NEED_DATA",
+    "EntryReader",
+    "EntryType",
+    "TarEntry",
+    "iter_entries",
+    "makedev",
+    "normalize_path",
+]
 
 
 def makedev(major: int, minor: int) -> int:
@@ -181,92 +193,201 @@ def _entry_from_header(header: TarHeader, content: bytes | ExternalChunk) -> Tar
     )
 
 
-def iter_entries(chunks: Iterable[Chunk]) -> Iterator[TarEntry]:
-    """The entries of a layer, from its splitstream chunks, in archive order.
+class EntryReader:
+    """Sans-IO reader of a layer's tar entries from its splitstream chunks (h11 style).
 
-    Inline chunks may be split anywhere (headers may straddle chunks). Each external
-    chunk must stand for the whole content of a regular file larger than 64 bytes,
-    and nothing else.
+    Feed chunks in stream order with :meth:`receive_chunk`, signal the end of input with
+    :meth:`receive_eof`, and call :meth:`next_entry` until it returns :data:`NEED_DATA`
+    (feed more) or :data:`END` (done; asked again, it returns :data:`END` again).
 
-    Raises:
-        TarError: the reconstructed tar stream is malformed, or the chunks do not fit
-            it (an external chunk where inline bytes belong, a size mismatch, ...).
+    The chunks are the tar stream with each regular file larger than 64 bytes
+    (:data:`INLINE_MAX`) replaced by one :class:`ExternalChunk` of the file's size; inline
+    chunks may be cut anywhere (headers may straddle chunks, empty chunks are ignored).
+    The same :class:`TarSplitter` that produced the chunks runs over the inline bytes, and
+    each external chunk must stand exactly where the splitter announces a large file's
+    content (:meth:`TarSplitter.skip_external_content`). Bytes after the end-of-archive
+    marker are accepted and ignored, as the splitter keeps them inline.
+
+    Errors are sticky: once any method raised a :class:`TarError`, every later call
+    raises the same error.
+
+    Memory: the chunks received but not yet read, the splitter's bound (one header plus
+    its extension data, 1 MiB), and one small file's content (at most 64 bytes).
     """
-    splitter = TarSplitter(inline_max=INLINE_MAX)
-    seen = 0  # entries handed out by the splitter so far
-    header: TarHeader | None = None  # an inline entry whose content is being collected
-    content = bytearray()
-    awaiting: FileStart | None = None  # a large file whose external chunk is due
-    for chunk in _with_end(chunks):
+
+    def __init__(self) -> None:
+        self._splitter = TarSplitter(inline_max=INLINE_MAX)
+        self._pending: collections.deque[Chunk] = collections.deque()
+        self._eof = False  # receive_eof() was called
+        self._splitter_eof = False  # ... and the splitter was told
+        self._seen = 0  # entries handed out by the splitter so far
+        self._header: TarHeader | None = None  # an inline entry whose content is being collected
+        self._content = bytearray()
+        self._awaiting: FileStart | None = None  # a large file whose external chunk is due
+        self._error: TarError | None = None
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the tar stream read so far (external chunks count with their size)."""
+        return self._splitter.offset
+
+    def receive_chunk(self, chunk: Chunk) -> None:
+        """Add the next chunk of the stream (nothing is parsed until :meth:`next_entry`).
+
+        Raises:
+            DataAfterEndError: :meth:`receive_eof` was called already.
+            TarError: an earlier call raised it (sticky).
+        """
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            raise DataAfterEndError("EntryReader.receive_chunk() after the end of input")
         if isinstance(chunk, ExternalChunk):
-            if awaiting is None:
-                raise TarError(
-                    f"unexpected external chunk of {chunk.size} bytes",
-                    entry=header.path if header else None,
-                    offset=splitter.offset,
-                )
-            if chunk.size != awaiting.size:
-                raise TarError(
-                    f"external chunk of {chunk.size} bytes for a file of {awaiting.size}",
-                    entry=awaiting.path,
-                    offset=awaiting.offset,
-                )
-            splitter._skip_file_content()
-            assert splitter.header is not None
-            yield _entry_from_header(splitter.header, chunk)
-            awaiting = None
-            continue
-        if chunk is None:
-            if awaiting is not None:
+            self._pending.append(chunk)
+        elif chunk.data:
+            if self._pending or self._awaiting is not None:
+                self._pending.append(chunk)  # in order, after what is queued
+            else:
+                # Nothing is queued ahead of it: the splitter may buffer it now.
+                self._splitter.receive_data(chunk.data)
+
+    def receive_eof(self) -> None:
+        """Signal that no more chunks will come.
+
+        Raises:
+            DataAfterEndError: it was called already.
+            TarError: an earlier call raised it (sticky).
+        """
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            raise DataAfterEndError("EntryReader.receive_eof() after the end of input")
+        self._eof = True
+
+    def next_entry(self) -> TarEntry | Sentinel:
+        """The next entry, :data:`NEED_DATA` or :data:`END`.
+
+        Raises:
+            TarError: the reconstructed tar stream is malformed or truncated, or the
+                chunks do not fit it (an external chunk where inline bytes belong, a size
+                mismatch, a missing external chunk at the end). Once raised, every later
+                call raises the same error.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except TarError as error:
+            self._error = error
+            raise
+
+    def _next(self) -> TarEntry | Sentinel:
+        splitter = self._splitter
+        while True:
+            if self._awaiting is None:
+                result = self._drain()
+                if result is not NEED_DATA:
+                    return result
+            if self._pending:
+                chunk = self._pending.popleft()
+                if isinstance(chunk, ExternalChunk):
+                    return self._external(chunk)
+                if self._awaiting is not None:
+                    raise TarError(
+                        "inline bytes where an external chunk belongs",
+                        entry=self._awaiting.path,
+                        offset=self._awaiting.offset,
+                    )
+                splitter.receive_data(chunk.data)
+            elif not self._eof:
+                return NEED_DATA
+            elif self._awaiting is not None:
                 raise TarError(
                     "missing external chunk at the end of the stream",
-                    entry=awaiting.path,
-                    offset=awaiting.offset,
+                    entry=self._awaiting.path,
+                    offset=self._awaiting.offset,
                 )
-            splitter.receive_data(b"")
-        elif isinstance(chunk, InlineChunk):
-            if not chunk.data:
-                continue
-            splitter.receive_data(chunk.data)
+            elif self._splitter_eof:  # pragma: no cover - the splitter ends or raises first
+                raise InternalError("EntryReader: the tar splitter wants data after its end")
+            else:
+                splitter.receive_data(b"")
+                self._splitter_eof = True
+
+    def _external(self, chunk: ExternalChunk) -> TarEntry:
+        """The large file whose content ``chunk`` is, checked against the stream."""
+        splitter = self._splitter
+        awaiting = self._awaiting
+        if awaiting is None:
+            raise TarError(
+                f"unexpected external chunk of {chunk.size} bytes",
+                entry=self._header.path if self._header else None,
+                offset=splitter.offset,
+            )
+        if chunk.size != awaiting.size:
+            raise TarError(
+                f"external chunk of {chunk.size} bytes for a file of {awaiting.size}",
+                entry=awaiting.path,
+                offset=awaiting.offset,
+            )
+        splitter.skip_external_content()
+        self._awaiting = None
+        assert splitter.header is not None
+        return _entry_from_header(splitter.header, chunk)
+
+    def _drain(self) -> TarEntry | Sentinel:
+        """Splitter events up to the next entry; :data:`NEED_DATA` also when a large
+        file's external chunk is due."""
+        splitter = self._splitter
         while True:
             event = splitter.next_event()
             if event is NEED_DATA or event is END:
-                break
+                return event
             if isinstance(event, FileStart):
-                awaiting = event
                 if splitter.buffered:
                     raise TarError(
                         "inline bytes where an external chunk belongs",
                         entry=event.path,
                         offset=event.offset,
                     )
-                # The next event would be its content: wait for the external chunk.
-                break
-            if isinstance(event, FileData | FileEnd):
-                raise TarError(
-                    "inline bytes where an external chunk belongs",
-                    entry=awaiting.path if awaiting else None,
-                    offset=awaiting.offset if awaiting else splitter.offset,
-                )
-            if splitter.entries != seen:
-                seen = splitter.entries
+                # Its content comes as the next chunk, external.
+                self._awaiting = event
+                return NEED_DATA
+            if isinstance(event, FileData | FileEnd):  # pragma: no cover - we stop at FileStart
+                raise InternalError("EntryReader: file content events after FileStart")
+            if splitter.entries != self._seen:  # a new entry's header block
+                self._seen = splitter.entries
                 current = splitter.header
                 assert current is not None
                 if current.is_regular and current.size > INLINE_MAX:
                     continue  # FileStart comes next
-                header, content = current, bytearray()
                 if current.size == 0:
-                    header = None
-                    yield _entry_from_header(current, b"")
+                    return _entry_from_header(current, b"")
+                self._header, self._content = current, bytearray()
                 continue
+            header = self._header
             if header is not None:
-                want = header.size - len(content)
-                content += event.data[:want]
-                if len(content) == header.size:
-                    done, header = header, None
-                    yield _entry_from_header(done, bytes(content))
+                self._content += event.data[: header.size - len(self._content)]
+                if len(self._content) == header.size:
+                    self._header = None
+                    return _entry_from_header(header, bytes(self._content))
 
 
-def _with_end(chunks: Iterable[Chunk]) -> Iterator[Chunk | None]:
-    yield from chunks
-    yield None
+def iter_entries(chunks: Iterable[Chunk]) -> Iterator[TarEntry]:
+    """The entries of a layer, from its splitstream chunks, in archive order.
+
+    A driver over :class:`EntryReader`: inline chunks may be split anywhere (headers
+    may straddle chunks); each external chunk must stand for the whole content of a
+    regular file larger than 64 bytes, and nothing else.
+
+    Raises:
+        TarError: the reconstructed tar stream is malformed, or the chunks do not fit
+            it (an external chunk where inline bytes belong, a size mismatch, ...).
+    """
+    reader = EntryReader()
+    for chunk in chunks:
+        reader.receive_chunk(chunk)
+        while isinstance(entry := reader.next_entry(), TarEntry):
+            yield entry
+    reader.receive_eof()
+    while isinstance(entry := reader.next_entry(), TarEntry):
+        yield entry

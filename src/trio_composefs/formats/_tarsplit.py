@@ -2,7 +2,8 @@
 
 Modelled on h11: feed bytes with :meth:`TarSplitter.receive_data` (``b""`` means end
 of input), then call :meth:`TarSplitter.next_event` until it returns :data:`NEED_DATA`
-(feed more) or :data:`END` (done). No I/O happens here.
+(feed more) or :data:`END` (done). No I/O happens here. The sentinels are the shared
+ones of :mod:`trio_composefs.formats._sentinels` (also importable from here).
 
 Concatenating the ``data`` of every :class:`Inline` and :class:`FileData` event, in
 order, gives back the input byte for byte: headers, extension headers and their data,
@@ -20,7 +21,8 @@ from typing import Final
 
 import attrs
 
-from .._errors import TarError
+from .._errors import DataAfterEndError, TarError
+from ._sentinels import END, NEED_DATA, Sentinel
 from ._tarheader import (
     BLOCK,
     MAX_EXTENSION_BYTES,
@@ -45,33 +47,12 @@ __all__ = [
     "FileStart",
     "Inline",
     "Sentinel",
+    "TarEvent",
     "TarSplitter",
 ]
 
 #: composefs-rs ``INLINE_CONTENT_MAX_V0``: regular files up to this size stay inline.
 INLINE_MAX: Final = 64
-
-
-class Sentinel(enum.Enum):
-    """The two non-event results of :meth:`TarSplitter.next_event`.
-
-    An enum so that ``if event is NEED_DATA or event is END: ...`` narrows the
-    type of ``event`` to :data:`Event` for mypy.
-    """
-
-    NEED_DATA = "NEED_DATA"
-    END = "END"
-
-    def __repr__(self) -> str:
-        return self.value
-
-    __str__ = __repr__
-
-
-#: Returned by :meth:`TarSplitter.next_event` when more input is needed.
-NEED_DATA: Final = Sentinel.NEED_DATA
-#: Returned by :meth:`TarSplitter.next_event` once the whole input has been handed out.
-END: Final = Sentinel.END
 
 
 @attrs.frozen
@@ -108,7 +89,10 @@ class FileEnd:
     """The current external file's content is complete (its padding follows inline)."""
 
 
+#: The events of :meth:`TarSplitter.next_event` (events only; see ``formats._sentinels``).
 Event = Inline | FileStart | FileData | FileEnd
+#: :data:`Event` under the name :mod:`trio_composefs.formats` exports it by.
+TarEvent = Event
 
 
 class _State(enum.Enum):
@@ -240,10 +224,11 @@ class TarSplitter:
         """Feed bytes from the stream; ``b""`` signals the end of the input.
 
         Raises:
-            RuntimeError: data after the end of input was signalled.
+            DataAfterEndError: data after the end of input was signalled (a
+                :class:`RuntimeError`).
         """
         if self._eof:
-            raise RuntimeError("receive_data() after end of input")
+            raise DataAfterEndError("TarSplitter.receive_data() after the end of input")
         if data:
             self._buf.append(bytes(data))
         else:
@@ -273,29 +258,40 @@ class TarSplitter:
         """Bytes received but not yet handed out in events."""
         return self._buf.size
 
-    def _skip_file_content(self) -> None:
-        """Account for a large file's content that is supplied elsewhere.
+    def skip_external_content(self) -> None:
+        """Treat the current large file's content as supplied elsewhere, and skip it.
 
-        For the entry reader: right after :class:`FileStart`, with nothing buffered,
-        treat the file's content as consumed, as though the :class:`FileData` and
-        :class:`FileEnd` events had been handed out.
+        For readers of a splitstream, where each large file's content is an external
+        object rather than bytes of the stream (:class:`~trio_composefs.formats.EntryReader`).
+        Call it right after :meth:`next_event` returned the file's :class:`FileStart`,
+        with nothing buffered (:attr:`buffered` is 0): the splitter then behaves as
+        though the :class:`FileData` and :class:`FileEnd` events had been handed out.
+        :attr:`offset` advances by the file's size; its padding is expected next, inline.
 
         Raises:
-            TarError: bytes are buffered where the content should be, or no file's
-                content is due.
+            TarError: no large file's content is due (no :class:`FileStart` was just
+                handed out, or some of its content already was), or bytes are buffered
+                where the content belongs. The error is sticky, as in :meth:`next_event`.
         """
+        if self._error is not None:
+            raise self._error
         header = self.header
         if self._state is not _State.FILE or header is None or self._remaining != header.size:
-            raise TarError("external content where none is due", offset=self.offset)
-        if self._buf.size:
-            raise TarError(
+            error = TarError("external content where none is due", offset=self.offset)
+        elif self._buf.size:
+            error = TarError(
                 "inline bytes where an external file's content belongs",
                 entry=header.path,
                 offset=self.offset,
             )
-        self.offset += header.size
-        self._remaining = 0
-        self._enter_content(self._pad)
+        else:
+            self.offset += header.size
+            self._remaining = 0
+            self._enter_content(self._pad)
+            return
+        self._state = _State.ERROR
+        self._error = error
+        raise error
 
     def _truncated(self, what: str, *, in_entry: bool = True) -> TarError:
         if in_entry:
