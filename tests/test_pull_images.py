@@ -218,3 +218,33 @@ async def test_pulls_sharing_an_importer_import_a_layer_once(
         nursery.start_soon(one, importer, "b")
     imported = [layer for s in stats.values() for layer in s.layers if not layer.skipped]
     assert len(imported) == 2  # the shared layer once, the second layer of b once
+
+
+async def test_pull_repairs_a_damaged_layer(tmp_path: Path, repo: Repository) -> None:
+    """A re-pull never skips a layer whose file objects or stream object are gone."""
+    import hashlib
+
+    from trio_composefs.formats import Digest
+    from trio_composefs.maintenance import fsck
+    from trio_composefs.repository import copy_stream, open_splitstream
+
+    layout = two_layer_layout(tmp_path / "lay")
+    first = await pull(repo, layout)
+    layer = first.layers[0]
+    with open_splitstream(repo, f"oci-layer-{layer.diff_id}") as (info, _):
+        victim: Digest = info.object_refs[0]
+    objects = Path(repo.path) / "objects"
+    (objects / victim.object_path()).unlink()
+    assert not (await fsck(repo)).ok
+    again = await pull(repo, layout)
+    assert not again.skipped
+    assert again.image == first.image
+    assert (objects / victim.object_path()).exists()
+    h = hashlib.sha256()
+    copy_stream(repo, f"oci-layer-{layer.diff_id}", h.update)
+    assert "sha256:" + h.hexdigest() == layer.diff_id
+    # now the stream object of the other layer
+    (objects / first.layers[1].splitstream.object_path()).unlink()
+    third = await pull(repo, layout)
+    assert [x.skipped for x in third.layers] == [True, False]
+    assert (await fsck(repo)).ok

@@ -172,6 +172,7 @@ class Importer:
         *,
         name: str | None = None,
         progress: Callable[[LayerProgress], object] | None = None,
+        force: bool = False,
     ) -> LayerStats:
         """Split a tar layer into the repository and publish ``streams/oci-layer-<diff_id>``.
 
@@ -182,6 +183,8 @@ class Importer:
             name: also publish ``streams/refs/<name>``.
             progress: called on the trio thread with a :class:`LayerProgress`
                 about every 64 MiB read and once at the end.
+            force: import even when the stream's name exists (a pull passes it for a
+                stream it found damaged: the import repairs it).
 
         Returns:
             The splitstream's digest and what was stored. A layer whose stream
@@ -203,7 +206,9 @@ class Importer:
         content_id = layer_content_id(diff_id)
         repo = self.repo
         own = trio.CapacityLimiter(1)  # the reader's and builder's hops
-        existing = await trio.to_thread.run_sync(repo.has_stream, content_id, limiter=own)
+        existing = None
+        if not force:
+            existing = await trio.to_thread.run_sync(repo.has_stream, content_id, limiter=own)
         if existing is not None:
             if name is not None:
                 await trio.to_thread.run_sync(

@@ -45,6 +45,7 @@ from ..importer._importer import (
     open_importer,
 )
 from ..importer._writers import digester_for
+from ..repository._reading import stream_is_complete, usable_stream
 from ..repository._repository import Repository
 from ._build import (
     DEFAULT_IMAGE_REF,
@@ -368,7 +369,15 @@ class _Pull:
         compression = _TAR_TYPES.get(desc.media_type, "raw")
         cid = layer_content_id(diff_id)  # also for raw blobs, as upstream (their digest, usually)
         while True:
-            existing = await self.thread(repo.has_stream, cid)
+            # Not just the name: a stream whose object, header or files are lost is
+            # imported again (which repairs it), never skipped.
+            existing = await self.thread(
+                lambda: (
+                    usable_stream(repo, cid, content_type=ContentType.OCI_LAYER)
+                    if compression != "raw"
+                    else usable_stream(repo, cid)
+                )
+            )
             if existing is not None:
                 self.layers_skipped += 1
                 self.layers_done += 1
@@ -413,7 +422,7 @@ class _Pull:
             ) as stream,
         ):
             return await self.importer.import_layer(
-                stream, diff_id, progress=lambda p: self.report(p)
+                stream, diff_id, progress=lambda p: self.report(p), force=True
             )
 
     async def _import_blob(self, desc: Descriptor, diff_id: str, cid: str) -> LayerStats:
@@ -522,6 +531,10 @@ async def _pull(
         stored_images = image_refs(config_named)
         if container and not all(repo.has_object(d) for _, d in stored_images):
             stored_images = []
+        layer_streams = [d for k, d in config_named.items() if not k.startswith("composefs.image")]
+        if not await state.thread(lambda: all(stream_is_complete(repo, d) for d in layer_streams)):
+            stored_images = []
+            existing = None  # a layer was damaged: re-import it, then rewrite the streams
     if existing is not None and config_existing is not None and (stored_images or not container):
         _, named = await state.thread(
             read_external, repo, manifest_content_id(manifest_digest), ContentType.OCI_MANIFEST
@@ -568,9 +581,16 @@ async def _pull(
             raise FormatError(
                 f"stream {config_content_id(config_digest)} has no layer ref for {missing[0]}"
             )
-        layers = tuple(LayerStats(d, named[d], skipped=True) for d in diff_ids)
-        state.layers_done = state.layers_skipped = len(layers)
-        config_bytes = None
+        complete = await state.thread(
+            lambda: all(stream_is_complete(repo, named[d]) for d in diff_ids)
+        )
+        if complete:
+            layers = tuple(LayerStats(d, named[d], skipped=True) for d in diff_ids)
+            state.layers_done = state.layers_skipped = len(layers)
+            config_bytes = None
+        else:  # a damaged layer: import what is missing, then rewrite the config stream
+            config_existing = None
+            layers = await _import_layers(state, layer_descs, diff_ids, layer_jobs)
     else:
         state.report(message=f"reading config {config_digest}")
         config_bytes = await source.read_blob(config_desc)

@@ -13,6 +13,8 @@ from ._reading import copy_stream as copy_stream
 from ._reading import iter_layer_entries as iter_layer_entries
 from ._reading import open_splitstream as open_splitstream
 from ._reading import stream_chunks as stream_chunks
+from ._reading import stream_is_complete as stream_is_complete
+from ._reading import usable_stream as usable_stream
 from ._repository import ObjectTmpfile as ObjectTmpfile
 from ._repository import Repository as Repository
 from ._repository import check_ref_name as check_ref_name

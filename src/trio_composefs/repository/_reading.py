@@ -12,14 +12,21 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .._errors import FormatError
+from .._errors import ComposefsError, FormatError
 from ..formats._chunks import Chunk, ExternalChunk, InlineChunk
 from ..formats._fsverity import Digest
 from ..formats._splitstream import SplitStreamInfo, iter_chunks, parse_splitstream
 from ..formats._tarentries import TarEntry, iter_entries
 from ._repository import Repository
 
-__all__ = ["copy_stream", "iter_layer_entries", "open_splitstream", "stream_chunks"]
+__all__ = [
+    "copy_stream",
+    "iter_layer_entries",
+    "open_splitstream",
+    "stream_chunks",
+    "stream_is_complete",
+    "usable_stream",
+]
 
 _COPY_SIZE = 1 << 20
 
@@ -87,3 +94,37 @@ def object_digests(repo: Repository, name: str) -> list[Digest]:
     """The object references of stream ``name``, without decompressing it."""
     with open_splitstream(repo, name) as (info, _data):
         return list(info.object_refs)
+
+
+def stream_is_complete(
+    repo: Repository, digest: Digest, *, content_type: int | None = None
+) -> bool:
+    """Whether the splitstream object ``digest`` exists, parses, and has every object it names.
+
+    What a pull asks before it skips a layer (or an image) as already stored: a stream
+    whose object, header or file objects were lost is imported again, which repairs it.
+    """
+    try:
+        fd = repo.open_object(digest)
+    except (OSError, ComposefsError):
+        return False
+    try:
+        if os.fstat(fd).st_size == 0:
+            return False
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
+            info = parse_splitstream(data, algorithm=repo.algorithm, content_type=content_type)
+            refs = list(info.object_refs)
+    except (OSError, ComposefsError, ValueError):
+        return False
+    finally:
+        os.close(fd)
+    return all(repo.has_object(ref) for ref in refs)
+
+
+def usable_stream(repo: Repository, name: str, *, content_type: int | None = None) -> Digest | None:
+    """The object of stream ``name`` if the name resolves and the stream is complete, else None."""
+    try:
+        digest = repo.resolve_stream(name)
+    except ComposefsError:
+        return None
+    return digest if stream_is_complete(repo, digest, content_type=content_type) else None
