@@ -264,7 +264,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
             from ..fs import write_dumpfile
             from ..oci import image_filesystem, open_image
 
-            size = os.stat(os.path.join(repo.path, "images", stats.image.hex())).st_size
+            size = repo.object_size(stats.image)
             print(f"\ncomposefs image {stats.image.hex()}", file=out)
             print(
                 f"  a {size}-byte V1 EROFS (byte-identical to C mkcomposefs --min-version=1);"
@@ -275,7 +275,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
                 text = line.decode("ascii", "replace").rstrip("\n")
                 print("  " + (text if len(text) <= 110 else text[:109] + "…"), file=out)
             _demo_mount(repo, stats.image.hex(), out)
-        objects = sum(len(files) for _, _, files in os.walk(os.path.join(repo.path, "objects")))
+        objects = sum(1 for _ in repo.iter_objects())
         print(
             f"\nthe repository {repo.path} now holds {objects} objects;"
             f" try: trio-cfsctl --repo {repo.path} oci images",
