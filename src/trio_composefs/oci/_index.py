@@ -21,8 +21,8 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..formats._json import load_json_object
 from .._errors import DigestMismatchError, FormatError
+from ..formats._json import load_json_object
 from ._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = [
