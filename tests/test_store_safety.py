@@ -129,7 +129,7 @@ def test_dot_names_refused_by_every_command_before_any_work(
 
 def test_image_ref_with_dot_component_is_refused(repo: Repository) -> None:
     digest = repo.store_object(b"not really an image")
-    with pytest.raises(InvalidNameError, match="starts with '.'"):
+    with pytest.raises(InvalidNameError, match=r"starts with '\.'"):
         repo.publish_image(digest, "x/.symlink-abc")
     assert not (Path(repo.path) / "images" / digest.hex()).exists()
 
@@ -181,14 +181,13 @@ def test_deep_ref_tree_is_listed_without_recursion(repo: Repository) -> None:
         os.close(fd)
     with pytest.raises(RepositoryError, match="deeper than"):
         repo.list_stream_refs()
-    # a tree within the limit is listed, iteratively
-    refs_before = sys.getrecursionlimit()
-    sys.setrecursionlimit(100)
-    try:
-        nested = "/".join(["n"] * 30)
-        repo.publish_stream("s", digest, nested)
-    finally:
-        sys.setrecursionlimit(refs_before)
+    done = cli("--repo", repo.path, "oci", "images")
+    one_line_error(done, "deeper than", "remove it by hand")
+    # a tree within the limits is listed (iteratively)
+    (path / "d").rename(Path(repo.path) / "deep-tree-moved-away")
+    nested = "/".join(["n"] * 31)
+    repo.publish_stream("s", digest, nested)
+    assert repo.list_stream_refs() == {"ok/ref": "s", nested: "s"}
 
 
 def test_stream_not_published_when_ref_cannot_be_created(repo: Repository) -> None:
@@ -247,11 +246,11 @@ def test_layout_blob_symlink_outside_is_refused(tmp_path: Path, repo_path: Path)
     blob = layout.blob_path(image.layer_digests[0])
     blob.unlink()
     blob.symlink_to(secret)
-    before = secret.stat()
+    before = secret.read_bytes()
     done = cli("--repo", str(repo_path), "oci", "pull", f"oci:{layout.path}:evil", "e")
     line = one_line_error(done, "outside the layout")
     assert "TOPSECRET" not in line
-    assert secret.stat().st_atime_ns == before.st_atime_ns or True  # noatime mounts vary
+    assert secret.read_bytes() == before
     # an in-layout symlink is fine
     inside = layout.path / "blobs" / "copy"
     inside.write_bytes(tar)
@@ -300,7 +299,8 @@ def test_garbage_blob_error_quotes_no_bytes(tmp_path: Path, repo_path: Path) -> 
     layout.write_index()
     done = cli("--repo", str(repo_path), "oci", "pull", f"oci:{layout.path}:g", "g")
     line = one_line_error(done, digest)  # names the layer (#11)
-    assert "secret" not in line and "root:" not in line
+    assert "secret" not in line
+    assert "root:" not in line
 
 
 # ---------------------------------------------------------------- 6: FIFO archives
@@ -579,7 +579,9 @@ def test_full_disk_names_layer_and_repository(tmp_path: Path, repo_path: Path) -
     _name_the_layer(group, "sha256:" + "1" * 64, str(repo_path))
     line = _describe(error)
     assert "No space left on device" in line
-    assert "sha256:" + "1" * 64 in line and str(repo_path) in line and "gc" in line
+    assert "sha256:" + "1" * 64 in line
+    assert str(repo_path) in line
+    assert "gc" in line
 
 
 # ---------------------------------------------------------------- 12: source errors kept
@@ -596,7 +598,7 @@ async def test_source_error_is_not_a_digest_mismatch() -> None:
         with pytest.RaisesGroup(ConnectionResetError, flatten_subgroups=True, allow_unwrapped=True):
             async with open_verified_stream(
                 pieces(),
-                compression=compression,  # type: ignore[arg-type]
+                compression=compression,
                 digest=sha256(data),
                 size=len(data),
                 where="blob",
