@@ -82,6 +82,36 @@ def snapshot(path: Path) -> dict[str, tuple[int, bytes | str]]:
     return out
 
 
+def make_chain(parent: Path, depth: int) -> None:
+    """``parent/d/d/.../d``, ``depth`` levels (deeper than Python's recursion limit)."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    finally:
+        os.close(fd)
+
+
+def remove_chain(parent: Path) -> None:
+    """Remove what :func:`make_chain` made, iteratively (pytest's own cleanup recurses)."""
+    fds = [os.open(parent, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        while True:
+            try:
+                fds.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+            except FileNotFoundError:
+                break
+        while len(fds) > 1:
+            os.close(fds.pop())
+            os.rmdir("d", dir_fd=fds[-1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def simple_layout(tmp_path: Path, name: str = "layout") -> tuple[Layout, str]:
     layout = Layout(tmp_path / name)
     image = layout.add_image([make_tar([("hello.txt", b"hello world\n" * 20)])], tag="v1")
@@ -170,21 +200,15 @@ def test_deep_ref_tree_is_listed_without_recursion(repo: Repository) -> None:
     repo.publish_stream("s", digest, "ok/ref")
     # A tree deeper than Python's recursion limit, as an old version could leave it.
     path = Path(repo.path) / "streams" / "refs"
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    make_chain(path, 1500)
     try:
-        for _ in range(1500):
-            os.mkdir("d", dir_fd=fd)
-            sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = sub
+        with pytest.raises(RepositoryError, match="deeper than"):
+            repo.list_stream_refs()
+        done = cli("--repo", repo.path, "oci", "images")
+        one_line_error(done, "deeper than", "remove it by hand")
     finally:
-        os.close(fd)
-    with pytest.raises(RepositoryError, match="deeper than"):
-        repo.list_stream_refs()
-    done = cli("--repo", repo.path, "oci", "images")
-    one_line_error(done, "deeper than", "remove it by hand")
+        remove_chain(path)
     # a tree within the limits is listed (iteratively)
-    (path / "d").rename(Path(repo.path) / "deep-tree-moved-away")
     nested = "/".join(["n"] * 31)
     repo.publish_stream("s", digest, nested)
     assert repo.list_stream_refs() == {"ok/ref": "s", nested: "s"}
@@ -626,3 +650,19 @@ async def test_real_mismatch_still_reported() -> None:
             async for _ in stream:
                 pass
     await trio.lowlevel.checkpoint()
+
+
+def test_fsck_and_gc_survive_a_deep_ref_tree(tmp_path: Path, repo_path: Path) -> None:
+    layout, _ = simple_layout(tmp_path)
+    r = str(repo_path)
+    assert cli("--repo", r, "oci", "pull", f"oci:{layout.path}:v1", "t").returncode == 0
+    refs = repo_path / "streams" / "refs"
+    make_chain(refs, 1200)
+    try:
+        for args in (["fsck"], ["gc", "--dry-run"]):
+            done = cli("--repo", r, *args, timeout=120)
+            assert "RecursionError" not in done.stderr.decode()
+            assert "Traceback" not in done.stderr.decode()
+    finally:
+        remove_chain(refs)
+    assert not (refs / "d").exists()

@@ -270,13 +270,18 @@ def _walk_refs(dirfd: int, rel: str, *, tmp: bool = False) -> list[tuple[str, in
     """``(path relative to rel, mode)`` of every non-directory under ``rel``, recursively.
 
     With ``tmp``, only the ``.symlink-*`` leftovers; otherwise everything else.
+    Iterative (a stack of directories), so a ref tree of any depth costs no recursion.
     """
     out: list[tuple[str, int]] = []
-    for name, mode in _scan(dirfd, rel) or []:
-        if stat.S_ISDIR(mode):
-            out += [(f"{name}/{sub}", m) for sub, m in _walk_refs(dirfd, f"{rel}/{name}", tmp=tmp)]
-        elif name.startswith(TMP_SYMLINK_PREFIX) == tmp:
-            out.append((name, mode))
+    pending = [""]
+    while pending:
+        prefix = pending.pop()
+        for name, mode in _scan(dirfd, f"{rel}/{prefix}".rstrip("/")) or []:
+            if stat.S_ISDIR(mode):
+                pending.append(f"{prefix}{name}/")
+            elif name.startswith(TMP_SYMLINK_PREFIX) == tmp:
+                out.append((f"{prefix}{name}", mode))
+    out.sort(key=lambda item: item[0].split("/"))  # the order of a sorted depth-first walk
     return out
 
 
