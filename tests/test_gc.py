@@ -274,7 +274,8 @@ async def test_gc_with_oci_images_sharing_layers(tmp_path: Path) -> None:
         (path / "streams/refs/oci/one").unlink()
         result = gc(repo)
         assert objects(path) == objects(oracle)
-        # c's file and splitstream, image one's config and manifest (JSON + splitstream each).
-        assert len(result.objects_removed) == 6
+        # c's file and splitstream, image one's config and manifest (JSON + splitstream
+        # each), and image one's composefs EROFS image.
+        assert len(result.objects_removed) == 7
         assert result.streams_pruned == 3
         assert (await fsck(repo)).ok

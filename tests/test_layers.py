@@ -326,11 +326,16 @@ def test_transform_keep_user_xattrs_and_root_copy_is_independent() -> None:
     assert b"user.z" not in lookup(fs, "usr").stat.xattrs
 
 
-def test_transform_needs_a_usr_directory() -> None:
-    with pytest.raises(TreeError, match="no /usr"):
-        transform_for_oci(build([d("/etc")]))
-    with pytest.raises(TreeError, match="/usr is not a directory"):
-        transform_for_oci(build([sym("/usr", "x")]))
+def test_transform_without_a_usr_directory() -> None:
+    """Upstream refuses these; we keep the root the layers gave (0755 when none did)."""
+    fs = build([d("/etc")])
+    fs.root.stat.xattrs[b"security.selinux"] = b"x"
+    transform_for_oci(fs)
+    assert (fs.root.stat.mode, fs.root.stat.uid, fs.root.stat.mtime) == (0o755, 0, 0)
+    assert fs.root.stat.xattrs == {}
+    fs = build([sym("/usr", "x")])
+    transform_for_oci(fs)
+    assert fs.root.stat.mode == 0o755
     # a /run that is not a directory is left alone (upstream fails here)
     fs = build([d("/usr"), sym("/run", "var/run")])
     transform_for_oci(fs)

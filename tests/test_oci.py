@@ -18,7 +18,13 @@ from checks import assert_consistent, busy_threads
 from ocifixtures import Layout, compact, make_tar, sha256, umoci_layout
 from test_splitstream import LAYERS, layer_tar
 from trio_composefs import ComposefsError, DigestMismatchError, FormatError, cli
-from trio_composefs.formats import Algorithm, ContentType
+from trio_composefs.formats import (
+    Algorithm,
+    ContentType,
+    ExternalChunk,
+    encode_splitstream,
+    fsverity_digest,
+)
 from trio_composefs.importer import LayerStats, open_importer
 from trio_composefs.importer._decompress import OUTPUT_PIECE, open_verified_stream
 from trio_composefs.oci import (
@@ -89,9 +95,29 @@ async def test_upstream_golden_config_stream(tmp_path: Path, repo: Repository) -
     assert len(config) == 299  # oci-spec's compact serialisation, keys in struct order
     stats = await pull(repo, f"oci:{layout.path}:golden", tag="golden")
     assert [layer.splitstream.hex() for layer in stats.layers] == [v for *_, v in LAYERS]
-    assert stats.config_stream.hex() == (
+    # Upstream's pin is the config stream as ensure_config_with_layers writes it, before
+    # the pull adds the composefs image: the same bytes with only the layer refs.
+    config_object = repo.store_object(config)
+    before_image = encode_splitstream(
+        [ExternalChunk(config_object, len(config))],
+        algorithm=repo.algorithm,
+        content_type=ContentType.OCI_CONFIG,
+        named_refs={layer.diff_id: layer.splitstream for layer in stats.layers},
+    )
+    assert fsverity_digest(before_image, repo.algorithm).hex() == (
         "4839518dea22749f8ff233e7f7baec65f23dd5336462f46ad6884769af84bf95"
     )
+    # The stored config stream: the same raw JSON, the layer refs in config order, then the
+    # V1 image under composefs.image.v1 (named refs sorted: composefs.image.v1 first).
+    assert stats.image is not None
+    with open_splitstream(repo, config_content_id(image.config_digest)) as (info, _):
+        assert info.stream_refs == (*(layer.splitstream for layer in stats.layers), stats.image)
+        assert list(info.named_refs) == [
+            "composefs.image.v1",
+            *(layer.diff_id for layer in stats.layers),
+        ]
+        assert info.stream_size == len(config)
+    assert repo.list_images() == {stats.image.hex(): stats.image}
     # manifest stream: config ref first, then the layers in config order, raw JSON as one object
     with open_splitstream(repo, manifest_content_id(image.manifest_digest)) as (info, _):
         assert info.content_type == ContentType.OCI_MANIFEST

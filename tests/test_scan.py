@@ -21,10 +21,10 @@ import pytest
 from tarfixtures import has_xattrs, make_tree
 from test_tree_oracle import CAPABILITY, hash_fd
 from treecompare import assert_same_tree, link_groups, tree_from_c_dump
-from trio_composefs.images import _scan as scan
 from trio_composefs._errors import ScanError
 from trio_composefs.formats import Digest
 from trio_composefs.fs import Directory, ExternalFile, InlineFile, Leaf, Socket
+from trio_composefs.images import _scan as scan
 from trio_composefs.images._scan import scan_directory
 
 C_BIN = Path("/var/cache/trio-composefs/composefs-1.0.8/bin")

@@ -31,7 +31,6 @@ import trio
 
 from ocifixtures import Layout
 from treecompare import assert_same_tree, compare_trees, summary
-from trio_composefs._errors import TreeError
 from trio_composefs.formats import Algorithm, Digest, FsVerityHasher
 from trio_composefs.fs import FileSystem
 from trio_composefs.fs._layers import TreeBuilder, transform_for_oci
@@ -485,8 +484,8 @@ async def test_empty_xattr_values_as_gnu_tar_extracts_them(tmp_path: Path) -> No
     assert_same_tree(ours, scan_directory(extracted, digest_file=hash_fd), ignore_root=True)
 
 
-async def test_image_without_usr_has_no_tree(tmp_path: Path) -> None:
-    """Upstream refuses an image without /usr (the transform needs it); so do we."""
+async def test_image_without_usr_gets_a_default_root(tmp_path: Path) -> None:
+    """Upstream refuses an image without /usr; we give its root mode 0755, root:root."""
     layout = Layout(tmp_path / "layout")
     layout.add_image([python_tar([(info("etc/x", size=1), b"x")])], tag="t")
     layout.write_index()
@@ -496,5 +495,7 @@ async def test_image_without_usr_has_no_tree(tmp_path: Path) -> None:
         image = open_image(repo, "t")
         raw = image_filesystem(repo, image, transform=False)
         assert [p for p, _ in raw.walk()] == [b"/", b"/etc", b"/etc/x"]
-        with pytest.raises(TreeError, match="no /usr"):
-            image_filesystem(repo, image)
+        tree = image_filesystem(repo, image)
+        assert [p for p, _ in tree.walk()] == [b"/", b"/etc", b"/etc/x"]
+        assert (tree.root.stat.mode, tree.root.stat.uid, tree.root.stat.gid) == (0o755, 0, 0)
+        assert image.image is not None  # the pull made its image

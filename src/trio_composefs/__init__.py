@@ -6,7 +6,8 @@ import trio. The sub-packages, one layer each (a module imports only from layers
 
 - L0 ``formats`` (byte formats) and ``fs`` (filesystem trees): pure, never trio or ``os``;
 - L1 ``hashing`` (the fs-verity process pool) and ``repository``: blocking I/O, never trio;
-- L2 ``importer``, ``oci`` (with ``oci.sources``), ``maintenance`` (fsck, gc): the trio shell;
+- L2 ``importer``, ``oci`` (with ``oci.sources``), ``maintenance`` (fsck, gc), ``mount``: the
+  trio shell;
 - L3 ``cli``; and ``testing``, public test support.
 
 Modules whose names start with ``_`` are private.
@@ -69,6 +70,9 @@ if TYPE_CHECKING:
     from .maintenance import GcResult as GcResult
     from .maintenance import fsck as fsck
     from .maintenance import gc as gc
+    from .mount import MountResult as MountResult
+    from .mount import mount_image as mount_image
+    from .mount import mounted_image as mounted_image
     from .oci import Descriptor as Descriptor
     from .oci import ImageProgress as ImageProgress
     from .oci import ImageSource as ImageSource
@@ -118,6 +122,9 @@ _LAZY: dict[str, str] = {
     "GcResult": ".maintenance",
     "fsck": ".maintenance",
     "gc": ".maintenance",
+    "MountResult": ".mount",
+    "mount_image": ".mount",
+    "mounted_image": ".mount",
     "Descriptor": ".oci",
     "ImageProgress": ".oci",
     "ImageSource": ".oci",
@@ -166,6 +173,7 @@ __all__ = [
     "LayerProgress",
     "LayerStats",
     "MountError",
+    "MountResult",
     "ObjectNotFoundError",
     "ObjectTmpfile",
     "OciLayoutSource",
@@ -195,6 +203,8 @@ __all__ = [
     "iter_layer_entries",
     "layer_content_id",
     "list_images",
+    "mount_image",
+    "mounted_image",
     "open_image",
     "open_importer",
     "open_source",

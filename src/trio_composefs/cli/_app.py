@@ -38,6 +38,7 @@ from ._commands import (
     cmd_oci_tag,
     cmd_oci_untag,
 )
+from ._mount_cmds import add_mount_parsers, cmd_mount, cmd_oci_mount, cmd_transaction
 
 
 def _add_import_options(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +159,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tag.add_argument("name", metavar="NAME")
     untag = oci_sub.add_parser("untag", help="remove a tag")
     untag.add_argument("name", metavar="NAME")
+    add_mount_parsers(sub, oci_sub)
     return p
 
 
@@ -175,6 +177,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "oci untag": cmd_oci_untag,
     "fsck": cmd_fsck,
     "gc": cmd_gc,
+    "mount": cmd_mount,
+    "oci mount": cmd_oci_mount,
+    "transaction": cmd_transaction,
 }
 
 

@@ -260,6 +260,20 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
             print(f"  cat: {'identical to the original tar' if ok else 'MISMATCH'}", file=out)
             if not ok:
                 return 1
+        if stats.image is not None:
+            from ..fs import write_dumpfile
+            from ..oci import image_filesystem, open_image
+
+            size = os.stat(os.path.join(repo.path, "images", stats.image.hex())).st_size
+            print(f"\ncomposefs image {stats.image.hex()}", file=out)
+            print(
+                f"  a {size}-byte V1 EROFS (byte-identical to C mkcomposefs --min-version=1);"
+                " its merged tree as a dumpfile:",
+                file=out,
+            )
+            for line in write_dumpfile(image_filesystem(repo, open_image(repo, "sample"))):
+                text = line.decode("ascii", "replace").rstrip("\n")
+                print("  " + (text if len(text) <= 110 else text[:109] + "…"), file=out)
         objects = sum(len(files) for _, _, files in os.walk(os.path.join(repo.path, "objects")))
         print(
             f"\nthe repository {repo.path} now holds {objects} objects;"
@@ -381,6 +395,8 @@ def cmd_oci_pull(args: argparse.Namespace, out: TextIO) -> int:
     print(f"config   {stats.config_digest}", file=out)
     print(f"verity   {stats.manifest_stream.hex()}", file=out)
     print(f"tagged   {tag}", file=out)
+    if stats.image is not None:
+        print(f"image    {stats.image.hex()}", file=out)
     if stats.skipped:
         summary = f"{len(stats.layers)} layers, image already present"
     else:
@@ -442,7 +458,7 @@ def cmd_oci_inspect(args: argparse.Namespace, out: TextIO) -> int:
         "manifest": image.manifest.decode("utf-8", "replace"),
         "config": image.config.decode("utf-8", "replace"),
         "referrers": [],
-        "composefs_erofs": None,
+        "composefs_erofs": image.image.hex() if image.image is not None else None,
         "composefs_boot_erofs": None,
     }
     print(json.dumps(reply, indent=2), file=out)

@@ -91,6 +91,8 @@ NAME_MAX = 255
 #: most 2048 (``a/a/…``); deeper trees cannot be addressed by any tool in one call.
 MAX_DEPTH = 2048
 #: Permission bits of a directory created for a missing parent (see the module doc).
+NO_USR_ROOT_MODE = 0o755
+"""The root's mode in an image that has no ``/usr`` and no root entry."""
 IMPLICIT_DIR_MODE = 0o755
 #: The xattrs :func:`transform_for_oci` keeps by default (upstream's allowlist).
 CONTAINER_XATTR_ALLOWLIST = frozenset({b"security.capability"})
@@ -330,28 +332,26 @@ def transform_for_oci(fs: FileSystem, *, keep_user_xattrs: bool = False) -> None
     4. Orphaned leaves are dropped (upstream ``compact()``): in this model a leaf lives
        only while a directory names it, so there is nothing left to do.
 
-    Raises:
-        TreeError: ``/usr`` is missing or is not a directory (upstream fails the same).
+    Where upstream fails, we go on (documented deviation, so that small images and
+    images without ``/usr`` still get a filesystem; IDs are equal wherever upstream
+    accepts the image): without a ``/usr`` directory, steps 1 and 2 are skipped, the
+    root keeps the metadata its layers gave it, and a root that no layer described
+    (mode 0) gets mode 0755 (owner 0:0, mtime 0), as Docker extracts it.
     """
     root = fs.root
     usr = root.entries.get(b"usr")
-    if usr is None:
-        raise TreeError(
-            "the image has no /usr (the OCI transform copies the root's metadata from it)",
-            path="/usr",
-        )
-    if not isinstance(usr, Directory):
-        raise TreeError(
-            "/usr is not a directory (the OCI transform copies the root's metadata from it)",
-            path="/usr",
-        )
-    src = usr.stat
-    root.stat = Stat(src.mode, src.uid, src.gid, src.mtime, src.mtime_nsec, dict(src.xattrs))
-    run = root.entries.get(b"run")
-    if isinstance(run, Directory):
-        run.entries.clear()
-        run.stat.mtime = src.mtime
-        run.stat.mtime_nsec = src.mtime_nsec
+    if isinstance(usr, Directory):
+        src = usr.stat
+        root.stat = Stat(src.mode, src.uid, src.gid, src.mtime, src.mtime_nsec, dict(src.xattrs))
+        run = root.entries.get(b"run")
+        if isinstance(run, Directory):
+            run.entries.clear()
+            run.stat.mtime = src.mtime
+            run.stat.mtime_nsec = src.mtime_nsec
+    elif root.stat.mode == 0:
+        # No /usr (upstream refuses the image): the root keeps what its layers gave
+        # it; a root no layer described gets Docker's default, 0755 root:root.
+        root.stat.mode = NO_USR_ROOT_MODE
 
     def keep(name: bytes) -> bool:
         return name in CONTAINER_XATTR_ALLOWLIST or (keep_user_xattrs and name.startswith(b"user."))

@@ -27,8 +27,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import attrs
 import trio
@@ -129,11 +129,42 @@ class Importer:
     as many tasks as you like, shares :attr:`limiter` (the object writers) and
     :attr:`hash_pool` (the processes that compute fs-verity digests in
     userspace when the kernel cannot).
+
+    It also owns what concurrent pulls through it share: :attr:`metadata_limiter`
+    (the worker threads for small blocking repository calls: stream lookups,
+    config and manifest streams, image builds), and the layers being imported now,
+    so that a layer two pulls need is imported once (see :meth:`claim_layer`).
+    Nothing of it is process-global: two ``trio.run`` calls, or two importers, on
+    one repository are independent (content addressing keeps them correct).
     """
 
     repo: RepositoryLike
     limiter: trio.CapacityLimiter
     hash_pool: HashPool | None = None
+    metadata_limiter: trio.CapacityLimiter = attrs.field(
+        factory=lambda: trio.CapacityLimiter(8), kw_only=True
+    )
+    _in_flight: dict[str, trio.Event] = attrs.field(factory=dict, init=False, repr=False)
+
+    def in_flight(self, content_id: str) -> trio.Event | None:
+        """The event set when the import of stream ``content_id`` through this importer ends."""
+        return self._in_flight.get(content_id)
+
+    @contextmanager
+    def claim_layer(self, content_id: str) -> Iterator[None]:
+        """Mark ``content_id`` as being imported for the duration of the block.
+
+        Other tasks see it through :meth:`in_flight` and wait for the event, then
+        look for the stream again (it is absent if this import failed).
+        """
+        if content_id in self._in_flight:
+            raise RuntimeError(f"{content_id} is already being imported")
+        event = self._in_flight[content_id] = trio.Event()
+        try:
+            yield
+        finally:
+            del self._in_flight[content_id]
+            event.set()
 
     async def import_layer(
         self,

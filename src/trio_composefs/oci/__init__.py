@@ -3,6 +3,10 @@
 Image sources (OCI layouts and archives, docker archives, skopeo) are in ``oci.sources``.
 """
 
+from ._build import config_content_id as config_content_id
+from ._build import ensure_oci_image as ensure_oci_image
+from ._build import manifest_content_id as manifest_content_id
+from ._image_tree import image_filesystem as image_filesystem
 from ._model import MEDIA_TYPES as MEDIA_TYPES
 from ._model import Descriptor as Descriptor
 from ._model import ImageSource as ImageSource
@@ -15,12 +19,10 @@ from ._pull import ImageInfo as ImageInfo
 from ._pull import ImageProgress as ImageProgress
 from ._pull import ImageStats as ImageStats
 from ._pull import StoredImage as StoredImage
-from ._pull import config_content_id as config_content_id
 from ._pull import decode_tag as decode_tag
 from ._pull import encode_tag as encode_tag
 from ._pull import list_images as list_images
 from ._pull import list_tags as list_tags
-from ._pull import manifest_content_id as manifest_content_id
 from ._pull import open_image as open_image
 from ._pull import open_source as open_source
 from ._pull import pull_image as pull_image

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from .._errors import FormatError
 from ..formats._fsverity import Digest
@@ -19,9 +20,11 @@ from ..formats._splitstream import ContentType, iter_chunks, parse_splitstream
 from ..formats._tarentries import TarEntry, iter_entries
 from ..fs import FileSystem, TreeBuilder, transform_for_oci
 from ..repository._repository import Repository
-from ._pull import StoredImage
 
-__all__ = ["image_filesystem", "layer_entries"]
+if TYPE_CHECKING:
+    from ._pull import StoredImage
+
+__all__ = ["image_filesystem", "layer_entries", "layers_filesystem"]
 
 
 def layer_entries(repo: Repository, stream: Digest, *, name: str = "layer") -> Iterator[TarEntry]:
@@ -71,8 +74,21 @@ def image_filesystem(
             f"image {image.manifest_digest}: the config stream names no layer stream for"
             f" {', '.join(missing) or 'some diff_ids'}"
         )
+    return layers_filesystem(
+        repo, image.layers, keep_user_xattrs=keep_user_xattrs, transform=transform
+    )
+
+
+def layers_filesystem(
+    repo: Repository,
+    layers: Sequence[tuple[str, Digest]],
+    *,
+    keep_user_xattrs: bool = False,
+    transform: bool = True,
+) -> FileSystem:
+    """The merged tree of ``(diff_id, layer stream)`` pairs, applied in the given order."""
     builder = TreeBuilder()
-    for diff_id, stream in image.layers:
+    for diff_id, stream in layers:
         builder.add_layer(layer_entries(repo, stream, name=f"layer {diff_id}"), name=diff_id)
     if transform:
         transform_for_oci(builder.filesystem, keep_user_xattrs=keep_user_xattrs)

@@ -40,7 +40,7 @@ from .._errors import (
 )
 from ..formats._chunks import ExternalChunk
 from ..formats._fsverity import Digest
-from ..formats._splitstream import ContentType, encode_splitstream, iter_chunks
+from ..formats._splitstream import ContentType, encode_splitstream
 from ..importer._decompress import Compression, open_verified_stream
 from ..importer._importer import (
     Importer,
@@ -51,8 +51,15 @@ from ..importer._importer import (
     open_importer,
 )
 from ..importer._writers import digester_for
-from ..repository._reading import open_splitstream
 from ..repository._repository import Repository
+from ._build import (
+    DEFAULT_IMAGE_REF,
+    commit_image_streams,
+    config_content_id,
+    image_refs,
+    manifest_content_id,
+    read_external,
+)
 from ._index import parse_json
 from ._model import MEDIA_TYPES, Descriptor, ImageSource, Platform, SourceRef
 from .sources._docker import DockerArchiveSource
@@ -99,16 +106,6 @@ _MAX_JSON: Final = 64 << 20
 
 
 # --------------------------------------------------------------------------- names
-
-
-def manifest_content_id(digest: str) -> str:
-    """``oci-manifest-<digest>``."""
-    return f"oci-manifest-{digest}"
-
-
-def config_content_id(digest: str) -> str:
-    """``oci-config-<digest>``."""
-    return f"oci-config-{digest}"
 
 
 def encode_tag(name: str) -> str:
@@ -181,6 +178,13 @@ class ImageStats:
     """One per manifest layer, in manifest order."""
     skipped: bool = False
     """The manifest was already stored; nothing was read but the manifest."""
+    images: tuple[tuple[str, Digest], ...] = ()
+    """The composefs images (config named-ref name, image ID): ``composefs.image.v1``."""
+
+    @property
+    def image(self) -> Digest | None:
+        """The image ID of the default (V1) composefs image, if one was made."""
+        return dict(self.images).get(DEFAULT_IMAGE_REF)
 
     @property
     def layers_imported(self) -> int:
@@ -307,59 +311,6 @@ def _check_bytes(data: bytes, digest: str, what: str) -> None:
 # --------------------------------------------------------------------------- blocking repo work
 
 
-def _read_external(
-    repo: Repository, content_id: str, content_type: int
-) -> tuple[bytes, dict[str, Digest]]:
-    """The one external object of a config/manifest/blob stream, and the stream's named refs."""
-    with open_splitstream(repo, content_id, content_type=content_type) as (info, data):
-        chunks = list(iter_chunks(data, info, repo.object_size))
-        refs = dict(info.named_refs)
-    if len(chunks) != 1 or not isinstance(chunks[0], ExternalChunk):
-        raise FormatError(f"stream {content_id} does not hold exactly one external object")
-    return repo.read_object(chunks[0].digest), refs
-
-
-def _store_external(
-    repo: Repository, content_type: int, data: bytes, named_refs: Sequence[tuple[str, Digest]]
-) -> Digest:
-    obj = repo.store_object(data)
-    splitstream = encode_splitstream(
-        [ExternalChunk(obj, len(data))],
-        algorithm=repo.algorithm,
-        content_type=content_type,
-        named_refs=dict(named_refs),
-    )
-    return repo.store_object(splitstream)
-
-
-def _finish_image(
-    repo: Repository,
-    *,
-    config_digest: str,
-    config_bytes: bytes | None,
-    config_stream: Digest | None,
-    manifest_digest: str,
-    manifest_bytes: bytes,
-    layer_refs: Sequence[tuple[str, Digest]],
-    ref: str | None,
-) -> tuple[Digest, Digest]:
-    """Store the config and manifest streams, sync once, then publish them and the tag."""
-    if config_stream is None:
-        assert config_bytes is not None
-        config_stream = _store_external(repo, ContentType.OCI_CONFIG, config_bytes, layer_refs)
-        new_config = True
-    else:
-        new_config = False
-    manifest_refs = [(f"config:{config_digest}", config_stream), *layer_refs]
-    manifest_stream = _store_external(repo, ContentType.OCI_MANIFEST, manifest_bytes, manifest_refs)
-    repo.sync()
-    trio.from_thread.check_cancelled()
-    if new_config:
-        repo.publish_stream(config_content_id(config_digest), config_stream, sync=False)
-    repo.publish_stream(manifest_content_id(manifest_digest), manifest_stream, ref, sync=False)
-    return config_stream, manifest_stream
-
-
 def _store_blob_object(
     repo: RepositoryLike,
     pieces: Any,
@@ -397,9 +348,6 @@ def _store_blob_stream(repo: Repository, cid: str, obj: Digest, size: int) -> Di
 
 # --------------------------------------------------------------------------- pull
 
-_IN_FLIGHT: dict[tuple[str, str], trio.Event] = {}
-"""Layers being imported in this process: (repository path, content id) -> done event."""
-
 
 @attrs.define(eq=False)
 class _Pull:
@@ -423,14 +371,13 @@ class _Pull:
             )
 
     async def thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=_OWN_LIMITER.get())
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.importer.metadata_limiter)
 
     async def ensure_layer(self, desc: Descriptor, diff_id: str) -> LayerStats:
         """Import one layer unless it is present, or being imported by another task here."""
         repo = self.repo
         compression = _TAR_TYPES.get(desc.media_type, "raw")
         cid = layer_content_id(diff_id)  # also for raw blobs, as upstream (their digest, usually)
-        key = (str(repo.path), cid)
         while True:
             existing = await self.thread(repo.has_stream, cid)
             if existing is not None:
@@ -438,20 +385,16 @@ class _Pull:
                 self.layers_done += 1
                 self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True))
                 return LayerStats(diff_id=diff_id, splitstream=existing, skipped=True)
-            event = _IN_FLIGHT.get(key)
+            event = self.importer.in_flight(cid)
             if event is None:
                 break
             await event.wait()
-        event = _IN_FLIGHT[key] = trio.Event()
-        try:
+        with self.importer.claim_layer(cid):
             self.report(LayerProgress(diff_id, 0, 0, 0, 0))
             if compression == "raw":
                 stats = await self._import_blob(desc, diff_id, cid)
             else:
                 stats = await self._import_tar(desc, diff_id, cast(Compression, compression))
-        finally:
-            del _IN_FLIGHT[key]
-            event.set()
         self.layers_done += 1
         self.report(
             LayerProgress(
@@ -511,9 +454,6 @@ class _Pull:
         )
 
 
-_OWN_LIMITER: Final = trio.lowlevel.RunVar[trio.CapacityLimiter]("trio_composefs_oci_limiter")
-
-
 async def pull_image(
     target: RepositoryLike | Importer,
     source: ImageSource,
@@ -528,8 +468,8 @@ async def pull_image(
     Layers are imported concurrently, largest first, at most ``layer_jobs``
     at once (default: one per CPU), each in its own task of a nursery nested
     in this call, all sharing the importer's object-writer limiter and hash
-    pool. A layer whose stream exists is skipped; one that another pull in
-    this process is importing is waited for, not imported twice.
+    pool. A layer whose stream exists is skipped; one that another pull through
+    the same importer is importing is waited for, not imported twice.
 
     Args:
         target: a repository, or an :class:`Importer` to share with other
@@ -555,10 +495,6 @@ async def pull_image(
     are complete), the manifest and tag are published last.
     """
     ref = _check_tag(tag) if tag is not None else None
-    try:
-        _OWN_LIMITER.get()
-    except LookupError:
-        _OWN_LIMITER.set(trio.CapacityLimiter(8))
     if isinstance(target, Importer):
         return await _pull(target, source, ref, tag, platform, progress, layer_jobs)
     async with open_importer(target) as importer:
@@ -588,15 +524,24 @@ async def _pull(
     # Fast path: the manifest is stored already.
     existing = await state.thread(repo.has_stream, manifest_content_id(manifest_digest))
     config_existing = await state.thread(repo.has_stream, config_content_id(config_digest))
+    container = config_desc.media_type in _IMAGE_CONFIG_TYPES
+    stored_images: list[tuple[str, Digest]] = []
     if existing is not None and config_existing is not None:
+        _, config_named = await state.thread(
+            read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
+        )
+        stored_images = image_refs(config_named)
+        if container and not all(repo.has_object(d) for _, d in stored_images):
+            stored_images = []
+    if existing is not None and config_existing is not None and (stored_images or not container):
         _, named = await state.thread(
-            _read_external, repo, manifest_content_id(manifest_digest), ContentType.OCI_MANIFEST
+            read_external, repo, manifest_content_id(manifest_digest), ContentType.OCI_MANIFEST
         )
         # Report the layers in the image's order (named refs are sorted by name).
         order = [d.digest for d in layer_descs]
         with contextlib.suppress(ComposefsError, ValueError, KeyError, TypeError):
             config_json, _ = await state.thread(
-                _read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
+                read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
             )
             order = list(json.loads(config_json)["rootfs"]["diff_ids"])
         layer_ids = [(d, named[d]) for d in order if d in named]
@@ -620,12 +565,13 @@ async def _pull(
             tag=tag,
             layers=tuple(LayerStats(d, s, skipped=True) for d, s in layer_ids),
             skipped=True,
+            images=tuple(stored_images),
         )
 
     config_bytes: bytes | None = None
     if config_existing is not None:
         config_bytes, named = await state.thread(
-            _read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
+            read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
         )
         diff_ids = _diff_ids(config_desc, config_bytes, layer_descs, where)
         missing = [d for d in diff_ids if d not in named]
@@ -650,8 +596,10 @@ async def _pull(
 
     state.report(message=f"storing manifest {manifest_digest}")
     layer_refs = [(stats.diff_id, stats.splitstream) for stats in layers]
-    config_stream, manifest_stream = await state.thread(
-        lambda: _finish_image(
+    if container:
+        state.report(message="building the composefs image")
+    config_stream, manifest_stream, images = await state.thread(
+        lambda: commit_image_streams(
             repo,
             config_digest=config_digest,
             config_bytes=config_bytes,
@@ -660,6 +608,8 @@ async def _pull(
             manifest_bytes=resolved.manifest,
             layer_refs=layer_refs,
             ref=ref,
+            container=container,
+            check_cancelled=trio.from_thread.check_cancelled,
         )
     )
     return ImageStats(
@@ -670,6 +620,7 @@ async def _pull(
         config_stream=config_stream,
         tag=tag,
         layers=layers,
+        images=tuple(images),
     )
 
 
@@ -713,6 +664,13 @@ class StoredImage:
     config_media_type: str
     layers: tuple[tuple[str, Digest], ...]
     """``(diff_id, layer stream)`` in config order."""
+    images: tuple[tuple[str, Digest], ...] = ()
+    """The config's ``composefs.image…`` named refs: ``(name, image ID)``."""
+
+    @property
+    def image(self) -> Digest | None:
+        """The image ID of the default (V1) composefs image, if the config names one."""
+        return dict(self.images).get(DEFAULT_IMAGE_REF)
 
     @property
     def is_container(self) -> bool:
@@ -750,14 +708,14 @@ def _open_by_digest(repo: Repository, digest: str, *, verified: bool = False) ->
     stream = repo.has_stream(cid)
     if stream is None:
         raise ObjectNotFoundError(f"image {digest} is not in {repo.path}")
-    manifest, named = _read_external(repo, cid, ContentType.OCI_MANIFEST)
+    manifest, named = read_external(repo, cid, ContentType.OCI_MANIFEST)
     if not verified:
         _check_bytes(manifest, digest, f"stored manifest {digest}")
     config_desc, layer_descs = _parse_manifest(manifest, f"stored manifest {digest}")
     config_stream = named.get(f"config:{config_desc.digest}")
     if config_stream is None:
         raise FormatError(f"stored manifest {digest} has no config reference")
-    config, config_named = _read_external(
+    config, config_named = read_external(
         repo, config_content_id(config_desc.digest), ContentType.OCI_CONFIG
     )
     if config_desc.media_type in _IMAGE_CONFIG_TYPES:
@@ -774,6 +732,7 @@ def _open_by_digest(repo: Repository, digest: str, *, verified: bool = False) ->
         config=config,
         config_media_type=config_desc.media_type,
         layers=layers,
+        images=tuple(image_refs(config_named)),
     )
 
 
