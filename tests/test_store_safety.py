@@ -666,3 +666,29 @@ def test_fsck_and_gc_survive_a_deep_ref_tree(tmp_path: Path, repo_path: Path) ->
     finally:
         remove_chain(refs)
     assert not (refs / "d").exists()
+
+
+def test_real_full_disk_names_layer_and_repository(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        repo = mnt / "repo"
+        assert cli("--repo", str(repo), "init", "--insecure").returncode == 0
+        tar = make_tar([(f"f{i}", os.urandom(300_000)) for i in range(8)])
+        path = tmp_path / "layer.tar"
+        path.write_bytes(tar)
+        done = cli("--repo", str(repo), "oci", "import-layer", sha256(tar), "--file", str(path))
+        err = done.stderr.decode()
+        assert done.returncode == 1, err
+        assert "Traceback" not in err
+        assert "No space left on device" in err
+        assert sha256(tar) in err
+        assert str(repo) in err
+        assert [p.name for p in (repo / "streams").iterdir()] == ["refs"]  # nothing published
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
