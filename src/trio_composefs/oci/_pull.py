@@ -133,9 +133,9 @@ def decode_tag(encoded: str) -> str:
 def _check_tag(name: str) -> str:
     """The ref path of a valid tag; a user error for names that cannot be one."""
     if not name:
-        raise ComposefsError("an image tag cannot be empty")
+        raise InvalidNameError("an image tag cannot be empty")
     if name.startswith("@"):
-        raise ComposefsError(
+        raise InvalidNameError(
             f"invalid tag {name!r}: a leading '@' is reserved for digest references"
         )
     encoded = encode_tag(name)
@@ -147,7 +147,7 @@ def _check_tag(name: str) -> str:
             " (reserved for the repository's temporary files)"
         )
     if len(encoded.encode("utf-8", "surrogateescape")) > 255:
-        raise ComposefsError(
+        raise InvalidNameError(
             f"invalid tag {name!r}: longer than 255 bytes once encoded; give a shorter TAG"
         )
     return OCI_REF_PREFIX + encoded
