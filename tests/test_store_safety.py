@@ -202,10 +202,9 @@ def test_deep_ref_tree_is_listed_without_recursion(repo: Repository) -> None:
     path = Path(repo.path) / "streams" / "refs"
     make_chain(path, 1500)
     try:
-        with pytest.raises(RepositoryError, match="deeper than"):
-            repo.list_stream_refs()
+        assert repo.list_stream_refs() == {"ok/ref": "s"}  # no RecursionError
         done = cli("--repo", repo.path, "oci", "images")
-        one_line_error(done, "deeper than", "remove it by hand")
+        assert done.returncode == 0, done.stderr
     finally:
         remove_chain(path)
     # a tree within the limits is listed (iteratively)
@@ -217,7 +216,7 @@ def test_deep_ref_tree_is_listed_without_recursion(repo: Repository) -> None:
 def test_stream_not_published_when_ref_cannot_be_created(repo: Repository) -> None:
     digest = repo.store_object(b"x")
     repo.publish_stream("s1", digest, "a")  # streams/refs/a is a symlink
-    with pytest.raises(RepositoryError, match="is not a directory"):
+    with pytest.raises(RepositoryError, match="not a directory"):
         repo.publish_stream("s2", digest, "a/b")  # 'a' cannot be a directory
     assert not (Path(repo.path) / "streams" / "s2").exists()
 

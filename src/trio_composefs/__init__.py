@@ -35,6 +35,7 @@ from ._errors import ScanError as ScanError
 from ._errors import SplitStreamError as SplitStreamError
 from ._errors import TarError as TarError
 from ._errors import TreeError as TreeError
+from ._errors import UnsafeLayoutError as UnsafeLayoutError
 from ._errors import VerityUnsupportedError as VerityUnsupportedError
 from ._version import __version__ as __version__
 
@@ -56,6 +57,10 @@ if TYPE_CHECKING:
     from .formats import parse_splitstream as parse_splitstream
     from .hashing import HashPool as HashPool
     from .hashing import digest_fd as digest_fd
+    from .images import compute_image_id as compute_image_id
+    from .images import create_image as create_image
+    from .images import read_image as read_image
+    from .images import write_dumpfile as write_dumpfile
     from .importer import ByteSource as ByteSource
     from .importer import Importer as Importer
     from .importer import LayerProgress as LayerProgress
@@ -108,6 +113,10 @@ _LAZY: dict[str, str] = {
     "parse_splitstream": ".formats",
     "HashPool": ".hashing",
     "digest_fd": ".hashing",
+    "compute_image_id": ".images",
+    "create_image": ".images",
+    "read_image": ".images",
+    "write_dumpfile": ".images",
     "ByteSource": ".importer",
     "Importer": ".importer",
     "LayerProgress": ".importer",
@@ -181,6 +190,7 @@ __all__ = [
     "Platform",
     "Repository",
     "RepositoryError",
+    "UnsafeLayoutError",
     "ScanError",
     "SplitStreamBuilder",
     "SplitStreamEncoder",
@@ -192,7 +202,9 @@ __all__ = [
     "TreeError",
     "VerityUnsupportedError",
     "__version__",
+    "compute_image_id",
     "copy_stream",
+    "create_image",
     "default_jobs",
     "digest_fd",
     "fsck",
@@ -211,6 +223,8 @@ __all__ = [
     "parse_source",
     "parse_splitstream",
     "pull_image",
+    "read_image",
+    "write_dumpfile",
 ]
 
 

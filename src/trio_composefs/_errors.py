@@ -128,6 +128,15 @@ class ObjectNotFoundError(RepositoryError, LookupError):
     """No object, stream or ref of that name exists in the repository."""
 
 
+class UnsafeLayoutError(RepositoryError):
+    """A directory the repository owns (``objects/XX``, ``streams/refs``...) is a symlink
+    or not a directory; it is never followed. ``path`` is repository-relative."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class ImageSourceError(ComposefsError):
     """An image that cannot be found or read at its source."""
 

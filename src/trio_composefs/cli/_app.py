@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 from .._errors import ComposefsError
 from .._version import __version__
@@ -37,6 +37,18 @@ from ._commands import (
     cmd_oci_pull,
     cmd_oci_tag,
     cmd_oci_untag,
+)
+from ._image_cmds import (
+    cmd_composefs_info,
+    cmd_compute_id,
+    cmd_create_dumpfile,
+    cmd_create_image,
+    cmd_dump_files,
+    cmd_image_objects,
+    cmd_images,
+    cmd_mkcomposefs,
+    cmd_oci_compute_id,
+    cmd_oci_dump,
 )
 from ._mount_cmds import add_mount_parsers, cmd_mount, cmd_oci_mount, cmd_transaction
 
@@ -160,7 +172,73 @@ def _build_parser() -> argparse.ArgumentParser:
     untag = oci_sub.add_parser("untag", help="remove a tag")
     untag.add_argument("name", metavar="NAME")
     add_mount_parsers(sub, oci_sub)
+    _add_image_commands(sub, oci_sub)
     return p
+
+
+def _add_fs_read_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH", help="the directory tree")
+    parser.add_argument(
+        "--no-propagate-usr-to-root",
+        action="store_true",
+        help="no OCI transform (root metadata from /usr, /run emptied, xattr allowlist):"
+        " the tree as it is, every xattr kept",
+    )
+
+
+def _add_image_commands(sub: Any, oci_sub: Any) -> None:
+    images = sub.add_parser("images", help="list the composefs images and their refs")
+    images.add_argument("--json", action="store_true", help="as JSON")
+    objects = sub.add_parser("image-objects", help="list the objects an image references")
+    objects.add_argument("name", metavar="NAME", help="image ID (hex), refs/NAME or NAME")
+    dump = sub.add_parser("dump-files", help="dumpfile lines (or backing paths) from an image")
+    dump.add_argument("image", metavar="IMAGE", help="image ID (hex), refs/NAME or NAME")
+    dump.add_argument("files", nargs="+", metavar="PATH", help="files or directories in it")
+    dump.add_argument(
+        "--backing-path-only",
+        action="store_true",
+        help="print PATH and its object path, or 'inline'",
+    )
+    create = sub.add_parser(
+        "create-image", help="store a directory tree's files and its image; print the image ID"
+    )
+    _add_fs_read_options(create)
+    create.add_argument("name", nargs="?", metavar="NAME", help="also name it images/refs/NAME")
+    _add_fs_read_options(
+        sub.add_parser("compute-id", help="image ID of a directory tree (nothing stored)")
+    )
+    _add_fs_read_options(
+        sub.add_parser("create-dumpfile", help="dumpfile of a directory tree (nothing stored)")
+    )
+    oci_id = oci_sub.add_parser("compute-id", help="image ID of a stored OCI image's rootfs")
+    oci_id.add_argument("image", metavar="IMAGE", help="a tag, or @sha256:... (manifest digest)")
+    oci_dump = oci_sub.add_parser("dump", help="dumpfile of a stored OCI image's rootfs")
+    oci_dump.add_argument("image", metavar="IMAGE", help="a tag, or @sha256:...")
+
+    mk = sub.add_parser("mkcomposefs", help="C mkcomposefs: make a composefs image")
+    mk.add_argument("source", metavar="SOURCE", help="a directory, or a dumpfile with --from-file")
+    mk.add_argument("image", nargs="?", metavar="IMAGE", help="the image file, or - for stdout")
+    mk.add_argument("--digest-store", metavar="PATH", help="copy content files to PATH/XX/REST")
+    mk.add_argument("--use-epoch", action="store_true", help="make all mtimes zero")
+    mk.add_argument("--skip-devices", action="store_true", help="don't store device nodes")
+    mk.add_argument("--skip-xattrs", action="store_true", help="don't store file xattrs")
+    mk.add_argument("--user-xattrs", action="store_true", help="only store user.* xattrs")
+    mk.add_argument("--print-digest", action="store_true", help="print the image's digest")
+    mk.add_argument(
+        "--print-digest-only", action="store_true", help="print the digest, write no image"
+    )
+    mk.add_argument("--from-file", action="store_true", help="SOURCE is a dumpfile (- for stdin)")
+    mk.add_argument("--min-version", type=int, metavar="N", help="minimal format version (0)")
+    mk.add_argument("--max-version", type=int, metavar="N", help="maximal format version (1)")
+    mk.add_argument("--threads", type=int, metavar="N", help="accepted for compatibility")
+    info = sub.add_parser("composefs-info", help="C composefs-info: show what images hold")
+    info.add_argument(
+        "info_command",
+        choices=["ls", "objects", "missing-objects", "dump", "measure-file"],
+        metavar="{ls,objects,missing-objects,dump,measure-file}",
+    )
+    info.add_argument("files", nargs="+", metavar="FILE")
+    info.add_argument("--basedir", metavar="PATH", help="for missing-objects: the object store")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
@@ -180,6 +258,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "mount": cmd_mount,
     "oci mount": cmd_oci_mount,
     "transaction": cmd_transaction,
+    "images": cmd_images,
+    "image-objects": cmd_image_objects,
+    "dump-files": cmd_dump_files,
+    "create-image": cmd_create_image,
+    "compute-id": cmd_compute_id,
+    "create-dumpfile": cmd_create_dumpfile,
+    "oci compute-id": cmd_oci_compute_id,
+    "oci dump": cmd_oci_dump,
+    "mkcomposefs": cmd_mkcomposefs,
+    "composefs-info": cmd_composefs_info,
 }
 
 
@@ -225,6 +313,13 @@ def _describe(e: BaseException) -> str:
     return message + (f" ({'; '.join(notes)})" if notes else "")
 
 
+#: Names under which the console script acts as that C tool (as cfsctl does by argv0).
+C_TOOL_NAMES = ("mkcomposefs", "composefs-info")
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point of the ``trio-cfsctl`` console script."""
+    """Entry point of the ``trio-cfsctl`` console script (``mkcomposefs`` or
+    ``composefs-info`` when invoked under that name, e.g. through a symlink)."""
+    if argv is None and os.path.basename(sys.argv[0]) in C_TOOL_NAMES:
+        argv = [os.path.basename(sys.argv[0]), *sys.argv[1:]]
     sys.exit(run(argv))

@@ -274,6 +274,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
             for line in write_dumpfile(image_filesystem(repo, open_image(repo, "sample"))):
                 text = line.decode("ascii", "replace").rstrip("\n")
                 print("  " + (text if len(text) <= 110 else text[:109] + "…"), file=out)
+            _demo_mount(repo, stats.image.hex(), out)
         objects = sum(len(files) for _, _, files in os.walk(os.path.join(repo.path, "objects")))
         print(
             f"\nthe repository {repo.path} now holds {objects} objects;"
@@ -281,6 +282,47 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
             file=out,
         )
     return 0
+
+
+def _demo_mount(repo: Repository, image: str, out: TextIO) -> None:
+    """Mount the sample's image on a temporary directory, show a little, unmount (root only)."""
+    import tempfile
+
+    from ..mount import MountError, mount_image, unmount
+
+    if os.geteuid() != 0:
+        print(
+            "\nnot root, so the image is not mounted (as root: trio-cfsctl"
+            f" --repo {repo.path} oci mount sample MOUNTPOINT)",
+            file=out,
+        )
+        return
+    with tempfile.TemporaryDirectory(prefix="trio-cfs-mnt-") as mountpoint:
+        try:
+            result = mount_image(repo, image, mountpoint)
+        except MountError as e:
+            print(f"\ncould not mount the image: {e}", file=out)
+            return
+        try:
+            print(f"\nmounted it ({result.describe()}):", file=out)
+            for rel in ("usr/bin", "opt/app"):
+                names = sorted(os.listdir(os.path.join(mountpoint, rel)))
+                print(f"  ls /{rel}: {' '.join(names)}", file=out)
+            with open(os.path.join(mountpoint, "usr/bin/hello"), "rb") as f:
+                print(f"  /usr/bin/hello: {f.readline().decode().strip()} …", file=out)
+            big = os.path.join(mountpoint, "usr/lib/big.bin")
+            with open(big, "rb") as f:
+                h = hashlib.sha256()
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            print(
+                f"  /usr/lib/big.bin: {os.path.getsize(big)} bytes read from its object"
+                f" (sha256 {h.hexdigest()[:16]}…)",
+                file=out,
+            )
+        finally:
+            unmount(mountpoint)
+        print("  unmounted", file=out)
 
 
 def cmd_fsck(args: argparse.Namespace, out: TextIO) -> int:

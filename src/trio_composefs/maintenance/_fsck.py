@@ -1,7 +1,8 @@
 """Checking a repository's consistency (``fsck``), like composefs-rs's ``Repository::fsck``.
 
 What is checked, in order, and the kebab-case kind of each problem (the names
-composefs-rs uses, plus ``stream-digest-mismatch``):
+composefs-rs uses, plus ``stream-digest-mismatch``, ``missing-stream-name`` and
+``image-digest-mismatch``):
 
 1. ``meta.json`` parses and names the repository's algorithm
    (``metadata-parse-failed``, ``metadata-algorithm-mismatch``).
@@ -18,9 +19,24 @@ composefs-rs uses, plus ``stream-digest-mismatch``):
    ``oci-{config,manifest,blob,layer}-sha256:<hex>`` are reassembled and their
    sha256 compared with the name (``stream-digest-mismatch``); for layers this
    reads every byte and can be turned off.
-4. Every symlink under ``streams/refs/`` and ``images/refs/`` resolves
-   (``broken-symlink``, ``unexpected-file-type``); first-level ``images/``
-   entries are symlinks that resolve. EROFS images are not parsed.
+   A manifest's or config's named refs must have their ``streams/`` names
+   (``config:<d>`` -> ``oci-config-<d>``, a layer ``sha256:<hex>`` ->
+   ``oci-layer-sha256:<hex>``), linked to the very object the ref holds
+   (``missing-stream-name``).
+4. Every symlink under ``streams/refs/`` and ``images/refs/`` resolves, link by
+   link, to an object inside the repository (``broken-symlink``: dangling, a
+   loop, an absolute or escaping target; ``unexpected-file-type``: not a
+   symlink). Directories the repository owns (``objects``, ``objects/XX``,
+   ``streams``, ``images``, their ``refs``) must be real directories: a symlink
+   there is reported (``unexpected-file-type``) and never followed.
+5. Images (upstream's kinds): every first-level ``images/<hex>`` is a symlink
+   that resolves (``entry-not-symlink``, ``broken-symlink``,
+   ``image-open-failed``, ``image-read-failed``) to the object named ``<hex>``
+   (``image-invalid``), whose bytes re-hash to that digest
+   (``image-digest-mismatch``), parse as a composefs EROFS (header, superblock,
+   directories and metacopy xattrs: ``image-invalid``), and every object it
+   references exists (``image-missing-object``). Counted as ``images_checked``
+   and ``images_corrupted``.
 
 Leftover temporary files of interrupted writers (``objects/.tmp-object-*``,
 ``.symlink-*`` next to stream names, ``.tmp-spool-*``) are listed as
@@ -34,12 +50,13 @@ pool's worker processes, so both cores work even though most threads wait.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -49,14 +66,17 @@ from .._errors import (
     ComposefsError,
     DigestError,
     DigestMismatchError,
+    ErofsError,
     FormatError,
     ObjectNotFoundError,
     RepositoryError,
+    UnsafeLayoutError,
     VerityUnsupportedError,
 )
 from ..formats._chunks import InlineChunk
-from ..formats._fsverity import Digest
+from ..formats._fsverity import Digest, FsVerityHasher
 from ..formats._splitstream import iter_chunks, parse_splitstream
+from ..fs.erofs import image_objects, read_erofs_header
 from ..hashing._pool import HashPool, digest_fd
 from ..repository._repository import META_JSON, TMP_SYMLINK_PREFIX, Repository, _read_meta
 
@@ -123,7 +143,7 @@ class FsckProgress:
     """Handed to the ``progress`` callback after each unit of work.
 
     Attributes:
-        phase: ``"objects"`` or ``"streams"``.
+        phase: ``"objects"``, ``"images"`` or ``"streams"``.
         done: directories (objects phase) or streams finished.
         total: how many there are in this phase.
         objects_checked: objects whose digest was checked so far.
@@ -154,6 +174,7 @@ class FsckReport:
     bytes_hashed: int
     problems: tuple[FsckProblem, ...]
     stray_tmpfiles: tuple[str, ...]
+    images_corrupted: int = 0
 
     @property
     def ok(self) -> bool:
@@ -170,6 +191,7 @@ class FsckReport:
             "contentsChecked": self.contents_checked,
             "refsChecked": self.refs_checked,
             "imagesChecked": self.images_checked,
+            "imagesCorrupted": self.images_corrupted,
             "brokenLinks": self.broken_links,
             "missingObjects": self.missing_objects,
             "bytesHashed": self.bytes_hashed,
@@ -184,7 +206,8 @@ class FsckReport:
             f" ({self.bytes_hashed / 2**20:.1f} MiB hashed)",
             f"streams: {self.streams_checked - self.streams_corrupted}/{self.streams_checked} ok"
             f" ({self.contents_checked} reassembled and matched against their sha256 name)",
-            f"refs: {self.refs_checked}, images: {self.images_checked},"
+            f"images: {self.images_checked - self.images_corrupted}/{self.images_checked} ok",
+            f"refs: {self.refs_checked},"
             f" broken links: {self.broken_links}, missing objects: {self.missing_objects}",
         ]
         lines += [f"stray temporary file: {name}" for name in self.stray_tmpfiles]
@@ -202,6 +225,7 @@ class _Tally:
     contents_checked: int = 0
     refs_checked: int = 0
     images_checked: int = 0
+    images_corrupted: int = 0
     broken_links: int = 0
     missing_objects: int = 0
     bytes_hashed: int = 0
@@ -222,6 +246,7 @@ class _Tally:
             contents_checked=self.contents_checked,
             refs_checked=self.refs_checked,
             images_checked=self.images_checked,
+            images_corrupted=self.images_corrupted,
             broken_links=self.broken_links,
             missing_objects=self.missing_objects,
             bytes_hashed=self.bytes_hashed,
@@ -233,17 +258,12 @@ class _Tally:
 # --------------------------------------------------------------------------- helpers
 
 
-def _scan(dirfd: int, rel: str) -> list[tuple[str, int]] | None:
-    """``(name, st_mode)`` of each entry of ``rel`` (sorted), or ``None`` if it is absent."""
+def _scan(repo: Repository, rel: str) -> list[tuple[str, int]] | None:
+    """``(name, st_mode)`` of each entry of ``rel`` (sorted), ``None`` if absent or unsafe."""
     try:
-        fd = os.open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
-    except FileNotFoundError:
+        return repo.scan_owned_dir(rel)
+    except UnsafeLayoutError:
         return None
-    try:
-        with os.scandir(fd) as it:
-            return sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
-    finally:
-        os.close(fd)
 
 
 def stray_tmpfiles(repo: Repository) -> list[str]:
@@ -253,36 +273,15 @@ def stray_tmpfiles(repo: Repository) -> list[str]:
     ``O_TMPFILE``), ``.tmp-spool-*`` (splitstream spool files) and
     ``.symlink-*`` (symlinks about to replace a stream name or ref). Right
     after a crash they are garbage; while an import runs they may be in use.
+    Directories that are symlinks are never entered.
     """
     out = [f"objects/{n}" for n in repo.find_stray_tmpfiles()]
-    out += [n for n, _ in _scan(repo.dirfd, ".") or [] if n.startswith(TMP_SPOOL_PREFIX)]
+    out += [n for n, _ in _scan(repo, ".") or [] if n.startswith(TMP_SPOOL_PREFIX)]
     for top in ("streams", "images"):
-        out += [
-            f"{top}/{n}"
-            for n, _ in _scan(repo.dirfd, top) or []
-            if n.startswith(TMP_SYMLINK_PREFIX)
-        ]
-        out += [f"{top}/refs/{rel}" for rel, _ in _walk_refs(repo.dirfd, f"{top}/refs", tmp=True)]
+        out += [f"{top}/{n}" for n, _ in _scan(repo, top) or [] if n.startswith(TMP_SYMLINK_PREFIX)]
+        with contextlib.suppress(UnsafeLayoutError):
+            out += [r.path for r in repo.walk_refs(top) if r.is_tmp]
     return sorted(out)
-
-
-def _walk_refs(dirfd: int, rel: str, *, tmp: bool = False) -> list[tuple[str, int]]:
-    """``(path relative to rel, mode)`` of every non-directory under ``rel``, recursively.
-
-    With ``tmp``, only the ``.symlink-*`` leftovers; otherwise everything else.
-    Iterative (a stack of directories), so a ref tree of any depth costs no recursion.
-    """
-    out: list[tuple[str, int]] = []
-    pending = [""]
-    while pending:
-        prefix = pending.pop()
-        for name, mode in _scan(dirfd, f"{rel}/{prefix}".rstrip("/")) or []:
-            if stat.S_ISDIR(mode):
-                pending.append(f"{prefix}{name}/")
-            elif name.startswith(TMP_SYMLINK_PREFIX) == tmp:
-                out.append((f"{prefix}{name}", mode))
-    out.sort(key=lambda item: item[0].split("/"))  # the order of a sorted depth-first walk
-    return out
 
 
 def _resolves(dirfd: int, rel: str) -> str | None:
@@ -302,7 +301,7 @@ def _resolves(dirfd: int, rel: str) -> str | None:
 def _check_object_dir(repo: Repository, prefix: str, pool: HashPool | None) -> _Tally:
     """Check every object of ``objects/<prefix>/`` (one thread hop)."""
     tally = _Tally()
-    entries = _scan(repo.dirfd, f"objects/{prefix}") or []
+    entries = _scan(repo, f"objects/{prefix}") or []
     for name, mode in entries:
         path = f"objects/{prefix}/{name}"
         tally.objects_checked += 1
@@ -411,6 +410,7 @@ def _check_stream(repo: Repository, name: str, check_layers: bool) -> _Tally:
                             "missing-named-ref", path, object_id=target.hex(), ref_name=ref_name
                         )
                     )
+            missing |= _check_stream_names(repo, name, info.named_refs, tally)
             if missing:
                 tally.streams_corrupted += 1
                 return tally
@@ -438,6 +438,60 @@ def _check_stream(repo: Repository, name: str, check_layers: bool) -> _Tally:
                 )
             )
     return tally
+
+
+def _check_stream_names(
+    repo: Repository, name: str, named_refs: Mapping[str, Digest], tally: _Tally
+) -> bool:
+    """A manifest's or config's named refs must have their ``streams/`` names.
+
+    ``config:<digest>`` names ``oci-config-<digest>``; a ``<alg>:<hex>`` layer ref
+    names ``oci-layer-<alg>:<hex>`` (or ``oci-blob-...`` for a non-tar layer). Each
+    must be a symlink to the very object the ref holds: without it, a re-pull
+    would trust a layer that is not there (``missing-stream-name``).
+    """
+    if not (name.startswith("oci-manifest-") or name.startswith("oci-config-")):
+        return False
+    bad = False
+    for ref_name, target in sorted(named_refs.items()):
+        if not repo.has_object(target):
+            continue  # reported as missing-named-ref
+        if ref_name.startswith("config:"):
+            wanted = [f"oci-config-{ref_name[len('config:') :]}"]
+        elif _LAYER_REF.fullmatch(ref_name):
+            wanted = [f"oci-layer-{ref_name}", f"oci-blob-{ref_name}"]
+        else:
+            continue
+        why = ""
+        for content_id in wanted:
+            try:
+                found = repo.resolve_stream(content_id)
+            except ObjectNotFoundError:
+                why = why or f"streams/{wanted[0]} is missing"
+                continue
+            except RepositoryError as e:
+                why = str(e)
+                continue
+            if found == target:
+                why = ""
+                break
+            why = f"streams/{content_id} names another object ({found.object_path()})"
+        else:
+            if why:
+                bad = True
+                tally.problems.append(
+                    FsckProblem(
+                        "missing-stream-name",
+                        f"streams/{name}",
+                        why,
+                        object_id=target.hex(),
+                        ref_name=ref_name,
+                    )
+                )
+    return bad
+
+
+_LAYER_REF = re.compile(r"sha(256|512):[0-9a-f]{64,128}")
 
 
 def _read_stream(
@@ -472,12 +526,43 @@ def _read_stream(
 # --------------------------------------------------------------------------- links
 
 
-def _check_links(repo: Repository) -> tuple[_Tally, list[str]]:
-    """First-level ``images/`` entries and every ref; returns the first-level stream names."""
+def _check_layout(repo: Repository) -> _Tally:
+    """Directories the repository owns that are symlinks or files (never followed)."""
+    tally = _Tally()
+    bad: list[tuple[str, str]] = []
+    for rel in ("objects", "streams", "streams/refs", "images", "images/refs"):
+        try:
+            fd = repo.open_owned_dir(rel)
+        except UnsafeLayoutError as e:
+            if not any(rel.startswith(f"{p}/") for p, _ in bad):
+                bad.append((e.path, str(e)))
+            continue
+        if fd is not None:
+            os.close(fd)
+    try:
+        _prefixes, unsafe = repo.object_dirs()
+    except UnsafeLayoutError:
+        unsafe = []
+    bad += [
+        (p, "a symlink or file where the repository keeps a directory (not followed)")
+        for p in unsafe
+    ]
+    seen: set[str] = set()
+    for path, detail in bad:
+        if path in seen:
+            continue
+        seen.add(path)
+        tally.problems.append(FsckProblem("unexpected-file-type", path, detail))
+    return tally
+
+
+def _check_links(repo: Repository) -> tuple[_Tally, list[str], list[str]]:
+    """First-level entries and every ref; returns the first-level stream and image names."""
     tally = _Tally()
     streams: list[str] = []
+    images: list[str] = []
     for top in ("streams", "images"):
-        for name, mode in _scan(repo.dirfd, top) or []:
+        for name, mode in _scan(repo, top) or []:
             if name == "refs" or name.startswith(TMP_SYMLINK_PREFIX):
                 continue
             path = f"{top}/{name}"
@@ -488,6 +573,8 @@ def _check_links(repo: Repository) -> tuple[_Tally, list[str]]:
                 if top == "streams":
                     tally.streams_checked += 1
                     tally.streams_corrupted += 1
+                else:
+                    tally.images_corrupted += 1
                 continue
             why = _resolves(repo.dirfd, path)
             if why is not None:
@@ -500,32 +587,113 @@ def _check_links(repo: Repository) -> tuple[_Tally, list[str]]:
                 if top == "streams":
                     tally.streams_checked += 1
                     tally.streams_corrupted += 1
+                else:
+                    tally.images_corrupted += 1
                 continue
             if top == "streams":
                 streams.append(name)
-        for rel, mode in _walk_refs(repo.dirfd, f"{top}/refs"):
-            path = f"{top}/refs/{rel}"
-            if not stat.S_ISLNK(mode):
+            else:
+                tally.images_checked -= 1  # counted by _check_image
+                images.append(name)
+        try:
+            refs = repo.walk_refs(top)
+        except UnsafeLayoutError:
+            refs = []  # reported by the layout check
+        for entry in refs:
+            if entry.is_tmp:
+                continue
+            if entry.target is None:
                 tally.problems.append(
-                    FsckProblem("unexpected-file-type", path, f"not a symlink (mode {mode:o})")
+                    FsckProblem(
+                        "unexpected-file-type", entry.path, f"not a symlink (mode {entry.mode:o})"
+                    )
                 )
                 continue
             tally.refs_checked += 1
-            why = _resolves(repo.dirfd, path)
-            if why is None and top == "streams":
-                try:
-                    repo.resolve_stream(f"refs/{rel}")
-                except RepositoryError as e:
-                    why = str(e)
-            if why is not None:
+            try:
+                repo.resolve_path(entry.path)
+            except RepositoryError as e:
                 tally.broken_links += 1
-                target = os.readlink(path, dir_fd=repo.dirfd)
                 tally.problems.append(
-                    FsckProblem(
-                        "broken-symlink", path, f"-> {target}" + (f": {why}" if why else "")
-                    )
+                    FsckProblem("broken-symlink", entry.path, f"-> {entry.target}: {e}")
                 )
-    return tally, streams
+    return tally, streams, images
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _check_image(repo: Repository, name: str) -> _Tally:
+    """Check one ``images/<hex>``: its object is named by its digest, parses as a
+    composefs EROFS, and every object it references exists (one thread hop)."""
+    tally = _Tally(images_checked=1)
+    path = f"images/{name}"
+
+    def fail(problem: FsckProblem) -> _Tally:
+        tally.images_corrupted += 1
+        tally.problems.append(problem)
+        return tally
+
+    try:
+        digest = repo.resolve_path(path)
+    except RepositoryError as e:
+        return fail(FsckProblem("image-open-failed", path, str(e)))
+    if digest.hex() != name:
+        return fail(
+            FsckProblem(
+                "image-invalid",
+                path,
+                f"links to object {digest.object_path()}, not to the object of its name",
+            )
+        )
+    try:
+        fd = repo.open_object(digest)
+    except (ComposefsError, OSError) as e:
+        return fail(FsckProblem("image-open-failed", path, str(e)))
+    try:
+        try:
+            data = _read_fd(fd)
+        except OSError as e:
+            return fail(FsckProblem("image-read-failed", path, e.strerror or str(e)))
+    finally:
+        os.close(fd)
+    hasher = FsVerityHasher(repo.algorithm)
+    hasher.update(data)
+    actual = hasher.digest()
+    tally.bytes_hashed += len(data)
+    if actual != digest:
+        return fail(
+            FsckProblem(
+                "image-digest-mismatch",
+                path,
+                "the image's fs-verity digest is not its name",
+                expected=digest.hex(),
+                actual=actual.hex(),
+            )
+        )
+    try:
+        read_erofs_header(data)
+        objects = image_objects(data)
+    except ErofsError as e:
+        return fail(FsckProblem("image-invalid", path, str(e)))
+    missing = False
+    for obj in sorted(objects, key=lambda d: d.hex()):
+        if not repo.has_object(obj):
+            missing = True
+            tally.missing_objects += 1
+            tally.problems.append(FsckProblem("image-missing-object", path, object_id=obj.hex()))
+    if missing:
+        tally.images_corrupted += 1
+    return tally
+
+
+def _read_fd(fd: int) -> bytes:
+    parts = []
+    offset = 0
+    while piece := os.pread(fd, _READ_SIZE, offset):
+        parts.append(piece)
+        offset += len(piece)
+    return b"".join(parts)
 
 
 def _check_metadata(repo: Repository) -> _Tally:
@@ -591,8 +759,10 @@ async def fsck(
         pool = own_pool = HashPool()
     try:
         if check_objects:
-            names = await trio.to_thread.run_sync(_scan, repo.dirfd, "objects", limiter=limiter)
-            prefixes = [n for n, mode in names or [] if _HEX2.fullmatch(n) and stat.S_ISDIR(mode)]
+            try:
+                prefixes, _unsafe = await trio.to_thread.run_sync(repo.object_dirs, limiter=limiter)
+            except UnsafeLayoutError:
+                prefixes = []  # reported by the layout check
             await _run_all(
                 "objects",
                 [(_check_object_dir, (repo, p, pool)) for p in prefixes],
@@ -604,8 +774,12 @@ async def fsck(
         if own_pool is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(own_pool.close)
-    links, streams = await trio.to_thread.run_sync(_check_links, repo, limiter=limiter)
+    total.add(await trio.to_thread.run_sync(_check_layout, repo, limiter=limiter))
+    links, streams, images = await trio.to_thread.run_sync(_check_links, repo, limiter=limiter)
     total.add(links)
+    await _run_all(
+        "images", [(_check_image, (repo, name)) for name in images], total, limiter, progress
+    )
     await _run_all(
         "streams",
         [(_check_stream, (repo, name, check_layers)) for name in streams],

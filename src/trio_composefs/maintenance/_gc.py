@@ -2,23 +2,36 @@
 
 Roots are every symlink under ``streams/refs/`` and ``images/refs/``
 (recursively) plus the names the caller adds (first-level stream or image
-names). From each root stream, its own object, every entry of its
-``object_refs`` and every stream ref are live; a stream ref that is a
-first-level stream (found through the map object → name built from
-``streams/*``) is walked in turn. Then:
+names); ``images/`` itself is not a root. Live objects:
 
-1. every file of ``objects/XX/`` that is not live is deleted (sizes summed);
+* an image root: the image object and every object it references, read from
+  its metacopy xattrs by the EROFS reader (``fs.erofs.image_objects``, as
+  composefs-rs's ``collect_objects``);
+* a root stream: its own object, every entry of its ``object_refs`` and of its
+  ``stream_refs`` (the targets of its named refs). A stream ref whose object is
+  a splitstream (magic ``SplitStream`` at byte 0, or 18 in the header of
+  bootc <= 1.15) is walked in turn *whether or not it has a* ``streams/`` *name*;
+  one that is a composefs EROFS (or is named ``composefs.image*``, as a config's
+  ``composefs.image.v1``) is walked as an image.
+
+Then:
+
+1. every file of the real ``objects/XX/`` directories that is not live is
+   deleted (sizes summed); an ``objects/XX`` that is a symlink is never entered;
 2. temporary files of interrupted writers are deleted (``objects/.tmp-object-*``,
    ``.tmp-spool-*``, ``.symlink-*``), which composefs-rs leaves alone;
 3. dangling symlinks are pruned: first-level ``streams/`` and ``images/``,
    then recursively under their ``refs/``.
 
-Differences from composefs-rs, each keeping more, never less: all stream refs
-are kept alive, not only the named ones; and EROFS images are not parsed (this
-project does not build them yet). An image root keeps its own object and every
-object whose path ``/XX/<rest>`` appears in the image's bytes, which is where
-composefs images store their ``trusted.overlay.redirect`` xattrs: a superset of
-what composefs-rs's ``collect_objects`` returns.
+gc stops *before deleting anything*, saying what to repair, when: ``objects``,
+``streams``, ``images`` or their ``refs`` is not a real directory (a symlink is
+never followed); a root is damaged (a regular file, a loop, an absolute target
+or one leaving the repository, a target that is not an object); or a reachable
+stream or image cannot be parsed. A dangling root (its name or object missing)
+is no root: it is pruned, as composefs-rs does.
+
+Differences from composefs-rs, each keeping more, never less: every stream ref
+is kept alive, not only the named ones, and unnamed streams are walked.
 
 The whole collection runs under the repository's *exclusive* lock, which waits
 for every other open repository (running imports hold the shared lock), so an
@@ -38,11 +51,21 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from .._errors import ComposefsError, DigestError, RepositoryError
+from .._errors import (
+    ComposefsError,
+    DigestError,
+    ErofsError,
+    ObjectNotFoundError,
+    RepositoryError,
+    SplitStreamError,
+    UnsafeLayoutError,
+)
 from ..formats._fsverity import Digest
 from ..formats._splitstream import parse_splitstream
+from ..fs.erofs import read_erofs_header
+from ..repository._images import referenced_objects
 from ..repository._repository import TMP_SYMLINK_PREFIX, Repository
-from ._fsck import _scan, _walk_refs, stray_tmpfiles
+from ._fsck import stray_tmpfiles
 
 __all__ = ["GcResult", "gc"]
 
@@ -141,9 +164,8 @@ def gc(
 def _first_level(repo: Repository, top: str) -> dict[str, Digest]:
     """``{name: object}`` for the first-level symlinks of ``top`` that name an object."""
     out: dict[str, Digest] = {}
-    try:
-        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=repo.dirfd)
-    except FileNotFoundError:
+    fd = repo.open_owned_dir(top)
+    if fd is None:
         return out
     try:
         with os.scandir(fd) as it:
@@ -160,104 +182,161 @@ def _first_level(repo: Repository, top: str) -> dict[str, Digest]:
     return out
 
 
-def _ref_roots(repo: Repository, top: str) -> list[str]:
-    """First-level names that the refs under ``top/refs`` point at (by target basename)."""
-    out = []
-    for rel, mode in _walk_refs(repo.dirfd, f"{top}/refs"):
-        if stat.S_ISLNK(mode):
-            target = os.readlink(f"{top}/refs/{rel}", dir_fd=repo.dirfd)
-            base = posixpath.basename(target)
-            if base not in ("", ".", ".."):
-                out.append(base)
+def _check_layout(repo: Repository) -> list[str]:
+    """Owned top directories that are symlinks or files: gc cannot know its roots then."""
+    damaged = []
+    for rel in ("objects", "streams", "images", "streams/refs", "images/refs"):
+        try:
+            fd = repo.open_owned_dir(rel)
+        except UnsafeLayoutError as e:
+            damaged.append(str(e))
+            continue
+        if fd is not None:
+            os.close(fd)
+    return damaged
+
+
+def _roots(repo: Repository, top: str, damaged: list[str]) -> list[Digest]:
+    """Objects the refs under ``top/refs`` lead to; damaged refs are added to ``damaged``.
+
+    A dangling ref (its stream or image name, or the object, is missing) is no
+    root: it is pruned afterwards, as composefs-rs does.
+    """
+    out: list[Digest] = []
+    for entry in repo.walk_refs(top):
+        if entry.is_tmp:
+            continue
+        try:
+            out.append(repo.resolve_path(entry.path))
+        except ObjectNotFoundError:
+            continue
+        except RepositoryError as e:
+            damaged.append(f"{entry.path}: {e}")
     return out
 
 
-def _image_objects(repo: Repository, digest: Digest) -> set[Digest]:
-    """Objects an EROFS image may reference: every ``/XX/<rest>`` path in its bytes."""
-    rest = 2 * repo.algorithm.digest_size - 2
-    pattern = re.compile(rb"/([0-9a-f]{2})/([0-9a-f]{%d})(?![0-9a-f])" % rest)
-    found: set[Digest] = set()
+_SPLITSTREAM_MAGIC = b"SplitStream"
+
+
+def _read_head(repo: Repository, digest: Digest, size: int) -> bytes:
     fd = repo.open_object(digest)
     try:
-        if os.fstat(fd).st_size == 0:
-            return found
-        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
-            for m in pattern.finditer(data):
-                found.add(Digest.from_hex((m.group(1) + m.group(2)).decode(), repo.algorithm))
+        return os.pread(fd, size, 0)
     finally:
         os.close(fd)
-    return found
+
+
+def _kind(repo: Repository, digest: Digest) -> str:
+    """``"stream"``, ``"image"`` or ``"object"``: what the stored object looks like.
+
+    A splitstream has its magic at byte 0 (or 18, in the header of bootc <= 1.15);
+    an image has a composefs header and an EROFS superblock.
+    """
+    head = _read_head(repo, digest, _HEAD)
+    if head[:11] == _SPLITSTREAM_MAGIC or head[18:29] == _SPLITSTREAM_MAGIC:
+        return "stream"
+    try:
+        read_erofs_header(head)
+    except ErofsError:
+        return "object"
+    return "image"
+
+
+_HEAD = 1024 + 128
 
 
 def _collect(repo: Repository, extra: list[str], *, dry_run: bool) -> GcResult:
     notes: list[str] = []
+    damaged = _check_layout(repo)
+    if damaged:
+        raise RepositoryError("gc stopped, nothing was deleted: " + "; ".join(damaged))
     streams = _first_level(repo, "streams")
     images = _first_level(repo, "images")
-    stream_names = {digest: name for name, digest in streams.items()}
-    image_digests = set(images.values())
 
-    root_streams = [n for n in _ref_roots(repo, "streams") if n in streams]
-    root_images = [n for n in _ref_roots(repo, "images") if n in images]
+    root_streams = _roots(repo, "streams", damaged)
+    root_images = _roots(repo, "images", damaged)
+    if damaged:
+        raise RepositoryError(
+            "gc stopped, nothing was deleted: damaged root(s) "
+            + "; ".join(damaged)
+            + " (repair the ref or remove it, then run gc again)"
+        )
     for name in extra:
         if name in streams:
-            root_streams.append(name)
+            root_streams.append(streams[name])
         elif name in images:
-            root_images.append(name)
+            root_images.append(images[name])
         else:
             raise RepositoryError(
                 f"gc root {name!r} is neither a stream nor an image in {repo.path}"
             )
+    stream_names = {digest: name for name, digest in streams.items()}
+    image_names = {digest: name for name, digest in images.items()}
 
     live: set[Digest] = set()
     walked: set[Digest] = set()
     broken: list[str] = []
 
-    def walk_image(digest: Digest) -> None:
+    def where(digest: Digest, top: str, names: dict[Digest, str]) -> str:
+        name = names.get(digest)
+        return f"{top}/{name}" if name else f"objects/{digest.object_path()}"
+
+    def walk_image(digest: Digest, via: str) -> None:
         live.add(digest)
         if digest in walked or not repo.has_object(digest):
             return
         walked.add(digest)
-        live.update(_image_objects(repo, digest))
+        try:
+            live.update(referenced_objects(repo, digest))
+        except (ComposefsError, OSError, ValueError) as e:
+            broken.append(f"image {where(digest, 'images', image_names)}{via}: {e}")
 
-    pending = [streams[n] for n in root_streams]
+    pending: list[tuple[Digest, str]] = [(d, "") for d in root_streams]
     while pending:
-        digest = pending.pop()
+        digest, via = pending.pop()
         live.add(digest)
         if digest in walked:
             continue
         walked.add(digest)
         if not repo.has_object(digest):
             continue  # a dangling stream: pruned below
-        name = stream_names.get(digest, digest.hex())
+        label = where(digest, "streams", stream_names)
         try:
             fd = repo.open_object(digest)
             try:
+                if os.fstat(fd).st_size == 0:
+                    raise SplitStreamError("the splitstream file is empty")
                 with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
                     info = parse_splitstream(data, algorithm=repo.algorithm)
             finally:
                 os.close(fd)
         except (ComposefsError, OSError, ValueError) as e:
-            broken.append(f"streams/{name}: {e}")
+            broken.append(f"stream {label}{via}: {e}")
             continue
         live.update(info.object_refs)
+        ref_names = {target: name for name, target in info.named_refs.items()}
         for ref in info.stream_refs:
             live.add(ref)
-            if ref in stream_names:
-                pending.append(ref)
-            elif ref in image_digests:
-                walk_image(ref)
+            if ref in walked or not repo.has_object(ref):
+                continue
+            ref_name = ref_names.get(ref)
+            sub_via = f" (reached from {label}" + (f" as {ref_name!r})" if ref_name else ")")
+            try:
+                kind = _kind(repo, ref)
+            except (ComposefsError, OSError) as e:
+                broken.append(f"object {ref.object_path()}{sub_via}: {e}")
+                continue
+            if kind == "stream":
+                pending.append((ref, sub_via))
+            elif kind == "image" or (ref_name or "").startswith("composefs.image"):
+                walk_image(ref, sub_via)
+    for digest in root_images:
+        walk_image(digest, "")
     if broken:
         raise RepositoryError(
-            "gc stopped, nothing was deleted: cannot read root stream(s) "
+            "gc stopped, nothing was deleted: cannot read "
             + "; ".join(broken)
-            + " (run fsck)"
-        )
-    for name in root_images:
-        walk_image(images[name])
-    if images:
-        notes.append(
-            "EROFS images are not parsed: an image root keeps its object and every object"
-            " path that appears in its bytes"
+            + " (run fsck; repair or remove the ref that reaches it)"
         )
 
     removed, removed_bytes, objects_notes = _sweep_objects(repo, live, dry_run=dry_run)
@@ -283,37 +362,21 @@ def _sweep_objects(
     removed: list[str] = []
     total = 0
     notes: list[str] = []
-    try:
-        objects = os.open("objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        return removed, total, notes
-    try:
-        with os.scandir(objects) as it:
-            prefixes = sorted(e.name for e in it if _HEX2.fullmatch(e.name) and e.is_dir())
-        for prefix in prefixes:
-            fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=objects)
+    _prefixes, unsafe = repo.object_dirs()
+    notes += [f"skipped {path}: not a real directory (never followed; run fsck)" for path in unsafe]
+    for entry in repo.iter_objects():
+        if entry.digest is None:
+            notes.append(f"kept objects/{entry.path}: not an object name")
+            continue
+        if entry.digest in live:
+            continue
+        if not dry_run:
             try:
-                with os.scandir(fd) as it:
-                    entries = sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
-                for name, st in entries:
-                    try:
-                        digest = Digest.from_object_path(f"{prefix}/{name}", repo.algorithm)
-                    except DigestError:
-                        notes.append(f"kept objects/{prefix}/{name}: not an object name")
-                        continue
-                    if digest in live:
-                        continue
-                    if not dry_run:
-                        try:
-                            os.unlink(name, dir_fd=fd)
-                        except FileNotFoundError:
-                            continue
-                    removed.append(f"{prefix}/{name}")
-                    total += st.st_size
-            finally:
-                os.close(fd)
-    finally:
-        os.close(objects)
+                repo.remove_object(entry.digest)
+            except ObjectNotFoundError:
+                continue
+        removed.append(entry.path)
+        total += entry.size
     return removed, total, notes
 
 
@@ -358,19 +421,27 @@ def _prune_links(repo: Repository, gone: set[str], *, dry_run: bool) -> list[str
     """Prune dangling first-level links, then refs (which may point at those)."""
     pruned: list[str] = []
     for top in ("images", "streams"):
-        for name, mode in _scan(repo.dirfd, top) or []:
+        for name, mode in repo.scan_owned_dir(top) or []:
             path = f"{top}/{name}"
             if name.startswith(TMP_SYMLINK_PREFIX):
                 continue  # removed as a temporary file
             if stat.S_ISLNK(mode) and not _alive(repo, path, gone):
                 pruned.append(path)
         first = set(pruned)
-        for rel, mode in _walk_refs(repo.dirfd, f"{top}/refs"):
-            path = f"{top}/refs/{rel}"
-            if stat.S_ISLNK(mode) and not _alive(repo, path, gone | first):
-                pruned.append(path)
+        for entry in repo.walk_refs(top):
+            if entry.is_tmp or entry.target is None:
+                continue
+            if not _alive(repo, entry.path, gone | first):
+                pruned.append(entry.path)
     if not dry_run:
         for path in pruned:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path, dir_fd=repo.dirfd)
+            parent, _, base = path.rpartition("/")
+            fd = repo.open_owned_dir(parent)
+            if fd is None:
+                continue
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(base, dir_fd=fd)
+            finally:
+                os.close(fd)
     return pruned

@@ -46,13 +46,14 @@ from .._errors import (
     InvalidNameError,
     ObjectNotFoundError,
     RepositoryError,
+    UnsafeLayoutError,
     VerityUnsupportedError,
 )
 from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
 from ._meta import MAX_META_BYTES, RepoMetadata
 from ._verity import EnableResult, VerityOps
 
-__all__ = ["ObjectTmpfile", "Repository"]
+__all__ = ["ObjectEntry", "ObjectTmpfile", "RefEntry", "Repository"]
 
 META_JSON = "meta.json"
 LAYOUT = ("objects", "streams", "streams/refs", "images", "images/refs")
@@ -578,6 +579,148 @@ class Repository:
         with os.scandir(fd) as it:
             return sorted(e.name for e in it if e.name.startswith(TMP_OBJECT_PREFIX))
 
+    # ------------------------------------------------- safe layout walking
+
+    def open_owned_dir(self, rel: str) -> int | None:
+        """Open a directory of the layout (``objects/ab``, ``streams/refs``...) safely.
+
+        Each component is opened with ``O_NOFOLLOW|O_DIRECTORY`` relative to the
+        previous one, so a symlink anywhere on the way is never followed. The
+        caller closes the returned fd; ``None`` when a component is absent.
+
+        Raises:
+            UnsafeLayoutError: a component is a symlink or not a directory.
+        """
+        return _open_dir_nofollow(self.dirfd, rel, f"{self.path}/")
+
+    def scan_owned_dir(self, rel: str) -> list[tuple[str, int]] | None:
+        """``(name, st_mode)`` of each entry of a layout directory (sorted, never followed).
+
+        ``None`` when it is absent. Raises :class:`UnsafeLayoutError` as
+        :meth:`open_owned_dir`.
+        """
+        fd = self.open_owned_dir(rel)
+        if fd is None:
+            return None
+        try:
+            with os.scandir(fd) as it:
+                return sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
+        finally:
+            os.close(fd)
+
+    def object_dirs(self) -> tuple[list[str], list[str]]:
+        """``(prefixes, unsafe)``: the real ``objects/XX`` directories, and the
+        ``objects/XX`` entries that are not (symlinks, files), which no walk follows."""
+        prefixes: list[str] = []
+        unsafe: list[str] = []
+        for name, mode in self.scan_owned_dir("objects") or []:
+            if len(name) == 2 and all(c in "0123456789abcdef" for c in name):
+                if stat.S_ISDIR(mode):
+                    prefixes.append(name)
+                else:
+                    unsafe.append(f"objects/{name}")
+        return prefixes, unsafe
+
+    def iter_objects(self) -> Iterator[ObjectEntry]:
+        """Every entry of every real ``objects/XX/`` directory (symlinked ones are skipped).
+
+        Entries whose name is not an object name come with ``digest=None``.
+        """
+        prefixes, _unsafe = self.object_dirs()
+        for prefix in prefixes:
+            for name, mode, size in self._scan_objects(prefix):
+                try:
+                    digest: Digest | None = Digest.from_object_path(
+                        f"{prefix}/{name}", self.algorithm
+                    )
+                except DigestError:
+                    digest = None
+                yield ObjectEntry(f"{prefix}/{name}", digest, mode, size)
+
+    def _scan_objects(self, prefix: str) -> list[tuple[str, int, int]]:
+        try:
+            fd = self.open_owned_dir(f"objects/{prefix}")
+        except UnsafeLayoutError:
+            return []
+        if fd is None:
+            return []
+        try:
+            with os.scandir(fd) as it:
+                out = []
+                for e in it:
+                    st = e.stat(follow_symlinks=False)
+                    out.append((e.name, st.st_mode, st.st_size))
+                return sorted(out)
+        finally:
+            os.close(fd)
+
+    def remove_object(self, digest: Digest) -> int:
+        """Unlink ``objects/XX/rest`` (never through a symlinked directory); its size.
+
+        Raises:
+            ObjectNotFoundError: no such object.
+            UnsafeLayoutError: ``objects`` or ``objects/XX`` is not a real directory.
+        """
+        self._check_algorithm(digest)
+        prefix, rest = digest.object_path().split("/")
+        fd = self.open_owned_dir(f"objects/{prefix}")
+        if fd is None:
+            raise ObjectNotFoundError(f"object {digest} not found in {self.path}/objects")
+        try:
+            size = os.stat(rest, dir_fd=fd, follow_symlinks=False).st_size
+            os.unlink(rest, dir_fd=fd)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"object {digest} not found in {self.path}/objects") from None
+        finally:
+            os.close(fd)
+        return size
+
+    def walk_refs(self, top: str) -> list[RefEntry]:
+        """Every non-directory entry under ``<top>/refs`` (``top``: streams or images).
+
+        Iterative (no depth limit from recursion) and never following a symlink:
+        a symlink to a directory is reported as a ref entry like any other.
+        ``.symlink-*`` leftovers are included (check ``RefEntry.is_tmp``).
+
+        Raises:
+            UnsafeLayoutError: ``top`` or ``top/refs`` (or a directory below) is
+                not a real directory.
+        """
+        out: list[RefEntry] = []
+        stack = [f"{top}/refs"]
+        while stack:
+            rel = stack.pop()
+            fd = self.open_owned_dir(rel)
+            if fd is None:
+                continue
+            try:
+                with os.scandir(fd) as it:
+                    entries = sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
+                for name, mode in entries:
+                    path = f"{rel}/{name}"
+                    if stat.S_ISDIR(mode):
+                        stack.append(path)
+                        continue
+                    target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(mode) else None
+                    out.append(RefEntry(path, mode, target))
+            finally:
+                os.close(fd)
+        out.sort(key=lambda r: r.path)
+        return out
+
+    def resolve_path(self, path: str) -> Digest:
+        """The object a layout symlink (``streams/refs/x``, ``images/<hex>``...) leads to.
+
+        Followed link by link, never outside the repository.
+
+        Raises:
+            ObjectNotFoundError: a link of the chain or the object is missing (dangling).
+            RepositoryError: not a symlink, a loop, an absolute or escaping target,
+                or a target that is not an object.
+        """
+        top, _, name = path.partition("/")
+        return self._resolve_link(top, name, path)
+
     def begin_object(self) -> ObjectTmpfile:
         """Start writing one object (thread-safe). Use the result as a context manager."""
         fd, name, objects = self._create_tmp()
@@ -740,20 +883,39 @@ class Repository:
             ) from e
 
     def _make_parents(self, name: str) -> None:
-        """Create the directories above ``name``; each must be a real directory.
+        """Create the directories above ``name`` (before anything is published, so a
+        stream is never named when its ref cannot be), never following a symlink.
 
         Raises:
-            RepositoryError: one of them is a symlink or not a directory.
+            UnsafeLayoutError: one of them is a symlink or not a directory.
         """
-        parts = name.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            path = "/".join(parts[:i])
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(path, 0o755, dir_fd=self.dirfd)
-            if not stat.S_ISDIR(os.stat(path, dir_fd=self.dirfd, follow_symlinks=False).st_mode):
-                raise RepositoryError(
-                    f"cannot create {self.path}/{name}: {path} is not a directory"
-                )
+        os.close(self._open_parents(name))
+
+    def _open_parents(self, name: str) -> int:
+        """Open (creating) the directory that holds ``name``, directory by directory,
+        never following a symlink (a symlinked ``streams/refs/oci`` must not put the
+        link outside the repository). The caller closes the returned fd."""
+        parent = name.split("/")[:-1]
+        fd = os.dup(self.dirfd)
+        try:
+            for i, part in enumerate(parent):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                try:
+                    nxt = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+                except OSError as e:
+                    where = "/".join(parent[: i + 1])
+                    raise UnsafeLayoutError(
+                        f"cannot create {self.path}/{name}: {self.path}/{where} is"
+                        f" {_entry_kind(fd, part)}, not a directory (not followed)",
+                        path=where,
+                    ) from e
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _symlink(self, name: str, target: str) -> None:
         """``name`` -> ``target`` (repository-relative paths), computed like upstream."""
@@ -766,15 +928,12 @@ class Repository:
             and parent[common] == target_parts[common]
         ):
             common += 1
-        ancestor = parent[:common]
-        ups = []
-        for part in parent[common:]:
-            ancestor.append(part)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir("/".join(ancestor), 0o755, dir_fd=self.dirfd)
-            ups.append("..")
-        relative = "/".join(ups + target_parts[common:])
-        _replace_symlink(self.dirfd, relative, name)
+        relative = "/".join([".."] * (len(parent) - common) + target_parts[common:])
+        fd = self._open_parents(name)
+        try:
+            _replace_symlink(fd, relative, name.rsplit("/", 1)[-1])
+        finally:
+            os.close(fd)
 
     def has_stream(self, content_id: str) -> Digest | None:
         """The object digest behind ``streams/<content_id>``, or ``None``."""
@@ -1133,6 +1292,58 @@ class ObjectTmpfile:
         self.abort()
 
 
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _entry_kind(dirfd: int, name: str) -> str:
+    try:
+        mode = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode
+    except OSError:
+        return "an unreadable entry"
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return f"an entry of mode {mode:o}"
+
+
+@attrs.frozen
+class ObjectEntry:
+    """One entry of an ``objects/XX/`` directory.
+
+    Attributes:
+        path: ``XX/<rest>``, relative to ``objects/``.
+        digest: the object's name parsed as a digest, ``None`` if it is not one.
+        mode: ``st_mode`` (not following a symlink).
+        size: ``st_size``.
+    """
+
+    path: str
+    digest: Digest | None
+    mode: int
+    size: int
+
+
+@attrs.frozen
+class RefEntry:
+    """One non-directory entry under ``streams/refs`` or ``images/refs``.
+
+    Attributes:
+        path: repository-relative (``streams/refs/oci/tag``).
+        mode: ``st_mode`` (not following a symlink).
+        target: the symlink's target, ``None`` when it is not a symlink.
+    """
+
+    path: str
+    mode: int
+    target: str | None
+
+    @property
+    def is_tmp(self) -> bool:
+        """A ``.symlink-*`` leftover of an interrupted atomic replace."""
+        return posixpath.basename(self.path).startswith(TMP_SYMLINK_PREFIX)
+
+
 def _digest_of(data: bytes, algorithm: Algorithm) -> Digest:
     hasher = FsVerityHasher(algorithm)
     hasher.update(data)
@@ -1283,65 +1494,61 @@ def _replace_symlink(dirfd: int, target: str, name: str) -> None:
     raise RepositoryError(f"cannot find a free temporary symlink name next to {name}")
 
 
-#: The deepest directory tree under ``streams/refs`` or ``images/refs`` that is walked.
-MAX_WALK_DEPTH = 256
-
-
-def _open_subdir(parent: int, name: str) -> int | None:
-    """``openat`` a directory without following a symlink; ``None`` if it is not one."""
-    try:
-        return os.open(
-            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
-        )
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return None  # a symlink where a directory belongs: never followed
-        raise
-
-
 def _symlinks_in(dirfd: int, rel: str, *, recursive: bool) -> list[tuple[str, str]]:
     """``(path relative to rel, target)`` for every symlink under ``rel``.
 
-    Iterative (a stack of open directories along one path, never Python recursion),
-    and never follows a symlink to a directory.
+    Iterative (a ref tree of any depth), and never following a symlinked
+    directory: each directory is opened with ``O_NOFOLLOW|O_DIRECTORY``.
 
     Raises:
-        RepositoryError: the tree is deeper than :data:`MAX_WALK_DEPTH`.
+        UnsafeLayoutError: ``rel`` (or a component of it) is not a real directory.
     """
     out: list[tuple[str, str]] = []
-    top = _open_subdir(dirfd, rel)
+    top = _open_dir_nofollow(dirfd, rel)
     if top is None:
         return out
-    stack: list[tuple[int, Iterator[os.DirEntry[str]], str]] = []
+    stack: list[tuple[int, str]] = [(top, "")]
     try:
-        stack.append((top, iter(list(os.scandir(top))), ""))
         while stack:
-            fd, entries, prefix = stack[-1]
-            entry = next(entries, None)
-            if entry is None:
-                os.close(fd)
-                stack.pop()
-                continue
-            mode = entry.stat(follow_symlinks=False).st_mode
-            if stat.S_ISLNK(mode):
-                out.append((prefix + entry.name, os.readlink(entry.name, dir_fd=fd)))
-            elif recursive and stat.S_ISDIR(mode):
-                if len(stack) >= MAX_WALK_DEPTH:
-                    raise RepositoryError(
-                        f"{rel}/{prefix}{entry.name}: directory tree deeper than"
-                        f" {MAX_WALK_DEPTH} levels (remove it by hand)"
-                    )
-                sub = _open_subdir(fd, entry.name)
-                if sub is not None:
-                    try:
-                        listing = list(os.scandir(sub))
-                    except BaseException:
-                        os.close(sub)
-                        raise
-                    stack.append((sub, iter(listing), f"{prefix}{entry.name}/"))
+            cur, prefix = stack.pop()
+            try:
+                with os.scandir(cur) as it:
+                    entries = sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
+                for name, mode in entries:
+                    if stat.S_ISLNK(mode):
+                        out.append((prefix + name, os.readlink(name, dir_fd=cur)))
+                    elif recursive and stat.S_ISDIR(mode):
+                        with contextlib.suppress(OSError):
+                            sub = os.open(name, _DIR_NOFOLLOW, dir_fd=cur)
+                            stack.append((sub, f"{prefix}{name}/"))
+            finally:
+                os.close(cur)
     finally:
-        for fd, _, _ in stack:
-            os.close(fd)
+        for f, _ in stack:
+            os.close(f)
     return out
+
+
+def _open_dir_nofollow(dirfd: int, rel: str, where: str = "") -> int | None:
+    """Open ``rel`` component by component without following symlinks (``None``: absent)."""
+    fd = os.dup(dirfd)
+    done: list[str] = []
+    for part in rel.split("/"):
+        done.append(part)
+        try:
+            nxt = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        except OSError as e:
+            kind = _entry_kind(fd, part)
+            os.close(fd)
+            path = "/".join(done)
+            raise UnsafeLayoutError(
+                f"{where}{path}: {kind} where the repository keeps a directory"
+                " (not followed; replace it with a real directory or remove it)",
+                path=path,
+            ) from e
+        os.close(fd)
+        fd = nxt
+    return fd
