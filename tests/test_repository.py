@@ -20,6 +20,7 @@ from trio_composefs import (
     DigestError,
     DigestMismatchError,
     FormatError,
+    InvalidNameError,
     ObjectNotFoundError,
     RepositoryError,
     VerityUnsupportedError,
@@ -542,9 +543,9 @@ def test_atomic_replacement(repo: Repository) -> None:
 @pytest.mark.parametrize("bad", ["", "..", "a/../b", "/abs", "a//b", "a/", "./a", "a\0b"])
 def test_invalid_names_are_refused(repo: Repository, bad: str) -> None:
     d = repo.store_object(b"x")
-    with pytest.raises(RepositoryError, match="invalid stream name"):
+    with pytest.raises(InvalidNameError, match="invalid stream name"):
         repo.publish_stream(bad, d)
-    with pytest.raises(RepositoryError, match="invalid ref name"):
+    with pytest.raises(InvalidNameError, match="invalid ref name"):
         repo.publish_stream("good", d, bad)
     assert not (Path(repo.path) / "streams/good").exists()
 

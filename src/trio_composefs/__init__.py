@@ -28,6 +28,7 @@ from ._errors import ErofsWriteError as ErofsWriteError
 from ._errors import FormatError as FormatError
 from ._errors import ImageSourceError as ImageSourceError
 from ._errors import InternalError as InternalError
+from ._errors import InvalidNameError as InvalidNameError
 from ._errors import MountError as MountError
 from ._errors import ObjectNotFoundError as ObjectNotFoundError
 from ._errors import RepositoryError as RepositoryError
@@ -179,6 +180,7 @@ __all__ = [
     "Importer",
     "InlineChunk",
     "InternalError",
+    "InvalidNameError",
     "LayerProgress",
     "LayerStats",
     "MountError",

@@ -103,6 +103,15 @@ class ErofsError(FormatError):
         super().__init__(f"erofs: {message}" + (f" ({', '.join(where)})" if where else ""))
 
 
+class InvalidNameError(ComposefsError, ValueError):
+    """A tag, ref, stream name, platform or image reference that cannot be one.
+
+    Raised before any work is done: an empty or absolute name, a ``.``/``..`` or
+    empty component, a component starting with ``.`` (reserved for temporary
+    files), a NUL, or a name too long or too deep for the repository.
+    """
+
+
 class ScanError(ComposefsError):
     """A directory tree that changed, or is too deep, while being scanned."""
 

@@ -306,8 +306,11 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and not isinstance(e, ComposefsError):
         where = f": {e.filename}" if e.filename else ""
-        return f"{e.strerror or e}{where}"
-    return str(e)
+        message = f"{e.strerror or e}{where}"
+    else:
+        message = str(e)
+    notes = [n for n in getattr(e, "__notes__", ()) if isinstance(n, str)]
+    return message + (f" ({'; '.join(notes)})" if notes else "")
 
 
 #: Names under which the console script acts as that C tool (as cfsctl does by argv0).

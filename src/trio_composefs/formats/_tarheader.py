@@ -107,7 +107,9 @@ def parse_number(
         return 0
     if text.translate(None, _OCTAL_DIGITS):
         raise TarError(
-            f"malformed number {text!r} in header field {what}", entry=entry, offset=offset
+            f"malformed number in header field {what} (not octal digits)",
+            entry=entry,
+            offset=offset,
         )
     return int(text, 8)
 
@@ -122,8 +124,9 @@ def verify_checksum(block: bytes, *, offset: int) -> None:
     high = len(rest.translate(None, _LOW_BYTES))
     if stored == unsigned - 256 * high:
         return
-    name = decode_name(_cstring(block[:100]))
-    raise TarError("header checksum mismatch", entry=name or None, offset=offset)
+    # No name quoted: a block that fails its checksum may not be a tar header at all
+    # (a hostile blob could be any file), and its bytes must not reach a message.
+    raise TarError("header checksum mismatch (not a tar header?)", offset=offset)
 
 
 def parse_pax_records(
@@ -158,7 +161,11 @@ def parse_pax_records(
 
 def _pax_decimal(value: bytes, key: str, *, entry: str | None, offset: int) -> int:
     if not value or value.translate(None, _DECIMAL_DIGITS):
-        raise TarError(f"malformed PAX {key} {value!r}", entry=entry, offset=offset)
+        raise TarError(
+            f"malformed PAX {key} ({len(value)} bytes, not decimal digits)",
+            entry=entry,
+            offset=offset,
+        )
     return int(value)
 
 
@@ -169,7 +176,11 @@ def _pax_time(value: bytes, *, entry: str | None, offset: int) -> tuple[int, int
         or seconds.translate(None, _DECIMAL_DIGITS)
         or (dot and fraction.translate(None, _DECIMAL_DIGITS))
     ):
-        raise TarError(f"malformed PAX mtime {value!r}", entry=entry, offset=offset)
+        raise TarError(
+            f"malformed PAX mtime ({len(value)} bytes, not a decimal time)",
+            entry=entry,
+            offset=offset,
+        )
     nsec = int(fraction[:9].ljust(9, b"0")) if fraction else 0
     return int(seconds), nsec
 

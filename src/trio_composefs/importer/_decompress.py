@@ -96,6 +96,8 @@ class _PullReader:
         self.sha = hashlib.sha256()
         self.count = 0
         self.eof = False
+        #: The exception the source raised (network, disk), if it failed.
+        self.source_error: BaseException | None = None
 
     def _next_piece(self) -> bytes | None:
         async def pull() -> bytes | None:
@@ -105,7 +107,13 @@ class _PullReader:
                 return None
 
         while True:
-            piece = trio.from_thread.run(pull)
+            if self.source_error is not None:
+                raise self.source_error  # a failed source stays failed
+            try:
+                piece = trio.from_thread.run(pull)
+            except Exception as e:
+                self.source_error = e
+                raise
             if piece is None:
                 self.eof = True
                 return None
@@ -208,6 +216,10 @@ def _worker(
                 break
             trio.from_thread.run(send.send, out)
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+        if raw.source_error is not None:
+            # The source failed (e.g. ConnectionResetError): its own error, never a
+            # digest verdict on bytes that did not all arrive.
+            raise raw.source_error from None
         # A corrupt blob usually fails to decompress first: say so by its digest if we can.
         with contextlib.suppress(DigestMismatchError):
             raw.drain()

@@ -24,6 +24,7 @@ the splitstream, one ``syncfs`` makes everything durable and only then is
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,7 +33,7 @@ from contextlib import asynccontextmanager, contextmanager
 import attrs
 import trio
 
-from .._errors import DigestMismatchError, InternalError
+from .._errors import DigestMismatchError, FormatError, InternalError
 from ..formats._fsverity import Digest
 from ..formats._splitstream import ContentType, SplitStreamEncoder
 from ..hashing._pool import HashPool
@@ -241,32 +242,36 @@ class Importer:
                     )
                 )
 
-        send_item, receive_item = trio.open_memory_channel[list[Item]](_BUILDER_CHANNEL_ITEMS)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(builder.run, receive_item)
-            async with send_item:
-                reader = LayerReader(
-                    repo,
-                    self.limiter,
-                    nursery,
-                    send_item,
-                    digester,
-                    counters,
-                    report,
-                    many_digester=many_digester_for(repo, self.hash_pool),
-                )
-                await reader.run(source, sha.update, own)
-                if sha.digest() != expected:
-                    raise DigestMismatchError(
-                        f"layer {diff_id}: the tar's sha256 is sha256:{sha.hexdigest()},"
-                        f" not the diff_id; nothing was published"
+        try:
+            send_item, receive_item = trio.open_memory_channel[list[Item]](_BUILDER_CHANNEL_ITEMS)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(builder.run, receive_item)
+                async with send_item:
+                    reader = LayerReader(
+                        repo,
+                        self.limiter,
+                        nursery,
+                        send_item,
+                        digester,
+                        counters,
+                        report,
+                        many_digester=many_digester_for(repo, self.hash_pool),
                     )
-        digest = builder.digest
-        if digest is None:  # pragma: no cover - run() returned normally
-            raise InternalError("splitstream builder finished without a digest")
-        await trio.to_thread.run_sync(
-            sync_then_publish, repo, content_id, digest, name, limiter=own
-        )
+                    await reader.run(source, sha.update, own)
+                    if sha.digest() != expected:
+                        raise DigestMismatchError(
+                            f"layer {diff_id}: the tar's sha256 is sha256:{sha.hexdigest()},"
+                            f" not the diff_id; nothing was published"
+                        )
+            digest = builder.digest
+            if digest is None:  # pragma: no cover - run() returned normally
+                raise InternalError("splitstream builder finished without a digest")
+            await trio.to_thread.run_sync(
+                sync_then_publish, repo, content_id, digest, name, limiter=own
+            )
+        except BaseException as exc:
+            _name_the_layer(exc, diff_id, getattr(repo, "path", None))
+            raise
         report(done=True)
         return LayerStats(
             diff_id=diff_id,
@@ -278,6 +283,26 @@ class Importer:
             object_bytes=counters.object_bytes,
             inline_bytes=builder.inline_bytes,
         )
+
+
+def _name_the_layer(exc: BaseException, diff_id: str, repo_path: str | None) -> None:
+    """Add a note naming the layer and repository to the I/O and format errors in ``exc``.
+
+    ``OSError`` (a full disk: ``ENOSPC``) and :class:`FormatError` (a bad tar) do not
+    otherwise say which import failed; the CLI prints notes after the message. The
+    exception types are kept, so callers still catch what they caught.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            _name_the_layer(inner, diff_id, repo_path)
+        return
+    if not isinstance(exc, OSError | FormatError):
+        return
+    note = f"layer {diff_id}" + (f", repository {repo_path}" if repo_path else "")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        note += "; nothing was published, and `gc` removes the objects already written"
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
 
 
 @asynccontextmanager

@@ -8,7 +8,7 @@ from contextlib import aclosing
 import attrs
 import trio
 
-from .._errors import InternalError
+from .._errors import InternalError, TarError
 from ..formats._fsverity import Digest
 from ..formats._tarsplit import (
     END,
@@ -58,6 +58,24 @@ class Counters:
     object_bytes: int = 0
 
 
+_COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def _refuse_compressed(head: bytes) -> None:
+    """A tar stream never starts with gzip's or zstd's magic number: say what it is.
+
+    (A tar's first bytes are the first entry's name; these are not UTF-8 text.)
+    """
+    for magic, kind in _COMPRESSED_MAGIC:
+        if head.startswith(magic):
+            raise TarError(
+                f"the input is {kind}-compressed, not a tar stream; decompress it first"
+                f" (e.g. `{kind} -dc`), or let `oci pull` import the image (it decompresses"
+                " layers itself)",
+                offset=0,
+            )
+
+
 @attrs.define(eq=False)
 class LayerReader:
     """The reader task of one layer: source → splitter → builder and object jobs."""
@@ -90,6 +108,8 @@ class LayerReader:
         splitter = self._splitter
         async with aclosing(iter_source(source, limiter=limiter, on_data=on_data)) as chunks:
             async for data in chunks:
+                if self.counters.bytes_read == 0:
+                    _refuse_compressed(data)
                 self.counters.bytes_read += len(data)
                 if self.counters.bytes_read >= next_report:
                     next_report += _REPORT_EVERY

@@ -18,11 +18,11 @@ directory, a tar archive or anything else can serve them.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._errors import DigestMismatchError, FormatError
+from ..formats._json import load_json_object
 from ._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = [
@@ -46,13 +46,7 @@ _MAX_NESTING = 4
 
 def parse_json(data: bytes, *, where: str) -> dict[str, Any]:
     """Parse a JSON object; ``where`` names it in the :class:`FormatError`."""
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{where}: not a JSON object")
-    return obj
+    return load_json_object(data, where=where)
 
 
 def verify_blob(data: bytes, descriptor: Descriptor, *, where: str) -> bytes:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from .._errors import ComposefsError, FormatError, ImageSourceError
+from .._errors import FormatError, ImageSourceError, InvalidNameError
 
 __all__ = [
     "MEDIA_TYPES",
@@ -79,7 +79,7 @@ class Platform:
         """``os/arch[/variant]``, e.g. ``linux/arm64/v8``."""
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(parts):
-            raise ComposefsError(f"not a platform: {text!r} (expected os/arch[/variant])")
+            raise InvalidNameError(f"not a platform: {text!r} (expected os/arch[/variant])")
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
     def __str__(self) -> str:
@@ -114,12 +114,21 @@ class Descriptor:
         annotations = obj.get("annotations") or {}
         if not isinstance(annotations, dict):
             raise FormatError(f"{where}: annotations of {digest} are not an object")
+        for key, value in annotations.items():
+            if not isinstance(value, str):
+                raise FormatError(f"{where}: annotation {key[:200]!r} of {digest} is not a string")
         plat = obj.get("platform")
         platform = None
-        if isinstance(plat, dict) and isinstance(plat.get("os"), str):
-            platform = Platform(
-                plat["os"], str(plat.get("architecture", "")), plat.get("variant") or None
-            )
+        if plat is not None and not isinstance(plat, dict):
+            raise FormatError(f"{where}: platform of {digest} is not an object")
+        if isinstance(plat, dict):
+            for key in ("os", "architecture", "variant"):
+                if plat.get(key) is not None and not isinstance(plat[key], str):
+                    raise FormatError(f"{where}: platform.{key} of {digest} is not a string")
+            if plat.get("os"):
+                platform = Platform(
+                    plat["os"], plat.get("architecture") or "", plat.get("variant") or None
+                )
         return cls(media_type, digest, size, dict(annotations), platform)
 
 
@@ -197,7 +206,7 @@ def parse_source(text: str) -> SourceRef:
     """
     transport, sep, rest = text.partition(":")
     if not sep or not transport or not rest:
-        raise ComposefsError(
+        raise InvalidNameError(
             f"not an image reference: {text!r}"
             " (expected TRANSPORT:..., e.g. oci:/path/to/layout:tag)"
         )
@@ -210,11 +219,11 @@ def parse_source(text: str) -> SourceRef:
         rest, _, digest = rest.rpartition("@")
         algo, _, hexd = digest.partition(":")
         if algo != "sha256" or len(hexd) != 64 or hexd.strip("0123456789abcdef"):
-            raise ComposefsError(f"not a sha256 digest in {text!r}: {digest!r}")
+            raise InvalidNameError(f"not a sha256 digest in {text!r}: {digest!r}")
     elif ":" in rest:
         path, _, maybe_tag = rest.rpartition(":")
         if maybe_tag and "/" not in maybe_tag:
             rest, tag = path, maybe_tag
     if not rest:
-        raise ComposefsError(f"no path in image reference {text!r}")
+        raise InvalidNameError(f"no path in image reference {text!r}")
     return SourceRef(transport, rest, tag, digest)

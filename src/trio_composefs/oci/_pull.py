@@ -31,7 +31,13 @@ from typing import Any, Final, cast
 import attrs
 import trio
 
-from .._errors import ComposefsError, DigestMismatchError, FormatError, ObjectNotFoundError
+from .._errors import (
+    ComposefsError,
+    DigestMismatchError,
+    FormatError,
+    InvalidNameError,
+    ObjectNotFoundError,
+)
 from ..formats._chunks import ExternalChunk
 from ..formats._fsverity import Digest
 from ..formats._splitstream import ContentType, encode_splitstream
@@ -128,16 +134,21 @@ def decode_tag(encoded: str) -> str:
 def _check_tag(name: str) -> str:
     """The ref path of a valid tag; a user error for names that cannot be one."""
     if not name:
-        raise ComposefsError("an image tag cannot be empty")
+        raise InvalidNameError("an image tag cannot be empty")
     if name.startswith("@"):
-        raise ComposefsError(
+        raise InvalidNameError(
             f"invalid tag {name!r}: a leading '@' is reserved for digest references"
         )
     encoded = encode_tag(name)
     if encoded in (".", "..") or "\0" in name:
-        raise ComposefsError(f"invalid tag {name!r}")
+        raise InvalidNameError(f"invalid tag {name!r}")
+    if encoded.startswith("."):
+        raise InvalidNameError(
+            f"invalid tag {name!r}: a tag cannot start with '.'"
+            " (reserved for the repository's temporary files)"
+        )
     if len(encoded.encode("utf-8", "surrogateescape")) > 255:
-        raise ComposefsError(
+        raise InvalidNameError(
             f"invalid tag {name!r}: longer than 255 bytes once encoded; give a shorter TAG"
         )
     return OCI_REF_PREFIX + encoded

@@ -14,9 +14,11 @@ import attrs
 
 from .._errors import FormatError, RepositoryError
 from ..formats._fsverity import Algorithm
+from ..formats._json import load_json
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_META_BYTES",
     "KNOWN_COMPAT",
     "KNOWN_INCOMPAT",
     "KNOWN_RO_COMPAT",
@@ -31,6 +33,8 @@ KNOWN_COMPAT: frozenset[str] = frozenset()
 KNOWN_RO_COMPAT: frozenset[str] = frozenset({V1_EROFS})
 KNOWN_INCOMPAT: frozenset[str] = frozenset()
 EROFS_VERSIONS = (0, 1, 2)
+#: The largest ``meta.json`` read (ours is about 200 bytes).
+MAX_META_BYTES = 16 * 1024
 
 
 @attrs.frozen
@@ -115,10 +119,12 @@ class RepoMetadata:
         def bad(why: str) -> FormatError:
             return FormatError(f"{source} is not a composefs repository metadata file: {why}")
 
+        if len(data) > MAX_META_BYTES:
+            raise bad(f"{len(data)} bytes, more than the {MAX_META_BYTES} allowed")
         try:
-            doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"invalid JSON ({e})") from None
+            doc = load_json(data, where=source, max_depth=8)
+        except FormatError as e:
+            raise bad(f"invalid JSON ({str(e).removeprefix(source + ': ')})") from None
         if not isinstance(doc, dict):
             raise bad("expected a JSON object")
         version = doc.get("version")

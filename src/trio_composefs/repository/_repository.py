@@ -43,13 +43,14 @@ from .._errors import (
     DigestError,
     DigestMismatchError,
     InternalError,
+    InvalidNameError,
     ObjectNotFoundError,
     RepositoryError,
     UnsafeLayoutError,
     VerityUnsupportedError,
 )
 from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
-from ._meta import RepoMetadata
+from ._meta import MAX_META_BYTES, RepoMetadata
 from ._verity import EnableResult, VerityOps
 
 __all__ = ["ObjectEntry", "ObjectTmpfile", "RefEntry", "Repository"]
@@ -134,17 +135,45 @@ def _copy_fd(src: int, dst: int) -> None:
         offset += len(chunk)
 
 
+#: The longest name (in bytes) accepted for a stream, ref or image ref: far below
+#: ``PATH_MAX`` once ``streams/refs/`` and the repository path are added.
+MAX_NAME_BYTES = 1024
+#: The most path components a name may have (directories under ``refs/`` plus one).
+MAX_NAME_DEPTH = 32
+
+
 def _check_name(kind: str, name: str) -> None:
-    """Refuse names that could escape their directory or are not plain paths."""
+    """Refuse names that could escape their directory, collide with our temporary
+    files (any component starting with ``.``), or are too long or too deep.
+
+    Checked before any work, so an import never fails after the fact on its name.
+    """
     if not name or "\0" in name or name.startswith("/"):
-        raise RepositoryError(f"invalid {kind} name {name!r}")
-    for part in name.split("/"):
+        raise InvalidNameError(f"invalid {kind} name {name!r}")
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise InvalidNameError(
+            f"invalid {kind} name {name[:64]!r}...: {size} bytes long"
+            f" (the limit is {MAX_NAME_BYTES})"
+        )
+    parts = name.split("/")
+    if len(parts) > MAX_NAME_DEPTH:
+        raise InvalidNameError(
+            f"invalid {kind} name {name[:64]!r}...: {len(parts)} path components"
+            f" (the limit is {MAX_NAME_DEPTH})"
+        )
+    for part in parts:
         if part in ("", ".", ".."):
-            raise RepositoryError(
+            raise InvalidNameError(
                 f"invalid {kind} name {name!r}: empty, '.' or '..' path component"
             )
+        if part.startswith("."):
+            raise InvalidNameError(
+                f"invalid {kind} name {name!r}: a path component starts with '.'"
+                " (reserved for the repository's temporary files)"
+            )
         if len(part.encode("utf-8", "surrogateescape")) > 255:
-            raise RepositoryError(
+            raise InvalidNameError(
                 f"invalid {kind} name {name!r}: a path component is longer than 255 bytes"
             )
 
@@ -153,8 +182,10 @@ def check_ref_name(name: str) -> None:
     """Refuse a ref name (``streams/refs/<name>``) that could not be published.
 
     Raises:
-        RepositoryError: empty, absolute, with ``.``/``..``/empty components,
-            a NUL, or a component longer than a file name may be.
+        InvalidNameError: empty, absolute, with ``.``/``..``/empty components,
+            a component starting with ``.``, a NUL, a component longer than a
+            file name may be, more than :data:`MAX_NAME_BYTES` bytes or
+            :data:`MAX_NAME_DEPTH` components.
     """
     _check_name("ref", name)
 
@@ -182,7 +213,7 @@ class Repository:
     """
 
     path: str
-    dirfd: int
+    _dirfd: int = attrs.field(alias="dirfd")
     algorithm: Algorithm
     insecure: bool
     read_only: bool
@@ -252,6 +283,12 @@ class Repository:
                             " create a repository without fs-verity"
                         ) from e
                     raise
+                unknown = existing.features.unknown_incompatible()
+                if unknown:
+                    raise RepositoryError(
+                        f"{spath}: repository requires unknown incompatible features"
+                        f" {unknown}: this tool can neither use nor re-initialize it"
+                    ) from None
                 if existing != meta:
                     raise RepositoryError(
                         f"repository {spath} already exists with a different configuration"
@@ -302,9 +339,8 @@ class Repository:
             raise RepositoryError(f"cannot open repository {spath}: {e}") from e
         try:
             fcntl.flock(dirfd, fcntl.LOCK_SH)
-            try:
-                meta_fd = os.open(META_JSON, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
-            except FileNotFoundError:
+            meta_fd = _open_meta(dirfd, spath)
+            if meta_fd is None:
                 if _exists(dirfd, "objects"):
                     raise RepositoryError(
                         f"{spath}: {META_JSON} not found; this looks like an old-format"
@@ -316,7 +352,7 @@ class Repository:
                 ) from None
             try:
                 meta = RepoMetadata.from_json(
-                    _read_all(meta_fd), source=posixpath.join(spath, META_JSON)
+                    _read_meta_bytes(meta_fd, spath), source=posixpath.join(spath, META_JSON)
                 )
                 try:
                     meta_verity = ops.measure(meta_fd, meta.algorithm) is not None
@@ -357,7 +393,25 @@ class Repository:
             if self._objects is not None:
                 os.close(self._objects)
                 self._objects = None
-            os.close(self.dirfd)
+            os.close(self._dirfd)
+            self._dirfd = -1
+
+    @property
+    def dirfd(self) -> int:
+        """The repository directory's fd.
+
+        Raises:
+            RepositoryError: the repository is closed (its old descriptor number may
+                name another file by now, so no call may use it).
+        """
+        if self._closed:
+            raise RepositoryError(f"repository {self.path} is closed")
+        return self._dirfd
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     @contextlib.contextmanager
     def exclusive_lock(self, *, on_wait: Callable[[], object] | None = None) -> Iterator[None]:
@@ -818,6 +872,8 @@ class Repository:
             self.sync()
         stream_path = f"streams/{content_id}"
         try:
+            if ref is not None:  # the ref's directories first: no stream without its ref
+                self._make_parents(f"streams/refs/{ref}")
             self._symlink(stream_path, f"objects/{digest.object_path()}")
             if ref is not None:
                 self._symlink(f"streams/refs/{ref}", stream_path)
@@ -826,20 +882,20 @@ class Repository:
                 f"cannot publish stream {content_id!r} in {self.path}: {e}"
             ) from e
 
-    def _symlink(self, name: str, target: str) -> None:
-        """``name`` -> ``target`` (repository-relative paths), computed like upstream."""
+    def _make_parents(self, name: str) -> None:
+        """Create the directories above ``name`` (before anything is published, so a
+        stream is never named when its ref cannot be), never following a symlink.
+
+        Raises:
+            UnsafeLayoutError: one of them is a symlink or not a directory.
+        """
+        os.close(self._open_parents(name))
+
+    def _open_parents(self, name: str) -> int:
+        """Open (creating) the directory that holds ``name``, directory by directory,
+        never following a symlink (a symlinked ``streams/refs/oci`` must not put the
+        link outside the repository). The caller closes the returned fd."""
         parent = name.split("/")[:-1]
-        target_parts = target.split("/")
-        common = 0
-        while (
-            common < len(parent)
-            and common < len(target_parts)
-            and parent[common] == target_parts[common]
-        ):
-            common += 1
-        relative = "/".join([".."] * (len(parent) - common) + target_parts[common:])
-        # Directory by directory, never following a symlink (a symlinked
-        # streams/refs/oci must not put the link outside the repository).
         fd = os.dup(self.dirfd)
         try:
             for i, part in enumerate(parent):
@@ -856,6 +912,25 @@ class Repository:
                     ) from e
                 os.close(fd)
                 fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _symlink(self, name: str, target: str) -> None:
+        """``name`` -> ``target`` (repository-relative paths), computed like upstream."""
+        parent = name.split("/")[:-1]
+        target_parts = target.split("/")
+        common = 0
+        while (
+            common < len(parent)
+            and common < len(target_parts)
+            and parent[common] == target_parts[common]
+        ):
+            common += 1
+        relative = "/".join([".."] * (len(parent) - common) + target_parts[common:])
+        fd = self._open_parents(name)
+        try:
             _replace_symlink(fd, relative, name.rsplit("/", 1)[-1])
         finally:
             os.close(fd)
@@ -968,6 +1043,8 @@ class Repository:
             self.sync()
         image_path = f"images/{digest.hex()}"
         try:
+            if ref is not None:
+                self._make_parents(f"images/refs/{ref}")
             self._symlink(image_path, f"objects/{digest.object_path()}")
             if ref is not None:
                 self._symlink(f"images/refs/{ref}", image_path)
@@ -1295,13 +1372,53 @@ def _read_all(fd: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_meta(dirfd: int, spath: str) -> RepoMetadata | None:
+def _open_meta(dirfd: int, spath: str) -> int | None:
+    """Open ``meta.json`` without following a symlink or blocking on a FIFO;
+    ``None`` when it is absent.
+
+    Raises:
+        RepositoryError: it is not a regular file, or cannot be opened.
+    """
+    where = posixpath.join(spath, META_JSON)
     try:
-        fd = os.open(META_JSON, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+        fd = os.open(
+            META_JSON, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd
+        )
     except FileNotFoundError:
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RepositoryError(f"{where} is a symbolic link, not a regular file") from None
+        raise RepositoryError(f"cannot open {where}: {e.strerror}") from None
     try:
-        return RepoMetadata.from_json(_read_all(fd), source=posixpath.join(spath, META_JSON))
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise RepositoryError(f"{where} is {kind}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_meta_bytes(fd: int, spath: str) -> bytes:
+    """At most :data:`MAX_META_BYTES` + 1 bytes of ``meta.json`` (so a bigger one is told)."""
+    try:
+        return os.pread(fd, MAX_META_BYTES + 1, 0)
+    except OSError as e:
+        raise RepositoryError(
+            f"cannot read {posixpath.join(spath, META_JSON)}: {e.strerror}"
+        ) from None
+
+
+def _read_meta(dirfd: int, spath: str) -> RepoMetadata | None:
+    fd = _open_meta(dirfd, spath)
+    if fd is None:
+        return None
+    try:
+        return RepoMetadata.from_json(
+            _read_meta_bytes(fd, spath), source=posixpath.join(spath, META_JSON)
+        )
     finally:
         os.close(fd)
 

@@ -26,6 +26,7 @@ import attrs
 import trio
 
 from ..._errors import FormatError
+from ...formats._json import load_json
 from .._index import parse_json
 from .._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 from ._archive import ArchiveSource
@@ -52,6 +53,12 @@ def _layer_media_type(head: bytes) -> str:
             MEDIA_TYPES.OCI_LAYER_ZSTD
         )  # Docker's schema has no zstd type: OCI's is the usual one
     return MEDIA_TYPES.DOCKER_LAYER
+
+
+def _repo_tags(entry: dict[str, Any]) -> list[str]:
+    """An entry's ``RepoTags`` that are strings (absent, ``null`` or mistyped: none)."""
+    tags = entry.get("RepoTags")
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
 @attrs.define(eq=False)
@@ -88,10 +95,11 @@ class DockerArchiveSource(ArchiveSource):
         if member.size > 64 << 20:
             raise FormatError(f"{self.path}: member {name!r} is implausibly large")
         data = await self.archive.read(member)
+        where = f"{self.path}: member {name!r}"
         try:
-            return json.loads(data)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FormatError(f"{self.path}: member {name!r} is not valid JSON ({exc})") from None
+            return load_json(data, where=where)
+        except FormatError as exc:  # keep the message's old wording
+            raise FormatError(str(exc).replace(f"{where}: ", f"{where} is ", 1)) from None
 
     def _select(self, entries: list[Any]) -> dict[str, Any]:
         where = f"{self.path}: manifest.json"
@@ -117,10 +125,7 @@ class DockerArchiveSource(ArchiveSource):
             return entries[n]  # type: ignore[no-any-return]
         want = normalize_repo_tag(self.ref)
         for entry in entries:
-            tags = entry.get("RepoTags") or []
-            if isinstance(tags, list) and any(
-                isinstance(t, str) and normalize_repo_tag(t) == want for t in tags
-            ):
+            if any(normalize_repo_tag(t) == want for t in _repo_tags(entry)):
                 return entry  # type: ignore[no-any-return]
         raise ImageSourceError(
             f"{where}: no image tagged {self.ref!r}"
@@ -129,7 +134,7 @@ class DockerArchiveSource(ArchiveSource):
 
     @staticmethod
     def _all_tags(entries: list[Any]) -> list[str]:
-        return [t for e in entries for t in (e.get("RepoTags") or []) if isinstance(t, str)]
+        return [t for e in entries for t in _repo_tags(e)]
 
     async def _layer_digest(self, member: TarMember, media_type: str, diff_id: str | None) -> str:
         name = member.name

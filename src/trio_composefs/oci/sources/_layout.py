@@ -9,7 +9,6 @@ manifest by platform (default: the current one).
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from typing import Final
 import trio
 
 from ..._errors import DigestMismatchError, FormatError
+from ...formats._json import load_json
 from .._index import describe_manifest, resolve_from_index, verify_blob
 from .._model import Descriptor, ImageSourceError, Platform, ResolvedImage
 
@@ -26,16 +26,28 @@ __all__ = ["REF_NAME_ANNOTATION", "OciLayoutSource"]
 
 REF_NAME_ANNOTATION: Final = "org.opencontainers.image.ref.name"
 _READ_SIZE: Final = 1 << 20
+#: The largest index.json or manifest read.
+_MAX_METADATA: Final = 64 << 20
 
 
-def _open_regular(path: str) -> int:
+def _open_regular(path: str, *, within: str | None = None) -> int:
     """Open a file of the layout for reading, refusing anything but a regular file.
 
     ``O_NONBLOCK`` keeps a FIFO planted in the layout from blocking the open
     (and with it Ctrl-C); it is cleared once the file is known to be regular.
+    With ``within`` (the layout directory), the file actually opened, after any
+    symlinks, must lie inside that directory: a blob that is a symlink to a host
+    file is refused without reading a byte of it.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
+        if within is not None:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            root = os.path.realpath(within)
+            if os.path.commonpath([root, real]) != root:
+                raise ImageSourceError(
+                    f"{path} resolves outside the layout directory {within}; refusing it"
+                )
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ImageSourceError(f"{path} is not a regular file")
         os.set_blocking(fd, True)
@@ -75,14 +87,14 @@ class OciLayoutSource:
         marker = os.path.join(self.path, "oci-layout")
         try:
             with os.fdopen(_open_regular(marker), "rb") as f:
-                data = json.loads(f.read(1 << 16))
+                data = load_json(f.read(1 << 16), where=f"{self.description}: oci-layout")
         except FileNotFoundError:
             if not os.path.isdir(self.path):
                 raise ImageSourceError(f"{self.description}: no such directory") from None
             raise ImageSourceError(
                 f"{self.description}: not an OCI image layout (no oci-layout file)"
             ) from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, FormatError) as e:
             raise ImageSourceError(f"{self.description}: unreadable oci-layout file: {e}") from None
         if not isinstance(data, dict) or not isinstance(data.get("imageLayoutVersion"), str):
             raise ImageSourceError(f"{self.description}: oci-layout has no imageLayoutVersion")
@@ -100,7 +112,9 @@ class OciLayoutSource:
                 f" more than the {max_size} allowed for it"
             )
         try:
-            with os.fdopen(_open_regular(self._blob_path(desc.digest)), "rb") as f:
+            with os.fdopen(
+                _open_regular(self._blob_path(desc.digest), within=self.path), "rb"
+            ) as f:
                 data = f.read(desc.size + 1)
         except FileNotFoundError:
             raise ImageSourceError(
@@ -117,23 +131,30 @@ class OciLayoutSource:
 
     def _read_index(self) -> bytes:
         try:
-            with os.fdopen(_open_regular(os.path.join(self.path, "index.json")), "rb") as f:
-                return f.read(64 << 20)
+            fd = _open_regular(os.path.join(self.path, "index.json"), within=self.path)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(_MAX_METADATA + 1)
         except FileNotFoundError:
             raise ImageSourceError(f"{self.description}: no index.json") from None
         except OSError as e:
             raise ImageSourceError(f"{self.description}: unreadable index.json: {e}") from None
+        if len(data) > _MAX_METADATA:
+            raise ImageSourceError(
+                f"{self.description}: index.json is too large (more than {_MAX_METADATA} bytes)"
+            )
+        return data
 
     def _find_manifest(self, digest: str) -> Descriptor | None:
         """A descriptor for a manifest the index does not list, from the blob itself."""
         path = self._blob_path(digest)
         try:
-            size = os.stat(path).st_size
+            fd = _open_regular(path, within=self.path)
         except FileNotFoundError:
             return None
-        if size > 64 << 20:
-            raise ImageSourceError(f"{self.description}: {digest} is too big for a manifest")
-        with os.fdopen(_open_regular(path), "rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(fd).st_size
+            if size > _MAX_METADATA:
+                raise ImageSourceError(f"{self.description}: {digest} is too big for a manifest")
             data = f.read(size)
         return describe_manifest(digest, data, where=self.description)
 
@@ -184,7 +205,7 @@ class OciLayoutSource:
 
         def open_fd() -> int:
             try:
-                return _open_regular(path)
+                return _open_regular(path, within=self.path)
             except FileNotFoundError:
                 raise ImageSourceError(
                     f"{self.description}: blob {descriptor.digest} is missing from the layout"

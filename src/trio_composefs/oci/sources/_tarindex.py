@@ -10,17 +10,37 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tarfile
+import stat
 from collections.abc import AsyncIterator, Mapping
 from typing import Final
 
 import attrs
 import trio
 
-from ..._errors import FormatError
+from ..._errors import FormatError, TarError
+from ...formats._tarheader import (
+    BLOCK,
+    MAX_EXTENSION_BYTES,
+    ZERO_BLOCK,
+    TarHeader,
+    dialect_of,
+    is_extension,
+    parse_number,
+    parse_pax_records,
+    roundup,
+    verify_checksum,
+)
 from .._model import ImageSourceError
 
-__all__ = ["CHUNK", "MemberStream", "TarArchive", "TarMember", "index_tar", "normalize"]
+__all__ = [
+    "CHUNK",
+    "MAX_MEMBERS",
+    "MemberStream",
+    "TarArchive",
+    "TarMember",
+    "index_tar",
+    "normalize",
+]
 
 #: The most bytes one thread hop reads.
 CHUNK: Final = 1 << 20
@@ -44,34 +64,114 @@ def normalize(name: str) -> str:
     return posixpath.normpath("/" + name).lstrip("/")
 
 
+#: The most members an image archive may hold (skopeo writes a few per layer).
+MAX_MEMBERS: Final = 65536
+
+
+@attrs.define
+class _Pending:
+    """Extension data (L, K, x) read ahead of the next main header."""
+
+    pax: dict[bytes, bytes] | None = None
+    long_name: bytes | None = None
+    long_link: bytes | None = None
+    ext_bytes: int = 0
+
+
+def _pread_exact(fd: int, n: int, offset: int, what: str, *, where: str) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise FormatError(f"{where}: truncated archive: end of file inside {what} at byte {offset}")
+    return data
+
+
+def _extension(fd: int, block: bytes, offset: int, pending: _Pending, *, where: str) -> int:
+    """Read one L/K/x/g extension into ``pending``; return the offset after it.
+
+    The same limit as layer import: at most :data:`MAX_EXTENSION_BYTES` of extension
+    data per entry, checked on the header's size field before a byte of it is read.
+    """
+    kind = chr(block[156])
+    size = parse_number(block[124:136], "size", offset=offset)
+    already = 0 if kind == "g" else pending.ext_bytes
+    if size > MAX_EXTENSION_BYTES - already:
+        raise TarError(
+            f"extension header {kind!r} too large ({size} bytes; limit is"
+            f" {MAX_EXTENSION_BYTES} per entry)",
+            offset=offset,
+        )
+    content = _pread_exact(fd, size, offset + BLOCK, f"extension header {kind!r}", where=where)
+    if kind == "L":
+        pending.long_name = content.split(b"\x00", 1)[0]
+    elif kind == "K":
+        pending.long_link = content.split(b"\x00", 1)[0]
+    else:
+        records = parse_pax_records(content, offset=offset)
+        if any(key.startswith(b"GNU.sparse.") for key in records):
+            raise TarError("sparse entries are not supported", offset=offset)
+        if kind == "x":
+            pending.pax = records
+    if kind != "g":
+        pending.ext_bytes += size
+    return offset + BLOCK + roundup(size)
+
+
 def index_tar(fd: int, *, where: str) -> dict[str, TarMember]:
     """Scan a tar file's headers (blocking); map each normalized member name to its place.
 
+    Reads only the 512-byte headers and their extension data (bounded as in layer
+    import by :data:`~trio_composefs.formats._tarheader.MAX_EXTENSION_BYTES`) with
+    the library's own header code, seeking over contents; at most
+    :data:`MAX_MEMBERS` members. Memory is bounded whatever the file holds.
+
     Raises:
-        FormatError: not a tar file, or a truncated one (``where`` names it).
+        FormatError: not a tar file, a truncated or hostile one (``where`` names it).
     """
     members: dict[str, TarMember] = {}
     size = os.fstat(fd).st_size
-    with os.fdopen(os.dup(fd), "rb") as f:
-        try:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:
-                    name = normalize(info.name)
-                    if info.isreg() and not info.issparse():
-                        if info.offset_data + info.size > size:
-                            raise FormatError(
-                                f"{where}: member {info.name!r} is truncated"
-                                f" ({info.size} bytes at offset {info.offset_data},"
-                                f" file has {size})"
-                            )
-                        members[name] = TarMember(name, info.offset_data, info.size)
-                    elif info.islnk():
-                        members[name] = TarMember(name, 0, 0, normalize(info.linkname))
-                    elif info.issym():
-                        target = posixpath.join(posixpath.dirname(name), info.linkname)
-                        members[name] = TarMember(name, 0, 0, normalize(target))
-        except tarfile.TarError as exc:
-            raise FormatError(f"{where}: not a readable tar archive ({exc})") from None
+    offset = 0
+    pending = _Pending()
+    count = 0
+    try:
+        while True:
+            if offset >= size and pending.ext_bytes == 0 and pending.pax is None:
+                break  # end of file without the zero blocks: accepted, as tar does
+            block = _pread_exact(fd, BLOCK, offset, "a header block", where=where)
+            if block == ZERO_BLOCK:
+                break
+            verify_checksum(block, offset=offset)
+            if is_extension(block[156], dialect_of(block)):
+                offset = _extension(fd, block, offset, pending, where=where)
+                continue
+            header = TarHeader.from_block(
+                block,
+                offset=offset,
+                pax=pending.pax or {},
+                long_name=pending.long_name,
+                long_link=pending.long_link,
+            )
+            pending = _Pending()
+            count += 1
+            if count > MAX_MEMBERS:
+                raise FormatError(f"{where}: more than {MAX_MEMBERS} members; not an image archive")
+            name = normalize(header.path)
+            data_offset = offset + BLOCK
+            typeflag = header.typeflag
+            if header.is_regular:
+                if data_offset + header.size > size:
+                    raise FormatError(
+                        f"{where}: member {header.path!r} is truncated"
+                        f" ({header.size} bytes at offset {data_offset}, file has {size})"
+                    )
+                members[name] = TarMember(name, data_offset, header.size)
+            elif typeflag == b"1":
+                members[name] = TarMember(name, 0, 0, normalize(header.linkname()))
+            elif typeflag == b"2":
+                target = posixpath.join(posixpath.dirname(name), header.linkname())
+                members[name] = TarMember(name, 0, 0, normalize(target))
+            offset = data_offset + roundup(header.size)
+    except TarError as exc:
+        raise FormatError(f"{where}: not a readable tar archive ({exc})") from None
     return members
 
 
@@ -94,10 +194,18 @@ class TarArchive:
 
         def work() -> TarArchive:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError as exc:
                 raise ImageSourceError(f"cannot open {path}: {exc.strerror}") from None
             try:
+                # O_NONBLOCK: a FIFO (or device) opens at once instead of blocking the
+                # thread forever; only a regular file is read.
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISDIR(mode):
+                    raise ImageSourceError(f"cannot read {path}: Is a directory")
+                if not stat.S_ISREG(mode):
+                    raise ImageSourceError(f"{path} is not a regular file; refusing to read it")
+                os.set_blocking(fd, True)
                 magic = os.pread(fd, 4, 0)
                 if magic[:2] == b"\x1f\x8b" or magic == b"\x28\xb5\x2f\xfd":
                     raise FormatError(f"{path}: a compressed archive; decompress it first")
