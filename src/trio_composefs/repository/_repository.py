@@ -1014,14 +1014,18 @@ class Repository:
 
     def list_stream_refs(self) -> dict[str, str]:
         """Every ref under ``streams/refs/``: ``{ref: content id}`` (raw target if not a stream)."""
+        return self._list_refs("streams")
+
+    def _list_refs(self, top: str) -> dict[str, str]:
+        """``{ref: first-level name under top}`` for ``<top>/refs/**`` (raw target otherwise)."""
         out: dict[str, str] = {}
-        for ref, target in _symlinks_in(self.dirfd, "streams/refs", recursive=True):
+        for ref, target in _symlinks_in(self.dirfd, f"{top}/refs", recursive=True):
             if posixpath.basename(ref).startswith(TMP_SYMLINK_PREFIX):
                 continue
-            where = posixpath.dirname(f"streams/refs/{ref}")
+            where = posixpath.dirname(f"{top}/refs/{ref}")
             resolved = posixpath.normpath(posixpath.join(where, target))
             head, sep, rest = resolved.partition("/")
-            out[ref] = rest if head == "streams" and sep and "/" not in rest else target
+            out[ref] = rest if head == top and sep and "/" not in rest else target
         return out
 
     # ---------------------------------------------------------------- images
@@ -1108,15 +1112,7 @@ class Repository:
 
     def list_image_refs(self) -> dict[str, str]:
         """Every ref under ``images/refs/``: ``{ref: image hex}`` (raw target if not an image)."""
-        out: dict[str, str] = {}
-        for ref, target in _symlinks_in(self.dirfd, "images/refs", recursive=True):
-            if posixpath.basename(ref).startswith(TMP_SYMLINK_PREFIX):
-                continue
-            where = posixpath.dirname(f"images/refs/{ref}")
-            resolved = posixpath.normpath(posixpath.join(where, target))
-            head, sep, rest = resolved.partition("/")
-            out[ref] = rest if head == "images" and sep and "/" not in rest else target
-        return out
+        return self._list_refs("images")
 
 
 @attrs.define(eq=False)
