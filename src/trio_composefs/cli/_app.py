@@ -279,7 +279,11 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the CLI; return the exit status (what :func:`main` exits with)."""
-    args = _build_parser().parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     out = out or sys.stdout
     key = args.command if args.command != "oci" else f"oci {args.oci_command}"
     try:
