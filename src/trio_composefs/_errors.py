@@ -19,6 +19,12 @@ class FormatError(ComposefsError):
     """Bytes that do not follow a format we read: tar, splitstream, meta.json."""
 
 
+def _located(kind: str, message: str, *where: str | None) -> str:
+    """``"<kind>: <message> (<where>, ...)"``, leaving out the places that are unknown."""
+    known = [w for w in where if w is not None]
+    return f"{kind}: {message}" + (f" ({', '.join(known)})" if known else "")
+
+
 class TarError(FormatError):
     """A tar stream we cannot split.
 
@@ -31,12 +37,14 @@ class TarError(FormatError):
         self.reason = message
         self.entry = entry
         self.offset = offset
-        where = []
-        if entry is not None:
-            where.append(f"entry {entry!r}")
-        if offset is not None:
-            where.append(f"byte offset {offset}")
-        super().__init__(f"tar: {message}" + (f" ({', '.join(where)})" if where else ""))
+        super().__init__(
+            _located(
+                "tar",
+                message,
+                None if entry is None else f"entry {entry!r}",
+                None if offset is None else f"byte offset {offset}",
+            )
+        )
 
 
 class TreeError(FormatError):
@@ -51,12 +59,14 @@ class TreeError(FormatError):
         self.reason = message
         self.path = path
         self.layer = layer
-        where = []
-        if path is not None:
-            where.append(f"entry {path!r}")
-        if layer is not None:
-            where.append(f"in {layer}")
-        super().__init__(f"tree: {message}" + (f" ({', '.join(where)})" if where else ""))
+        super().__init__(
+            _located(
+                "tree",
+                message,
+                None if path is None else f"entry {path!r}",
+                None if layer is None else f"in {layer}",
+            )
+        )
 
 
 class SplitStreamError(FormatError):
@@ -75,12 +85,14 @@ class DumpfileError(FormatError):
         self.reason = message
         self.line = line
         self.field = field
-        where = []
-        if line is not None:
-            where.append(f"line {line}")
-        if field is not None:
-            where.append(f"field {field}")
-        super().__init__(f"dumpfile: {message}" + (f" ({', '.join(where)})" if where else ""))
+        super().__init__(
+            _located(
+                "dumpfile",
+                message,
+                None if line is None else f"line {line}",
+                None if field is None else f"field {field}",
+            )
+        )
 
 
 class ErofsError(FormatError):
@@ -95,12 +107,14 @@ class ErofsError(FormatError):
         self.reason = message
         self.nid = nid
         self.offset = offset
-        where = []
-        if nid is not None:
-            where.append(f"nid {nid}")
-        if offset is not None:
-            where.append(f"byte offset {offset}")
-        super().__init__(f"erofs: {message}" + (f" ({', '.join(where)})" if where else ""))
+        super().__init__(
+            _located(
+                "erofs",
+                message,
+                None if nid is None else f"nid {nid}",
+                None if offset is None else f"byte offset {offset}",
+            )
+        )
 
 
 class InvalidNameError(ComposefsError, ValueError):
