@@ -33,6 +33,8 @@ from ._errors import MountError as MountError
 from ._errors import ObjectNotFoundError as ObjectNotFoundError
 from ._errors import RepositoryError as RepositoryError
 from ._errors import ScanError as ScanError
+from ._errors import SourceAuthenticationError as SourceAuthenticationError
+from ._errors import SourceNetworkError as SourceNetworkError
 from ._errors import SplitStreamError as SplitStreamError
 from ._errors import TarError as TarError
 from ._errors import TreeError as TreeError
@@ -194,6 +196,8 @@ __all__ = [
     "RepositoryError",
     "UnsafeLayoutError",
     "ScanError",
+    "SourceAuthenticationError",
+    "SourceNetworkError",
     "SplitStreamBuilder",
     "SplitStreamEncoder",
     "SplitStreamError",

@@ -155,6 +155,18 @@ class ImageSourceError(ComposefsError):
     """An image that cannot be found or read at its source."""
 
 
+class SourceAuthenticationError(ImageSourceError):
+    """The source (a registry) requires credentials, or refused the ones given."""
+
+
+class SourceNetworkError(ImageSourceError, ConnectionError):
+    """The connection to the source failed or broke (refused, reset, timed out, cut short).
+
+    Also a :class:`ConnectionError`, so ``except OSError`` / ``except ConnectionError``
+    catch it as they catch a socket's own errors.
+    """
+
+
 class DigestMismatchError(ComposefsError):
     """Data whose digest differs from the one it was promised to have."""
 

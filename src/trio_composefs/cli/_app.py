@@ -158,6 +158,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "tag", nargs="?", metavar="TAG", help="tag to give the image (default: SOURCE)"
     )
     pull.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="image of an index to pick")
+    _add_registry_options(pull)
     _add_import_options(pull)
     images = oci_sub.add_parser("images", help="list tagged images")
     images.add_argument("--json", action="store_true", help="as JSON")
@@ -174,6 +175,38 @@ def _build_parser() -> argparse.ArgumentParser:
     add_mount_parsers(sub, oci_sub)
     _add_image_commands(sub, oci_sub)
     return p
+
+
+def _add_registry_options(parser: argparse.ArgumentParser) -> None:
+    """skopeo's own registry options, passed through to it (skopeo transports only)."""
+    group = parser.add_argument_group("registry options (passed to skopeo, as it names them)")
+    group.add_argument(
+        "--tls-verify",
+        metavar="BOOL",
+        type=_parse_bool,
+        nargs="?",
+        const=True,
+        help="require HTTPS and verify certificates (default true; false for a plain-HTTP"
+        " registry such as a local test one)",
+    )
+    group.add_argument(
+        "--authfile",
+        metavar="PATH",
+        help="credentials file, as written by 'skopeo login' (containers-auth.json(5))",
+    )
+    group.add_argument(
+        "--creds",
+        metavar="USERNAME[:PASSWORD]",
+        help="credentials for the registry (visible in the process list: prefer --authfile)",
+    )
+
+
+def _parse_bool(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    try:
+        return value[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}") from None
 
 
 def _add_fs_read_options(parser: argparse.ArgumentParser) -> None:

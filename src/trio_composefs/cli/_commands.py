@@ -400,10 +400,17 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_oci_pull(args: argparse.Namespace, out: TextIO) -> int:
     from ..oci import ImageProgress, ImageStats, Platform, open_source, parse_source, pull_image
+    from ..oci.sources import SkopeoOptions
 
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     ref = parse_source(args.source)
+    skopeo = SkopeoOptions(tls_verify=args.tls_verify, authfile=args.authfile, creds=args.creds)
+    if skopeo != SkopeoOptions() and ref.transport in ("oci", "oci-archive", "docker-archive"):
+        raise UsageError(
+            f"--tls-verify, --authfile and --creds are for registries (skopeo transports),"
+            f" not {ref.transport}:"
+        )
     platform = Platform.parse(args.platform) if args.platform else None
     tag = args.tag if args.tag is not None else args.source
     line = _ProgressLine(not args.no_progress)
@@ -423,7 +430,10 @@ def cmd_oci_pull(args: argparse.Namespace, out: TextIO) -> int:
             )
 
     async def go(repo: Repository) -> ImageStats:
-        async with open_importer(repo, jobs=args.jobs) as importer, open_source(ref) as source:
+        async with (
+            open_importer(repo, jobs=args.jobs) as importer,
+            open_source(ref, skopeo=skopeo) as source,
+        ):
             return await pull_image(importer, source, tag=tag, platform=platform, progress=progress)
 
     start = time.monotonic()

@@ -66,7 +66,7 @@ from ._model import MEDIA_TYPES, Descriptor, ImageSource, Platform, SourceRef
 from .sources._docker import DockerArchiveSource
 from .sources._layout import OciLayoutSource
 from .sources._oci_archive import OciArchiveSource
-from .sources._skopeo import SkopeoProxySource
+from .sources._skopeo import SkopeoOptions, SkopeoProxySource
 
 __all__ = [
     "ImageInfo",
@@ -235,8 +235,11 @@ ProgressCallback = Callable[[ImageProgress], object]
 # --------------------------------------------------------------------------- sources
 
 
-def open_source(ref: SourceRef) -> ImageSource:
+def open_source(ref: SourceRef, *, skopeo: SkopeoOptions | None = None) -> ImageSource:
     """The :class:`ImageSource` for a parsed reference (enter it with ``async with``).
+
+    ``skopeo`` (TLS verification, credentials) is for the transports skopeo
+    serves (``docker://``...); the local ones ignore it.
 
     Raises:
         ImageSourceError: skopeo is needed and not installed (when entered).
@@ -251,7 +254,7 @@ def open_source(ref: SourceRef) -> ImageSource:
     # skopeo's image proxy, as composefs-rs does: layers stream from the source
     # while they are imported, nothing waits for a whole copy of the image.
     # (SkopeoSource, which copies to a directory first, remains for callers.)
-    return SkopeoProxySource(str(ref))
+    return SkopeoProxySource(str(ref), options=skopeo or SkopeoOptions())
 
 
 # --------------------------------------------------------------------------- JSON

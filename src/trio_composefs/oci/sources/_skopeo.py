@@ -9,6 +9,13 @@ manifest and every blob byte for byte as the source stored them (an ``oci:``
 destination would recompress uncompressed layers), and holds a single image:
 skopeo picks the platform from an image index, so the platform is passed on
 with ``--override-os/--override-arch/--override-variant``.
+
+Registry options (TLS verification, credentials) are :class:`SkopeoOptions`,
+passed through to skopeo under skopeo's own names. skopeo's failures are sorted
+into :class:`~trio_composefs.SourceAuthenticationError` (credentials needed or
+refused), :class:`~trio_composefs.SourceNetworkError` (the connection failed or
+broke) and :class:`~trio_composefs.DigestMismatchError` (a blob whose bytes do
+not match its digest); anything else is an :class:`ImageSourceError`.
 """
 
 from __future__ import annotations
@@ -27,11 +34,17 @@ from contextlib import asynccontextmanager, suppress
 import attrs
 import trio
 
-from ..._errors import FormatError
+from ..._errors import (
+    ComposefsError,
+    DigestMismatchError,
+    FormatError,
+    SourceAuthenticationError,
+    SourceNetworkError,
+)
 from .._index import parse_json, verify_blob
 from .._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 
-__all__ = ["SkopeoProxySource", "SkopeoSource", "find_skopeo"]
+__all__ = ["SkopeoOptions", "SkopeoProxySource", "SkopeoSource", "find_skopeo"]
 
 _CHUNK = 1 << 20
 
@@ -50,6 +63,89 @@ def find_skopeo(program: str = "skopeo") -> str:
             " (install skopeo, or save the image with 'skopeo copy ... oci-archive:FILE')"
         )
     return found
+
+
+@attrs.frozen
+class SkopeoOptions:
+    """How skopeo reaches a registry: its own options, passed through unchanged.
+
+    Args:
+        tls_verify: skopeo's ``--tls-verify``: ``False`` for a registry served
+            over plain HTTP or with a certificate that cannot be verified (a
+            local test registry); ``None`` keeps skopeo's default (verify, and
+            use ``registries.conf``).
+        authfile: skopeo's ``--authfile``: a ``containers-auth.json(5)`` file, as
+            written by ``skopeo login`` or ``podman login`` (default: skopeo's,
+            ``${XDG_RUNTIME_DIR}/containers/auth.json``).
+        creds: skopeo's ``--creds``, ``USERNAME[:PASSWORD]``. It appears in the
+            process list while skopeo runs: prefer ``authfile``.
+    """
+
+    tls_verify: bool | None = None
+    authfile: str | None = None
+    creds: str | None = None
+
+    def proxy_args(self) -> list[str]:
+        """The options of ``skopeo experimental-image-proxy`` (and ``skopeo inspect``)."""
+        return self._args("--")
+
+    def copy_args(self) -> list[str]:
+        """The same options for the source side of ``skopeo copy`` (``--src-...``)."""
+        return self._args("--src-")
+
+    def _args(self, prefix: str) -> list[str]:
+        args = []
+        if self.tls_verify is not None:
+            args.append(f"{prefix}tls-verify={'true' if self.tls_verify else 'false'}")
+        if self.authfile is not None:
+            args += [f"{prefix}authfile", self.authfile]
+        if self.creds is not None:
+            args += [f"{prefix}creds", self.creds]
+        return args
+
+
+#: Fragments of skopeo's (Go's) messages, and the error each means.
+_AUTH_MARKS = (
+    "unauthorized",
+    "authentication required",
+    "invalid username/password",
+    "denied:",
+)
+_NETWORK_MARKS = (
+    "connection refused",
+    "connection reset",
+    "broken pipe",
+    "i/o timeout",
+    "no such host",
+    "network is unreachable",
+    "no route to host",
+    "unexpected eof",
+    ": eof",
+    "tls handshake",
+    "server gave http response to https client",
+    "dial tcp",
+    "timeout awaiting",
+    "client.timeout",
+)
+_DIGEST_MARKS = ("corrupted blob", "digest mismatch", "digests do not match")
+
+
+def skopeo_error(message: str) -> ImageSourceError | DigestMismatchError:
+    """The error for one of skopeo's failure messages, by what it says went wrong."""
+    low = message.lower()
+    if any(mark in low for mark in _DIGEST_MARKS):
+        return DigestMismatchError(f"{message}; nothing was published")
+    if any(mark in low for mark in _AUTH_MARKS):
+        return SourceAuthenticationError(
+            f"{message} (credentials: --authfile FILE or --creds USERNAME[:PASSWORD])"
+        )
+    if "server gave http response to https client" in low:
+        return SourceNetworkError(
+            f"{message} (a registry served over plain HTTP needs --tls-verify=false)"
+        )
+    if any(mark in low for mark in _NETWORK_MARKS):
+        return SourceNetworkError(message)
+    return ImageSourceError(message)
 
 
 def _manifest_media_type(data: bytes, *, where: str) -> str:
@@ -95,13 +191,15 @@ class SkopeoSource:
         reference: the full skopeo reference, e.g. ``docker://quay.io/fedora/fedora:41``.
         workdir: where to make the temporary copy (default: the system's temp dir).
         skopeo: the program to run.
-        extra_args: more ``skopeo copy`` options (``--src-creds``, ``--src-tls-verify=false``...).
+        extra_args: more ``skopeo copy`` options (``--src-cert-dir``...).
+        options: TLS verification and credentials (``--src-tls-verify``...).
     """
 
     reference: str
     workdir: str | None = None
     skopeo: str = "skopeo"
     extra_args: Sequence[str] = ()
+    options: SkopeoOptions = attrs.field(factory=SkopeoOptions, kw_only=True)
     description: str = attrs.field(init=False)
     """The reference, as given."""
     _tmp: str | None = attrs.field(default=None, init=False)
@@ -144,13 +242,14 @@ class SkopeoSource:
         command += ["--override-arch", platform.architecture]
         if platform.variant:
             command += ["--override-variant", platform.variant]
-        command += ["copy", "--quiet", *self.extra_args, self.reference, f"dir:{dest}"]
+        command += ["copy", "--quiet", *self.options.copy_args(), *self.extra_args]
+        command += [self.reference, f"dir:{dest}"]
         result = await trio.run_process(
             command, stdout=subprocess.DEVNULL, capture_stderr=True, check=False
         )
         if result.returncode != 0:
             message = result.stderr.decode(errors="replace").strip()
-            raise ImageSourceError(
+            raise skopeo_error(
                 f"skopeo could not copy {self.reference}"
                 f" (exit status {result.returncode}): {message[-2000:] or 'no message'}"
             )
@@ -308,7 +407,7 @@ class _Proxy:
                 raise ImageSourceError(f"skopeo's image proxy exited during {method}")
             reply = json.loads(message)
             if not reply.get("success"):
-                raise ImageSourceError(f"skopeo: {method}: {reply.get('error') or 'failed'}")
+                raise skopeo_error(f"skopeo: {method}: {reply.get('error') or 'failed'}")
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -388,15 +487,33 @@ class _PipeStream:
         if self.remaining > 0:
             piece = await self.stream.receive_some(min(_CHUNK, self.remaining))
             if not piece:
-                raise ImageSourceError(f"{self.where}: the blob ends {self.remaining} bytes early")
+                # The proxy's writer stopped: FinishPipe says why (the connection broke).
+                reason = "no reason given"
+                with trio.move_on_after(10):
+                    try:
+                        await self._finish()
+                    except ComposefsError as exc:
+                        if isinstance(exc, DigestMismatchError):
+                            raise
+                        reason = str(exc)
+                raise SourceNetworkError(
+                    f"{self.where}: the blob ends {self.remaining} bytes early ({reason})"
+                )
             self.remaining -= len(piece)
             return piece
         if not self.finished:
-            self.finished = True
-            await self.proxy.call("FinishPipe", self.pipeid)
+            await self._finish()
         else:
             await trio.lowlevel.checkpoint()
         raise StopAsyncIteration
+
+    async def _finish(self) -> None:
+        """``FinishPipe``: its failure, if any, raised with the blob named."""
+        self.finished = True
+        try:
+            await self.proxy.call("FinishPipe", self.pipeid)
+        except ComposefsError as exc:
+            raise type(exc)(f"{self.where}: {exc}") from None
 
     async def release(self) -> None:
         """Close the pipe; release it in the proxy if the blob was not read to its end."""
@@ -423,13 +540,15 @@ class SkopeoProxySource:
     Args:
         reference: the full skopeo reference, e.g. ``docker://quay.io/fedora/fedora:41``.
         skopeo: the program to run.
-        extra_args: options of ``experimental-image-proxy`` (``--authfile``, ``--creds``,
-            ``--tls-verify=false``...).
+        extra_args: more options of ``experimental-image-proxy`` (``--cert-dir``...).
+        options: TLS verification and credentials (``--tls-verify``, ``--authfile``,
+            ``--creds``).
     """
 
     reference: str
     skopeo: str = "skopeo"
     extra_args: Sequence[str] = ()
+    options: SkopeoOptions = attrs.field(factory=SkopeoOptions, kw_only=True)
     description: str = attrs.field(init=False)
     """The reference, as given."""
     _proxy: _Proxy | None = attrs.field(default=None, init=False)
@@ -466,7 +585,9 @@ class SkopeoProxySource:
         if self._manifest is not None and self._platform == want:
             return self._manifest
         await self._stop()  # the platform is a process-wide option of the proxy
-        self._proxy = await _Proxy.start(self.skopeo, want, self.extra_args)
+        self._proxy = await _Proxy.start(
+            self.skopeo, want, [*self.options.proxy_args(), *self.extra_args]
+        )
         image, _, _ = await self._proxy.call("OpenImage", self.reference)
         if not isinstance(image, int):
             raise ImageSourceError(f"skopeo: OpenImage gave {image!r}, not an image id")
@@ -512,7 +633,12 @@ class SkopeoProxySource:
         digest does not match fails there with :class:`ImageSourceError`.
         """
         proxy = self._opened()
-        _, pipeid, fd = await proxy.call("GetBlob", self._image, descriptor.digest, descriptor.size)
+        try:
+            _, pipeid, fd = await proxy.call(
+                "GetBlob", self._image, descriptor.digest, descriptor.size
+            )
+        except ComposefsError as exc:
+            raise type(exc)(f"{self.reference}: blob {descriptor.digest}: {exc}") from None
         if fd is None:
             raise ImageSourceError(f"skopeo: GetBlob {descriptor.digest} returned no data")
         pipe = _PipeStream(
