@@ -42,6 +42,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextvars import ContextVar
 
 import attrs
 
@@ -55,7 +56,7 @@ from ..formats._fsverity import (
     level1_group_size,
 )
 from . import _worker
-from ._worker import JOB, OK, READ_SIZE, REPLY_MAX, WHOLE_FILE, pread_exactly
+from ._worker import DIE_MID_JOB, JOB, OK, READ_SIZE, REPLY_MAX, WHOLE_FILE, pread_exactly
 
 __all__ = [
     "DEFAULT_INLINE_BELOW",
@@ -72,6 +73,14 @@ DEFAULT_THRESHOLD = 1 << 20
 
 # Upper bound for one worker job; smaller jobs balance better between workers.
 _MAX_JOB = 16 << 20
+
+#: Fault-injection hook for tests (set by :mod:`trio_composefs.testing`): called in the
+#: sending thread before each job goes to a worker; when it returns true, that worker
+#: reads half its range and dies (SIGKILL). A context variable, so it reaches only the
+#: calls made from the task that set it and the threads that task starts.
+JOB_FAULT: ContextVar[Callable[[], bool] | None] = ContextVar(
+    "trio_composefs_hash_job_fault", default=None
+)
 
 
 def digest_fd(fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> Digest:
@@ -306,13 +315,15 @@ class HashPool:
         held: set[_Worker] = set()  # borrowed from the pool by this call
         busy: dict[socket.socket, tuple[_Worker, int]] = {}  # job in flight
         error: BaseException | None = None
+        fault = JOB_FAULT.get()
 
         def dispatch(worker: _Worker) -> None:
             nonlocal error
             index, (fd, offset, length) = ranges.popleft()
+            job_flags = flags | (DIE_MID_JOB if fault is not None and fault() else 0)
             try:
                 socket.send_fds(
-                    worker.sock, [JOB.pack(offset, length, algorithm.kernel_id, flags)], [fd]
+                    worker.sock, [JOB.pack(offset, length, algorithm.kernel_id, job_flags)], [fd]
                 )
             except OSError as exc:
                 held.discard(worker)

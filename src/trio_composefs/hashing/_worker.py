@@ -30,6 +30,9 @@ READ_SIZE = 1 << 20
 JOB = struct.Struct("<QQBB")
 #: Job flag: the range is the whole file; reply with its fs-verity digest.
 WHOLE_FILE = 1
+#: Job flag, for fault-injection tests only (:mod:`trio_composefs.testing`): read half
+#: the range, then die by SIGKILL, as a worker that crashes mid-file would.
+DIE_MID_JOB = 2
 #: First byte of a reply: level-1 digests (or the digest) follow.
 OK = b"\0"
 #: First byte of a reply: a pickled exception follows.
@@ -78,6 +81,9 @@ def _run_job(msg: bytes, fds: list[int], buf: memoryview) -> bytes:
             raise ComposefsError(f"hash worker: malformed job ({len(msg)} bytes, {len(fds)} fds)")
         offset, length, alg_id, flags = JOB.unpack(msg)
         algorithm = Algorithm.from_kernel_id(alg_id)
+        if flags & DIE_MID_JOB:
+            pread_exactly(fds[0], buf[: min(len(buf), length // 2)], offset)
+            os.kill(os.getpid(), signal.SIGKILL)
         level1 = hash_range(fds[0], offset, length, algorithm, buf)
         if flags & WHOLE_FILE:
             level1 = digest_from_level1(algorithm, length, level1).raw

@@ -19,8 +19,9 @@ import contextlib
 import gzip
 import hashlib
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, Final, Literal, Protocol, cast
 
 import attrs
@@ -41,6 +42,15 @@ _CHANNEL_SLOTS: Final = 4
 
 class _Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
+
+
+#: Fault-injection hook for tests (set by :mod:`trio_composefs.testing`): wraps the
+#: decompressing reader of each compressed blob, in its worker thread, as
+#: ``hook(reader, compression, where)``. A context variable: it reaches only the blobs
+#: opened from the task that set it.
+DECOMPRESS_FAULT: ContextVar[Callable[[_Readable, str, str], _Readable] | None] = ContextVar(
+    "trio_composefs_decompress_fault", default=None
+)
 
 
 @attrs.frozen
@@ -208,6 +218,8 @@ def _worker(
     if detect:
         compression = sniff_compression(raw.peek(4), compression)
     reader = _decompressing_reader(raw, compression)
+    if compression is not None and (hook := DECOMPRESS_FAULT.get()) is not None:
+        reader = hook(reader, compression, where)
     try:
         while True:
             trio.from_thread.check_cancelled()
