@@ -27,6 +27,25 @@ N-th object to be begun, written or finished; the N-th sync). The object
 holding the splitstream counts as an object too: it is the last one of a
 layer.
 
+Two more points are not calls on the repository but stages of the pipeline;
+they are armed for the imports started afterwards from the task that arms
+them (a context variable, which trio hands to the tasks and threads it
+starts, and pytest-trio from a fixture to its test):
+
+``hash`` (:meth:`FaultyRepository.kill_hash_worker`)
+    a job sent to a hash worker process: ``nth`` counts jobs (one per file of
+    32 KiB to 1 MiB hashed whole by a worker; a larger file is split into one
+    job per worker). The chosen worker reads half its range and dies by
+    SIGKILL. Files hashed in the calling thread (under 32 KiB, or under 1 MiB
+    when nothing else is hashing) are not jobs. Arming it makes the wrapper
+    report ``verity_supported = False``, so digests are computed by the pool
+    (the kernel still checks them where it can).
+``decompress`` (:meth:`FaultyRepository.fail_decompression`)
+    a compressed (gzip or zstd) layer being decompressed: ``nth`` counts those
+    blobs as their decompression starts (``compression=`` counts only that
+    kind); the decompressor raises its own error (``zlib.error``,
+    ``zstandard.ZstdError``) after ``after_bytes`` decompressed bytes.
+
 A paused thread blocks until the test calls :meth:`Gate.release`; meanwhile
 the test can cancel the import at that exact point. Release every gate you
 paused at, or the worker thread (and the import waiting for it) stays blocked.
@@ -38,24 +57,29 @@ import errno as errno_mod
 import os
 import threading
 import time
+import zlib
 from typing import Any, Literal
 
 import attrs
 import trio
+import zstandard
 
 from ..formats._fsverity import Algorithm, Digest
+from ..hashing import _pool
+from ..importer import _decompress
 
 __all__ = ["FaultPoint", "FaultyRepository", "Gate", "open_fds"]
 
-FaultPoint = Literal["begin", "write", "finish", "sync", "publish"]
+FaultPoint = Literal["begin", "write", "finish", "sync", "publish", "hash", "decompress"]
 _POINTS = ("begin", "write", "finish", "sync", "publish")
+_STAGES = ("hash", "decompress")
 
 
 @attrs.define(eq=False)
 class Gate:
-    """A point where one worker thread stops until the test lets it go."""
+    """A point where one worker thread (or task) stops until the test lets it go."""
 
-    point: FaultPoint
+    point: str
     nth: int | None
     after_bytes: int = 0
     _reached: threading.Event = attrs.field(factory=threading.Event, init=False)
@@ -80,6 +104,12 @@ class Gate:
         self._reached.set()
         self._proceed.wait()
 
+    async def stop_here_async(self) -> None:
+        """Stop the calling task here until released (cancellable: it then raises Cancelled)."""
+        self._reached.set()
+        while not self._proceed.is_set():  # noqa: ASYNC110 - released from any thread
+            await trio.sleep(0.005)
+
 
 @attrs.define(eq=False)
 class _Fault:
@@ -102,9 +132,13 @@ class FaultyRepository:
     repo: Any
     write_delay: float = 0.0
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
-    _counts: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(_POINTS, 0), init=False)
+    _counts: dict[str, int] = attrs.field(
+        factory=lambda: dict.fromkeys(_POINTS + _STAGES, 0), init=False
+    )
     _faults: list[_Fault] = attrs.field(factory=list, init=False)
     _gates: list[Gate] = attrs.field(factory=list, init=False)
+    _hash_armed: bool = attrs.field(default=False, init=False)
+    _decompress_faults: list[_DecompressFault] = attrs.field(factory=list, init=False)
 
     # --- arranging faults ---------------------------------------------------
     def fail(
@@ -133,6 +167,73 @@ class FaultyRepository:
         gate = Gate(point, nth, after_bytes)
         self._gates.append(gate)
         return gate
+
+    def kill_hash_worker(self, *, nth: int | None = 1) -> FaultyRepository:
+        """Make the hash worker given the ``nth`` job die mid-file (SIGKILL).
+
+        The import then fails with a :class:`~trio_composefs.ComposefsError`
+        naming the worker; the pool never hangs on it, replaces the worker,
+        and the next import works. Arms the ``hash`` point for imports started
+        afterwards from this task (see the module's documentation).
+        """
+        self._faults.append(_Fault("hash", nth, 0))
+        self._hash_armed = True
+        _pool.JOB_FAULT.set(self._hash_job)
+        return self
+
+    def fail_decompression(
+        self,
+        *,
+        nth: int | None = 1,
+        after_bytes: int = 0,
+        compression: Literal["gzip", "zstd"] | None = None,
+    ) -> FaultyRepository:
+        """Make the decompressor of the ``nth`` compressed layer fail after ``after_bytes``.
+
+        It raises the library's own error, which the import reports as a
+        :class:`~trio_composefs.FormatError` ("cannot decompress") naming the
+        layer, after checking that the blob's bytes match their digest; nothing
+        is published. Arms the ``decompress`` point for imports started
+        afterwards from this task.
+        """
+        self._decompress_faults.append(_DecompressFault(nth, after_bytes, compression))
+        _decompress.DECOMPRESS_FAULT.set(self._wrap_decompressor)
+        return self
+
+    def _hash_job(self) -> bool:
+        with self._lock:
+            self._counts["hash"] += 1
+            nth = self._counts["hash"]
+            due = [
+                f
+                for f in self._faults
+                if f.point == "hash" and f.nth in (None, nth) and not f.fired
+            ]
+            for f in due:
+                f.fired = True
+        return bool(due)
+
+    def _wrap_decompressor(self, reader: Any, compression: str, where: str) -> Any:
+        with self._lock:
+            self._counts["decompress"] += 1
+            nth = self._counts["decompress"]
+            if not any(f.compression in (None, compression) for f in self._decompress_faults):
+                return reader
+            due = [
+                f
+                for f in self._decompress_faults
+                if not f.fired
+                and f.compression in (None, compression)
+                and f.nth in (None, nth if f.compression is None else f.seen + 1)
+            ]
+            for f in self._decompress_faults:
+                if f.compression == compression:
+                    f.seen += 1
+            if not due:
+                return reader
+            fault = due[0]
+            fault.fired = True
+        return _FailingDecompressor(reader, compression, fault.after_bytes, f"{where} (#{nth})")
 
     def count(self, point: FaultPoint) -> int:
         """How many times ``point`` was reached so far."""
@@ -182,6 +283,8 @@ class FaultyRepository:
 
     @property
     def verity_supported(self) -> bool:
+        if self._hash_armed:
+            return False  # digests go through the hash pool, where the fault is
         return bool(self.repo.verity_supported)
 
     def ensure_writable(self) -> None:
@@ -212,6 +315,37 @@ class FaultyRepository:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.repo, name)
+
+
+@attrs.define(eq=False)
+class _DecompressFault:
+    nth: int | None
+    after_bytes: int
+    compression: str | None
+    seen: int = 0  # blobs of this compression seen so far (when compression is given)
+    fired: bool = False
+
+
+@attrs.define(eq=False)
+class _FailingDecompressor:
+    """A decompressing reader that raises its library's error after ``after_bytes``."""
+
+    inner: Any
+    compression: str
+    after_bytes: int
+    where: str
+    out: int = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self.out >= self.after_bytes:
+            message = f"injected decompression fault after {self.out} bytes of {self.where}"
+            if self.compression == "zstd":
+                raise zstandard.ZstdError(message)
+            raise zlib.error(message)
+        want = self.after_bytes - self.out
+        data: bytes = self.inner.read(want if size < 0 else min(size, want))
+        self.out += len(data)
+        return data
 
 
 @attrs.define(eq=False)
