@@ -233,7 +233,7 @@ class FaultyRepository:
                 return reader
             fault = due[0]
             fault.fired = True
-        return _FailingDecompressor(reader, compression, fault.after_bytes, f"{where} (#{nth})")
+        return _FailingDecompressor(reader, compression, fault.after_bytes, nth)
 
     def count(self, point: FaultPoint) -> int:
         """How many times ``point`` was reached so far."""
@@ -333,12 +333,15 @@ class _FailingDecompressor:
     inner: Any
     compression: str
     after_bytes: int
-    where: str
+    nth: int
     out: int = 0
 
     def read(self, size: int = -1, /) -> bytes:
         if self.out >= self.after_bytes:
-            message = f"injected decompression fault after {self.out} bytes of {self.where}"
+            message = (
+                f"injected fault in the decompressor of compressed blob #{self.nth},"
+                f" after {self.out} decompressed bytes"
+            )
             if self.compression == "zstd":
                 raise zstandard.ZstdError(message)
             raise zlib.error(message)
