@@ -465,12 +465,26 @@ class _Proxy:
                 await self.process.wait()
 
 
+#: Seconds without data from a blob's pipe before asking the proxy whether its writer
+#: is still at work (see :class:`_PipeStream`).
+STALL_PROBE = 3.0
+
+
 @attrs.define(eq=False)
 class _PipeStream:
     """Async iterator over a blob the proxy writes into a pipe, ``size`` bytes long.
 
     After the last byte it calls ``FinishPipe``, so that a blob the proxy found
     corrupt ends in an error rather than quietly.
+
+    The proxy closes the pipe only in ``FinishPipe``: a writer that fails half-way
+    (the connection to the registry broke) leaves the pipe open and silent, and a
+    reader waiting for the rest would wait forever. So when no byte has come for
+    :data:`STALL_PROBE` seconds, ``FinishPipe`` is sent from a task of its own
+    while reading goes on: it returns once the writer has stopped (at once if it
+    failed, with the reason), and the pipe then ends. The proxy handles one
+    request at a time, so other requests wait meanwhile; a merely slow
+    connection is only serialized, never failed.
     """
 
     proxy: _Proxy
@@ -478,33 +492,64 @@ class _PipeStream:
     pipeid: int
     remaining: int
     where: str
+    nursery: trio.Nursery
     finished: bool = False
+    _probe_done: trio.Event | None = None
+    _probe_error: ComposefsError | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
+    async def _receive(self, n: int) -> bytes:
+        if self._probe_done is None and not self.finished:
+            with trio.move_on_after(STALL_PROBE):
+                return await self.stream.receive_some(n)
+            self._probe_done = trio.Event()
+            self.nursery.start_soon(self._probe, self._probe_done)
+        return await self.stream.receive_some(n)
+
+    async def _probe(self, done: trio.Event) -> None:
+        try:
+            await self._finish()
+        except ComposefsError as exc:
+            self._probe_error = exc
+        finally:
+            done.set()
+
+    async def _verdict(self) -> ComposefsError | None:
+        """The writer's outcome (from the probe, or a ``FinishPipe`` of our own)."""
+        if self._probe_done is not None:
+            await self._probe_done.wait()
+            return self._probe_error
+        if self.finished:
+            await trio.lowlevel.checkpoint()
+            return None
+        try:
+            await self._finish()
+        except ComposefsError as exc:
+            return exc
+        return None
+
     async def __anext__(self) -> bytes:
         if self.remaining > 0:
-            piece = await self.stream.receive_some(min(_CHUNK, self.remaining))
+            piece = await self._receive(min(_CHUNK, self.remaining))
             if not piece:
                 # The proxy's writer stopped: FinishPipe says why (the connection broke).
-                reason = "no reason given"
                 with trio.move_on_after(10):
-                    try:
-                        await self._finish()
-                    except ComposefsError as exc:
-                        if isinstance(exc, DigestMismatchError):
-                            raise
-                        reason = str(exc)
+                    error = await self._verdict()
+                if isinstance(error, DigestMismatchError):
+                    raise error
+                reason = (
+                    str(error).removeprefix(f"{self.where}: ") if error is not None else "no reason"
+                )
                 raise SourceNetworkError(
                     f"{self.where}: the blob ends {self.remaining} bytes early ({reason})"
                 )
             self.remaining -= len(piece)
             return piece
-        if not self.finished:
-            await self._finish()
-        else:
-            await trio.lowlevel.checkpoint()
+        error = await self._verdict()
+        if error is not None:
+            raise error
         raise StopAsyncIteration
 
     async def _finish(self) -> None:
@@ -518,11 +563,14 @@ class _PipeStream:
     async def release(self) -> None:
         """Close the pipe; release it in the proxy if the blob was not read to its end."""
         self.stream.close()
-        if not self.finished:
-            self.finished = True
-            # the writer fails on the closed pipe: that error is expected
-            with trio.CancelScope(shield=True), trio.move_on_after(10), suppress(ImageSourceError):
-                await self.proxy.call("FinishPipe", self.pipeid)
+        # the writer fails on the closed pipe: that error is expected
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if self._probe_done is not None:
+                await self._probe_done.wait()
+            elif not self.finished:
+                self.finished = True
+                with suppress(ComposefsError):
+                    await self.proxy.call("FinishPipe", self.pipeid)
 
 
 @attrs.define(eq=False)
@@ -641,14 +689,24 @@ class SkopeoProxySource:
             raise type(exc)(f"{self.reference}: blob {descriptor.digest}: {exc}") from None
         if fd is None:
             raise ImageSourceError(f"skopeo: GetBlob {descriptor.digest} returned no data")
-        pipe = _PipeStream(
-            proxy,
-            trio.lowlevel.FdStream(fd),
-            pipeid,
-            descriptor.size,
-            f"{self.reference}: blob {descriptor.digest}",
-        )
-        try:
-            yield pipe
-        finally:
-            await pipe.release()
+        # The nursery runs only the stall probe, which never raises: an exception here is
+        # the caller's own, passed through as itself (not in a group of one).
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            pipe = _PipeStream(
+                proxy,
+                trio.lowlevel.FdStream(fd),
+                pipeid,
+                descriptor.size,
+                f"{self.reference}: blob {descriptor.digest}",
+                nursery,
+            )
+            try:
+                yield pipe
+            except BaseException as exc:
+                failure = exc
+            finally:
+                await pipe.release()
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
