@@ -55,6 +55,15 @@ def _children() -> set[int]:
     return out
 
 
+def _is_open(fd: int) -> bool:
+    """Still open (the listing's own directory descriptor is gone once listed)."""
+    try:
+        os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+    return True
+
+
 def _describe_fd(fd: int) -> str:
     try:
         return f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}"
@@ -86,7 +95,7 @@ class ProcessSnapshot:
             for t in threading.enumerate()
             if t.ident is not None and t.is_alive() and not _IDLE_TRIO_THREAD.match(t.name)
         )
-        fds = frozenset(int(n) for n in os.listdir("/proc/self/fd"))
+        fds = frozenset(fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd))
         return cls(fds, threads, frozenset(_children()))
 
 
