@@ -288,7 +288,13 @@ def _type_checking_names(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "package", ["trio_composefs", "trio_composefs.formats", "trio_composefs.hashing"]
+    "package",
+    [
+        "trio_composefs",
+        "trio_composefs.formats",
+        "trio_composefs.hashing",
+        "trio_composefs.testing",
+    ],
 )
 def test_lazy_init_is_consistent(package: str) -> None:
     """``__all__``, the ``TYPE_CHECKING`` imports and ``_LAZY`` agree; every name loads."""

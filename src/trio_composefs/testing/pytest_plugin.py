@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from trio_composefs import Repository
-    from trio_composefs.testing import FaultyRepository, ImportChecker, LocalRegistry
+    from ..repository import Repository
+    from . import FaultyRepository, ImportChecker, LocalRegistry
 
 __all__ = [
     "faulty_repository",
@@ -53,7 +53,7 @@ __all__ = [
 @pytest.fixture
 def tmp_repository(tmp_path: Path) -> Iterator[Repository]:
     """A fresh insecure repository in ``tmp_path / "repository"``, closed after the test."""
-    from trio_composefs import Repository
+    from ..repository import Repository
 
     with Repository.init(tmp_path / "repository", insecure=True) as repo:
         repo.begin_object().abort()  # open its lazily opened directories now
@@ -63,7 +63,7 @@ def tmp_repository(tmp_path: Path) -> Iterator[Repository]:
 @pytest.fixture
 def faulty_repository(tmp_repository: Repository) -> FaultyRepository:
     """``tmp_repository`` wrapped to fail, pause or kill where the test asks."""
-    from trio_composefs.testing import FaultyRepository
+    from . import FaultyRepository
 
     return FaultyRepository(tmp_repository)
 
@@ -71,7 +71,7 @@ def faulty_repository(tmp_repository: Repository) -> FaultyRepository:
 @pytest.fixture
 def sample_layout(tmp_path: Path) -> str:
     """The sample image as an OCI layout; its reference ``oci:PATH:latest``."""
-    from trio_composefs.testing import write_sample_layout
+    from . import write_sample_layout
 
     return write_sample_layout(tmp_path / "sample-layout")
 
@@ -79,7 +79,7 @@ def sample_layout(tmp_path: Path) -> str:
 @pytest.fixture
 def import_checker(tmp_repository: Repository) -> Iterator[ImportChecker]:
     """Baselines of the process and of ``tmp_repository``; leaks fail the test at teardown."""
-    from trio_composefs.testing import ImportChecker
+    from . import ImportChecker
 
     checker = ImportChecker(tmp_repository)
     yield checker
@@ -89,7 +89,7 @@ def import_checker(tmp_repository: Repository) -> Iterator[ImportChecker]:
 @pytest.fixture
 def local_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
     """A registry on 127.0.0.1 (plain HTTP: pull with ``tls_verify=False``), stopped after."""
-    from trio_composefs.testing import LocalRegistry, RegistryUnavailable, find_registry
+    from . import LocalRegistry, RegistryUnavailable, find_registry
 
     try:
         find_registry()
