@@ -6,6 +6,8 @@ Image sources (OCI layouts and archives, docker archives, skopeo) are in ``oci.s
 from ._build import config_content_id as config_content_id
 from ._build import ensure_oci_image as ensure_oci_image
 from ._build import manifest_content_id as manifest_content_id
+from ._copy import CopyStats as CopyStats
+from ._copy import copy_image as copy_image
 from ._image_tree import image_filesystem as image_filesystem
 from ._model import MEDIA_TYPES as MEDIA_TYPES
 from ._model import Descriptor as Descriptor
