@@ -180,6 +180,15 @@ def _publish(dst: Repository, closure: _Closure, layer_names: set[str]) -> list[
     return named
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from the workers' group: the first one (one failing worker
+    cancels the others, whose Cancelled never reaches here)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
 async def copy_image(
     src: Repository,
     dst: Repository,
@@ -233,9 +242,12 @@ async def copy_image(
             )
             counts[outcome] += 1
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(max(1, jobs)):
-            nursery.start_soon(worker)
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, jobs)):
+                nursery.start_soon(worker)
+    except BaseExceptionGroup as group:
+        raise _first_leaf(group) from None
     layer_names = {layer_content_id(d) for d, _ in stored.layers}
     named = await trio.to_thread.run_sync(_publish, dst, closure, layer_names, limiter=limiter)
     if tag is not None:
