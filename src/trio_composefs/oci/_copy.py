@@ -37,7 +37,8 @@ from ..formats._splitstream import parse_splitstream
 from ..importer._importer import layer_content_id
 from ..repository import Repository, referenced_objects, stream_is_complete
 from ._build import config_content_id, manifest_content_id
-from ._pull import StoredImage, _check_tag, open_image, tag_image
+from ._names import _check_tag
+from ._stored import StoredImage, open_image, tag_image
 
 __all__ = ["CopyStats", "copy_image"]
 
