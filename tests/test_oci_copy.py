@@ -174,6 +174,37 @@ async def test_corrupt_source_object_is_refused_and_nothing_named(
         await assert_fsck_clean(dst)  # what was linked is unnamed garbage, not damage
 
 
+async def test_cancelled_copy_names_nothing(
+    src: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled after a few objects: the destination names nothing; a second copy completes."""
+    real = Repository.add_object_from
+    added: list[Digest] = []
+    scope = trio.CancelScope()
+
+    def add_then_cancel(self: Repository, source: Repository, digest: Digest) -> str:
+        outcome = real(self, source, digest)
+        added.append(digest)
+        if len(added) == 3:
+            trio.from_thread.run_sync(scope.cancel)
+        return outcome
+
+    monkeypatch.setattr(Repository, "add_object_from", add_then_cancel)
+    with new_repo(tmp_path / "dst") as dst:
+        with scope:
+            await copy_image(src, dst, "sample", tag="t", jobs=1)
+        assert scope.cancelled_caught
+        assert 3 <= len(added) < len(closure_objects(src))
+        assert dst.list_streams() == {}
+        assert dst.list_stream_refs() == {}
+        assert dst.list_images() == {}
+        monkeypatch.undo()
+        stats = await copy_image(src, dst, "sample", tag="t")
+        assert stats.present == 3
+        assert open_image(dst, "t").manifest_digest == open_image(src, "sample").manifest_digest
+        await assert_fsck_clean(dst)
+
+
 async def test_corrupt_source_manifest_is_refused(src: Repository, tmp_path: Path) -> None:
     stored = open_image(src, "sample")
     (json_object,) = object_digests(src, f"oci-manifest-{stored.manifest_digest}")
