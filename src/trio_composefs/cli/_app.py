@@ -38,6 +38,7 @@ from ._commands import (
     cmd_oci_tag,
     cmd_oci_untag,
 )
+from ._copy_cmd import add_copy_parser, cmd_oci_copy
 from ._image_cmds import (
     cmd_composefs_info,
     cmd_compute_id,
@@ -174,6 +175,7 @@ def _build_parser() -> argparse.ArgumentParser:
     untag.add_argument("name", metavar="NAME")
     add_mount_parsers(sub, oci_sub)
     _add_image_commands(sub, oci_sub)
+    add_copy_parser(oci_sub)
     return p
 
 
@@ -286,6 +288,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "oci inspect": cmd_oci_inspect,
     "oci tag": cmd_oci_tag,
     "oci untag": cmd_oci_untag,
+    "oci copy": cmd_oci_copy,
     "fsck": cmd_fsck,
     "gc": cmd_gc,
     "mount": cmd_mount,

@@ -22,7 +22,6 @@ uncompressed tar's sha256 against the config's ``rootfs.diff_ids``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -35,8 +34,6 @@ from .._errors import (
     ComposefsError,
     DigestMismatchError,
     FormatError,
-    InvalidNameError,
-    ObjectNotFoundError,
 )
 from ..formats._chunks import ExternalChunk
 from ..formats._fsverity import Digest
@@ -61,33 +58,20 @@ from ._build import (
     manifest_content_id,
     read_external,
 )
-from ._index import parse_json
+from ._manifest import _IMAGE_CONFIG_TYPES, _check_bytes, _diff_ids, _parse_manifest
 from ._model import MEDIA_TYPES, Descriptor, ImageSource, Platform, SourceRef
+from ._names import _check_tag
 from .sources._docker import DockerArchiveSource
 from .sources._layout import OciLayoutSource
 from .sources._oci_archive import OciArchiveSource
 from .sources._skopeo import SkopeoOptions, SkopeoProxySource
 
 __all__ = [
-    "ImageInfo",
     "ImageProgress",
     "ImageStats",
-    "StoredImage",
-    "config_content_id",
-    "decode_tag",
-    "encode_tag",
-    "list_images",
-    "list_tags",
-    "manifest_content_id",
-    "open_image",
     "open_source",
     "pull_image",
-    "resolve_tag",
-    "tag_image",
-    "untag_image",
 ]
-
-OCI_REF_PREFIX: Final = "oci/"
 
 _TAR_TYPES: Final[Mapping[str, Compression]] = {
     MEDIA_TYPES.OCI_LAYER: None,
@@ -102,63 +86,7 @@ _TAR_TYPES: Final[Mapping[str, Compression]] = {
 }
 """Media types of tar layers and their compression; any other layer is stored raw."""
 
-_IMAGE_CONFIG_TYPES: Final = (MEDIA_TYPES.OCI_CONFIG, MEDIA_TYPES.DOCKER_CONFIG)
 _MAX_JSON: Final = 64 << 20
-
-
-# --------------------------------------------------------------------------- names
-
-
-def encode_tag(name: str) -> str:
-    """A tag as a file name under ``streams/refs/oci/``: ``%`` -> ``%25``, then ``/`` -> ``%2F``."""
-    return name.replace("%", "%25").replace("/", "%2F")
-
-
-def decode_tag(encoded: str) -> str:
-    """Undo :func:`encode_tag` in one pass (so ``%252F`` is ``%2F``, not ``/``)."""
-    out: list[str] = []
-    i = 0
-    while i < len(encoded):
-        if encoded.startswith("%2F", i):
-            out.append("/")
-            i += 3
-        elif encoded.startswith("%25", i):
-            out.append("%")
-            i += 3
-        else:
-            out.append(encoded[i])
-            i += 1
-    return "".join(out)
-
-
-def _check_tag(name: str) -> str:
-    """The ref path of a valid tag; a user error for names that cannot be one."""
-    if not name:
-        raise InvalidNameError("an image tag cannot be empty")
-    if name.startswith("@"):
-        raise InvalidNameError(
-            f"invalid tag {name!r}: a leading '@' is reserved for digest references"
-        )
-    encoded = encode_tag(name)
-    if encoded in (".", "..") or "\0" in name:
-        raise InvalidNameError(f"invalid tag {name!r}")
-    if encoded.startswith("."):
-        raise InvalidNameError(
-            f"invalid tag {name!r}: a tag cannot start with '.'"
-            " (reserved for the repository's temporary files)"
-        )
-    if len(encoded.encode("utf-8", "surrogateescape")) > 255:
-        raise InvalidNameError(
-            f"invalid tag {name!r}: longer than 255 bytes once encoded; give a shorter TAG"
-        )
-    return OCI_REF_PREFIX + encoded
-
-
-def _check_digest(digest: str) -> str:
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or len(hexd) != 64 or hexd.strip("0123456789abcdef"):
-        raise ComposefsError(f"not a sha256 digest: {digest!r} (expected sha256:<64 hex digits>)")
-    return digest
 
 
 # --------------------------------------------------------------------------- values
@@ -255,61 +183,6 @@ def open_source(ref: SourceRef, *, skopeo: SkopeoOptions | None = None) -> Image
     # while they are imported, nothing waits for a whole copy of the image.
     # (SkopeoSource, which copies to a directory first, remains for callers.)
     return SkopeoProxySource(str(ref), options=skopeo or SkopeoOptions())
-
-
-# --------------------------------------------------------------------------- JSON
-
-
-def _json(data: bytes, what: str) -> dict[str, Any]:
-    return parse_json(data, where=what)
-
-
-def _parse_manifest(data: bytes, where: str) -> tuple[Descriptor, list[Descriptor]]:
-    obj = _json(data, f"{where}: the manifest")
-    media_type = obj.get("mediaType")
-    if media_type is not None and media_type not in (
-        MEDIA_TYPES.OCI_MANIFEST,
-        MEDIA_TYPES.DOCKER_MANIFEST,
-    ):
-        raise FormatError(f"{where}: not an image manifest (mediaType {media_type!r})")
-    if "config" not in obj or not isinstance(obj.get("layers", []), list):
-        raise FormatError(f"{where}: the manifest has no config or no layers list")
-    config = Descriptor.from_json(obj["config"], where=f"{where}: manifest config")
-    layers = [
-        Descriptor.from_json(layer, where=f"{where}: manifest layer {i}")
-        for i, layer in enumerate(obj.get("layers", []))
-    ]
-    return config, layers
-
-
-def _diff_ids(
-    config: Descriptor, data: bytes, layers: Sequence[Descriptor], where: str
-) -> list[str]:
-    """The config's ``rootfs.diff_ids`` (an artifact's layers use their blob digests)."""
-    if config.media_type not in _IMAGE_CONFIG_TYPES:
-        return [layer.digest for layer in layers]
-    obj = _json(data, f"{where}: config {config.digest}")
-    rootfs = obj.get("rootfs")
-    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids):
-        raise FormatError(f"{where}: config {config.digest} has no rootfs.diff_ids list")
-    for d in ids:
-        try:
-            _check_digest(d)
-        except ComposefsError:
-            raise FormatError(f"{where}: config {config.digest}: bad diff_id {d!r}") from None
-    if len(ids) != len(layers):
-        raise FormatError(
-            f"{where}: the manifest has {len(layers)} layers but config {config.digest}"
-            f" lists {len(ids)} diff_ids"
-        )
-    return list(ids)
-
-
-def _check_bytes(data: bytes, digest: str, what: str) -> None:
-    actual = "sha256:" + hashlib.sha256(data).hexdigest()
-    if actual != digest:
-        raise DigestMismatchError(f"{what}: its sha256 is {actual}, expected {digest}")
 
 
 # --------------------------------------------------------------------------- blocking repo work
@@ -668,192 +541,4 @@ async def _import_layers(
     out = tuple(r for r in results if r is not None)
     if len(out) != len(descs):  # pragma: no cover - the nursery raised otherwise
         raise ComposefsError("a layer task finished without a result")
-    return out
-
-
-# --------------------------------------------------------------------------- reading images back
-
-
-@attrs.frozen
-class StoredImage:
-    """An image as stored in the repository: raw manifest and config, their streams, layers."""
-
-    manifest_digest: str
-    manifest_stream: Digest
-    manifest: bytes
-    config_digest: str
-    config_stream: Digest
-    config: bytes
-    config_media_type: str
-    layers: tuple[tuple[str, Digest], ...]
-    """``(diff_id, layer stream)`` in config order."""
-    images: tuple[tuple[str, Digest], ...] = ()
-    """The config's ``composefs.image…`` named refs: ``(name, image ID)``."""
-
-    @property
-    def image(self) -> Digest | None:
-        """The image ID of the default (V1) composefs image, if the config names one."""
-        return dict(self.images).get(DEFAULT_IMAGE_REF)
-
-    @property
-    def is_container(self) -> bool:
-        """A container image (not an artifact): its config is an image config."""
-        return self.config_media_type in _IMAGE_CONFIG_TYPES
-
-    def config_json(self) -> dict[str, Any]:
-        """The parsed config (empty for an artifact whose config is not JSON)."""
-        try:
-            return _json(self.config, "config")
-        except FormatError:
-            return {}
-
-
-def open_image(repo: Repository, image: str) -> StoredImage:
-    """Open a stored image by tag, ``@sha256:...`` or ``sha256:...`` (manifest digest).
-
-    Raises:
-        ObjectNotFoundError: no such tag or image.
-        DigestMismatchError: a manifest opened by digest that does not match it.
-    """
-    if image.startswith("@"):
-        return _open_by_digest(repo, _check_digest(image[1:]))
-    try:
-        digest = resolve_tag(repo, image)
-    except ObjectNotFoundError:
-        if image.startswith("sha256:"):
-            return _open_by_digest(repo, _check_digest(image))
-        raise
-    return _open_by_digest(repo, digest, verified=True)
-
-
-def _open_by_digest(repo: Repository, digest: str, *, verified: bool = False) -> StoredImage:
-    cid = manifest_content_id(digest)
-    stream = repo.has_stream(cid)
-    if stream is None:
-        raise ObjectNotFoundError(f"image {digest} is not in {repo.path}")
-    manifest, named = read_external(repo, cid, ContentType.OCI_MANIFEST)
-    if not verified:
-        _check_bytes(manifest, digest, f"stored manifest {digest}")
-    config_desc, layer_descs = _parse_manifest(manifest, f"stored manifest {digest}")
-    config_stream = named.get(f"config:{config_desc.digest}")
-    if config_stream is None:
-        raise FormatError(f"stored manifest {digest} has no config reference")
-    config, config_named = read_external(
-        repo, config_content_id(config_desc.digest), ContentType.OCI_CONFIG
-    )
-    if config_desc.media_type in _IMAGE_CONFIG_TYPES:
-        ids = _diff_ids(config_desc, config, layer_descs, f"stored image {digest}")
-        layers = tuple((d, config_named[d]) for d in ids if d in config_named)
-    else:
-        layers = tuple((d.digest, named[d.digest]) for d in layer_descs if d.digest in named)
-    return StoredImage(
-        manifest_digest=digest,
-        manifest_stream=stream,
-        manifest=manifest,
-        config_digest=config_desc.digest,
-        config_stream=config_stream,
-        config=config,
-        config_media_type=config_desc.media_type,
-        layers=layers,
-        images=tuple(image_refs(config_named)),
-    )
-
-
-def resolve_tag(repo: Repository, name: str) -> str:
-    """The manifest digest a tag points at.
-
-    Raises:
-        ObjectNotFoundError: no such tag.
-    """
-    ref = _check_tag(name)
-    try:
-        target = os.readlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
-    base = target.rsplit("/", 1)[-1]
-    if not base.startswith("oci-manifest-"):
-        raise FormatError(f"tag {name!r} points at {target!r}, not a manifest stream")
-    return _check_digest(base[len("oci-manifest-") :])
-
-
-def list_tags(repo: Repository) -> list[tuple[str, str]]:
-    """``(tag, manifest digest)`` for every tag, sorted by tag."""
-    out = []
-    for ref, target in repo.list_stream_refs().items():
-        if not ref.startswith(OCI_REF_PREFIX) or "/" in ref[len(OCI_REF_PREFIX) :]:
-            continue
-        if target.startswith("oci-manifest-"):
-            out.append((decode_tag(ref[len(OCI_REF_PREFIX) :]), target[len("oci-manifest-") :]))
-    return sorted(out)
-
-
-def tag_image(repo: Repository, manifest_digest: str, name: str) -> None:
-    """Point tag ``name`` at a stored manifest (replacing the tag if it exists).
-
-    Raises:
-        ObjectNotFoundError: the manifest is not stored.
-    """
-    ref = _check_tag(name)
-    digest = _check_digest(manifest_digest.removeprefix("@"))
-    cid = manifest_content_id(digest)
-    stream = repo.has_stream(cid)
-    if stream is None:
-        raise ObjectNotFoundError(f"image {digest} is not in {repo.path}")
-    repo.publish_stream(cid, stream, ref, sync=False)
-
-
-def untag_image(repo: Repository, name: str) -> None:
-    """Remove a tag (the image stays until gc finds it unreferenced).
-
-    Raises:
-        ObjectNotFoundError: no such tag.
-    """
-    ref = _check_tag(name)
-    repo.ensure_writable()
-    try:
-        os.unlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
-
-
-@attrs.frozen
-class ImageInfo:
-    """One line of ``oci images`` (the fields of cfsctl's JSON)."""
-
-    name: str
-    manifest_digest: str
-    is_container: bool
-    architecture: str
-    os: str
-    created: str | None
-    layer_count: int
-    referrer_count: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """As cfsctl's ``oci images --json`` spells it."""
-        return attrs.asdict(self)
-
-
-def list_images(repo: Repository) -> list[ImageInfo]:
-    """Every tagged image (unreadable ones are skipped)."""
-    out = []
-    for name, digest in list_tags(repo):
-        try:
-            image = _open_by_digest(repo, digest, verified=True)
-        except ComposefsError:
-            continue
-        config = image.config_json() if image.is_container else {}
-        created = config.get("created")
-        _, layer_descs = _parse_manifest(image.manifest, digest)
-        out.append(
-            ImageInfo(
-                name=name,
-                manifest_digest=digest,
-                is_container=image.is_container,
-                architecture=str(config.get("architecture", "")) if image.is_container else "",
-                os=str(config.get("os", "")) if image.is_container else "",
-                created=created if isinstance(created, str) else None,
-                layer_count=len(layer_descs),
-            )
-        )
     return out

@@ -832,6 +832,82 @@ class Repository:
         finally:
             os.close(fd)
 
+    def add_object_from(self, source: Repository, digest: Digest) -> str:
+        """Add object ``digest`` of repository ``source`` to this one, verified first.
+
+        The source object is opened (measured, where ``source`` checks fs-verity)
+        and hashed again in userspace; only if its content has the digest ``digest``
+        is anything linked. Where both repositories are on one filesystem, the very
+        inode that was hashed is hard-linked (through ``/proc/self/fd``); across
+        filesystems (``EXDEV``), where the kernel refuses the link (``EPERM``:
+        ``protected_hardlinks``; ``EMLINK``), or where this repository would need
+        fs-verity the source file lacks, the bytes are copied into a new object (with
+        fs-verity enabled where supported), hashed again as they are copied. Not
+        synced: :meth:`sync` before naming anything that relies on it.
+
+        Returns:
+            ``"present"`` (already here: nothing done), ``"linked"`` or ``"copied"``.
+
+        Raises:
+            ObjectNotFoundError: ``source`` has no such object.
+            DigestMismatchError: its content does not match ``digest`` (nothing is
+                added), naming the source file.
+        """
+        self._check_algorithm(digest)
+        source._check_algorithm(digest)
+        self.ensure_writable()
+        objects = self._objects_fd(create=True)
+        assert objects is not None
+        path = digest.object_path()
+        if _exists(objects, path):
+            return "present"
+        where = f"{source.path}/objects/{path}"
+        fd = source.open_object(digest)
+        try:
+            actual, _ = _hash_fd(fd, self.algorithm)
+            if actual != digest:
+                raise DigestMismatchError(
+                    f"object {where} is corrupt: its content has fs-verity digest {actual};"
+                    f" not copied to {self.path}"
+                )
+            linkable = True
+            if self.verity_supported or not self.insecure:
+                try:
+                    linkable = self.verity_ops.measure(fd, self.algorithm) == digest
+                except ComposefsError:
+                    linkable = False
+            if linkable:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(path[:2], 0o755, dir_fd=objects)
+                try:
+                    os.link(_proc_fd(fd), path, dst_dir_fd=objects, follow_symlinks=True)
+                except FileExistsError:
+                    return "present"
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                        raise RepositoryError(
+                            f"cannot link {where} into {self.path}/objects: {e.strerror}"
+                        ) from e
+                else:
+                    return "linked"
+            with self.begin_object() as tmp:
+                hasher = FsVerityHasher(self.algorithm)
+                offset = 0
+                while chunk := os.pread(fd, _READ_CHUNK, offset):
+                    hasher.update(chunk)
+                    tmp.write(chunk)
+                    offset += len(chunk)
+                copied = hasher.digest()
+                if copied != digest:
+                    raise DigestMismatchError(
+                        f"object {where} changed while it was copied: the copy has fs-verity"
+                        f" digest {copied}; not copied to {self.path}"
+                    )
+                _, present = tmp.finish(digest)
+            return "present" if present else "copied"
+        finally:
+            os.close(fd)
+
     def _check_algorithm(self, digest: Digest) -> None:
         if digest.algorithm is not self.algorithm:
             raise DigestError(
