@@ -419,3 +419,18 @@ async def test_registry_blob_damaged_in_storage(
         # verified and published the first time, and are re-used
         assert sorted(skipped.values()) == [False, True, True]
         await checker.assert_consistent()
+
+
+def test_registry_down_is_a_one_line_network_error(
+    big_registry: LocalRegistry, tmp_path: Path
+) -> None:
+    ref = big_registry.reference("big:latest")
+    big_registry.kill()
+    repo = tmp_path / "repo"
+    assert cli(repo, "init").returncode == 0
+    result = cli(repo, "oci", "pull", ref, "t", "--tls-verify=false")
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("trio-cfsctl: error: ")
+    assert "connection refused" in line
+    assert stored(repo)["streams"] == {}
