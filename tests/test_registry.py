@@ -31,7 +31,7 @@ from trio_composefs import (
     SourceNetworkError,
 )
 from trio_composefs.oci import Platform, open_source, parse_source, pull_image
-from trio_composefs.oci.sources import SkopeoOptions
+from trio_composefs.oci.sources import SkopeoOptions, SkopeoSource
 from trio_composefs.testing import (
     FaultySource,
     Gate,
@@ -434,3 +434,22 @@ def test_registry_down_is_a_one_line_network_error(
     assert line.startswith("trio-cfsctl: error: ")
     assert "connection refused" in line
     assert stored(repo)["streams"] == {}
+
+
+async def test_skopeo_copy_source_takes_the_same_options(
+    auth_registry: LocalRegistry, images: dict[str, Path], tmp_path: Path
+) -> None:
+    ref = auth_registry.reference("sample:latest")
+    authfile = str(auth_registry.write_authfile(tmp_path / "auth.json"))
+    options = SkopeoOptions(tls_verify=False, authfile=authfile)
+    assert options.copy_args() == ["--src-tls-verify=false", "--src-authfile", authfile]
+    with Repository.init(tmp_path / "a", insecure=True) as repo:
+        async with SkopeoSource(ref, workdir=str(tmp_path), options=options) as source:
+            stats = await pull_image(repo, source, tag="t")
+    with Repository.init(tmp_path / "b", insecure=True) as repo:
+        async with open_source(parse_source(f"oci:{images['sample']}:latest")) as source:
+            local = await pull_image(repo, source, tag="t")
+    assert (stats.manifest_digest, stats.image) == (local.manifest_digest, local.image)
+    with pytest.raises(SourceAuthenticationError, match="authentication required"):
+        async with SkopeoSource(ref, workdir=str(tmp_path), options=NO_TLS) as source:
+            await source.resolve()
