@@ -33,6 +33,7 @@ import secrets
 import stat
 import string
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 
@@ -44,6 +45,7 @@ from .._errors import (
     DigestMismatchError,
     InternalError,
     InvalidNameError,
+    LockTimeoutError,
     ObjectNotFoundError,
     RepositoryError,
     UnsafeLayoutError,
@@ -414,7 +416,9 @@ class Repository:
         return self._closed
 
     @contextlib.contextmanager
-    def exclusive_lock(self, *, on_wait: Callable[[], object] | None = None) -> Iterator[None]:
+    def exclusive_lock(
+        self, *, on_wait: Callable[[], object] | None = None, timeout: float | None = None
+    ) -> Iterator[None]:
         """Hold the repository's ``flock`` exclusively, then go back to shared.
 
         Blocks while any other open repository (in this process or another)
@@ -424,6 +428,13 @@ class Repository:
 
         Args:
             on_wait: called once, before blocking, if the lock is busy.
+            timeout: give up after this many seconds (``None``: wait as long
+                as it takes; ``0``: do not wait). The lock is polled every
+                50 ms while a timeout runs.
+
+        Raises:
+            LockTimeoutError: the lock was still busy after ``timeout`` seconds
+                (the shared lock is held again).
         """
         try:
             try:
@@ -431,7 +442,10 @@ class Repository:
             except BlockingIOError:
                 if on_wait is not None:
                     on_wait()
-                fcntl.flock(self.dirfd, fcntl.LOCK_EX)
+                if timeout is None:
+                    fcntl.flock(self.dirfd, fcntl.LOCK_EX)
+                else:
+                    self._poll_exclusive(timeout)
         except BaseException:
             fcntl.flock(self.dirfd, fcntl.LOCK_SH)  # a failed conversion dropped it
             raise
@@ -439,6 +453,21 @@ class Repository:
             yield
         finally:
             fcntl.flock(self.dirfd, fcntl.LOCK_SH)
+
+    def _poll_exclusive(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LockTimeoutError(
+                        f"{self.path}: the repository's exclusive lock is still held by another"
+                        f" process after {timeout:g} s (--lock-timeout)"
+                    ) from None
+                time.sleep(min(0.05, left))
 
     def __enter__(self) -> Repository:
         return self
