@@ -120,9 +120,7 @@ def problem_keys(problem: FsckProblem) -> list[str]:
     return keys
 
 
-def affected_tags(
-    problem: FsckProblem, closures: Sequence[ImageClosure]
-) -> list[tuple[str, str]]:
+def affected_tags(problem: FsckProblem, closures: Sequence[ImageClosure]) -> list[tuple[str, str]]:
     """``(tag, part)`` for every image whose closure contains what ``problem`` is about."""
     out = []
     keys = problem_keys(problem)

@@ -172,8 +172,8 @@ def cmd_oci_fsck(args: argparse.Namespace, out: TextIO) -> int:
     print(f"oci images: {len(closures) - len(corrupted)}/{len(closures)} ok", file=out)
     if errors:
         print(f"oci errors: {len(errors)}", file=out)
-        for e in errors:
-            print(f"  - {e}", file=out)
+        for text in errors:
+            print(f"  - {text}", file=out)
     if not ok:
         print(f"{PROG}: error: OCI integrity check failed", file=sys.stderr)
         return 1
