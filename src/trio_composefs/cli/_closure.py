@@ -103,11 +103,19 @@ def image_closure(
 
 
 def tag_closures(repo: Repository, only: str | None = None) -> list[ImageClosure]:
-    """The closure of every tagged image (or of the tag ``only``), sorted by tag."""
-    streams = repo.list_streams()
+    """The closure of every tagged image (or of the tag ``only``), sorted by tag.
+
+    Empty when the tags or stream names cannot be listed (e.g. ``streams/refs``
+    is a symlink, which is never followed): fsck reports that itself.
+    """
+    try:
+        streams = repo.list_streams()
+        tags = list_tags(repo)
+    except (ComposefsError, OSError):
+        return []
     return [
         image_closure(repo, tag, digest, streams)
-        for tag, digest in list_tags(repo)
+        for tag, digest in tags
         if only is None or tag == only
     ]
 

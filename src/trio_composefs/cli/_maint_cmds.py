@@ -76,22 +76,24 @@ def _problem_json(problem: FsckProblem, closures: list[ImageClosure]) -> dict[st
 
 
 def _report_lines(report: FsckReport, closures: list[ImageClosure]) -> list[str]:
+    """cfsctl's lines, each problem followed by our advice line, and our extras
+    (what was reassembled and hashed) just before the ``status:`` line."""
     lines = report.cfsctl_lines()
-    if not report.ok:
-        head = lines[: -len(report.problems)]
-        lines = head
-        for p in report.problems:
-            lines.append(f"  - {p.cfsctl_message()}")
-            lines.append(f"    {_advice(p, closures)}")
-    lines.append(
+    status = next(i for i, line in enumerate(lines) if line.startswith("status: "))
+    out = lines[:status]
+    out.append(
         f"checked: {plural(report.contents_checked, 'stream')} reassembled and matched against"
         f" their sha256 name, {report.bytes_hashed / 2**20:.1f} MiB hashed,"
         f" {plural(report.refs_checked, 'ref')}"
     )
-    lines += [f"stray temporary file: {name}" for name in report.stray_tmpfiles]
+    out.append(lines[status])
+    for p in report.problems:
+        out.append(f"  - {p.cfsctl_message()}")
+        out.append(f"    {_advice(p, closures)}")
+    out += [f"stray temporary file: {name}" for name in report.stray_tmpfiles]
     if report.stray_tmpfiles:
-        lines.append(f"({PROG} gc removes stray temporary files)")
-    return lines
+        out.append(f"({PROG} gc removes stray temporary files)")
+    return out
 
 
 def cmd_fsck(args: argparse.Namespace, out: TextIO) -> int:
@@ -131,11 +133,21 @@ def _oci_error(tag: str, part: str, problem: FsckProblem) -> str:
     return f"fsck: image-check-failed: {tag}: {part.removeprefix('composefs image ')}: {detail}"
 
 
+def _tags_or_none(repo: Repository) -> list[tuple[str, str]]:
+    from .._errors import ComposefsError
+    from ..oci import list_tags
+
+    try:
+        return list_tags(repo)
+    except (ComposefsError, OSError):
+        return []
+
+
 def cmd_oci_fsck(args: argparse.Namespace, out: TextIO) -> int:
-    from ..oci import list_tags, open_image
+    from ..oci import open_image
 
     with _open_repo(args) as repo:
-        if args.image is not None and args.image not in dict(list_tags(repo)):
+        if args.image is not None and args.image not in dict(_tags_or_none(repo)):
             open_image(repo, args.image)  # raises: no such tag (or names it by digest)
             raise UsageError(f"{args.image}: give the image by tag")
         report = _run_fsck(args, repo)

@@ -175,6 +175,7 @@ class PullProgress:
 
     renderer: Renderer
     started: dict[str, float] = attrs.Factory(dict)
+    finished: set[str] = attrs.Factory(set)
     total_shown: bool = False
 
     def __call__(self, p: ImageProgress) -> None:
@@ -188,13 +189,17 @@ class PullProgress:
         if layer is None:
             return
         key = layer.diff_id
+        if key in self.finished:
+            return  # a layer's end is reported by the importer and by the pull
         if p.skipped:
+            self.finished.add(key)
             r.finish(key, f"{_short(key)}  skipped: already present")
             return
         if key not in self.started:
             self.started[key] = time.monotonic()
             r.add(key, f"{_short(key)}", p.layer_size)
         if layer.done:
+            self.finished.add(key)
             r.finish(key, self._done_text(layer, p.layer_read or p.layer_size or 0))
         else:
             r.update(key, p.layer_read, p.layer_size)
