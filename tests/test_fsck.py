@@ -17,7 +17,7 @@ import trio
 from trio_composefs.cli import run
 from trio_composefs.formats import Algorithm, ContentType, Digest, ExternalChunk, encode_splitstream
 from trio_composefs.importer import layer_content_id, open_importer
-from trio_composefs.maintenance import FsckProgress, fsck
+from trio_composefs.maintenance import FsckProblem, FsckProgress, fsck
 from trio_composefs.repository import Repository, open_splitstream
 from trio_composefs.testing import sample_layers
 
@@ -208,7 +208,7 @@ async def test_every_damage_reported_at_once(
         ("stream-digest-mismatch", f"streams/{man_name}"),
     }
     assert len(report.problems) == len(got)
-    by_kind = {(p.kind, p.path): p for p in report.problems}
+    by_kind: dict[tuple[str, str], FsckProblem] = {(p.kind, p.path): p for p in report.problems}
     bad = by_kind[("object-digest-mismatch", f"objects/{own[0].object_path()}")]
     assert bad.expected == own[0].hex()
     assert bad.actual == tool_digest(flipped, alg)
