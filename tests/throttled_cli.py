@@ -36,7 +36,7 @@ def throttle(rate: float) -> None:
 
             yield slow()
 
-    OciLayoutSource.open_blob = slow_open_blob  # type: ignore[assignment,method-assign]
+    OciLayoutSource.open_blob = slow_open_blob  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
