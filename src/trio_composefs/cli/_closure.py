@@ -87,6 +87,8 @@ def image_closure(
         for obj in objects:
             parts.setdefault(_object_key(obj), part)
 
+    # Layers first, then the images built from them: an object both use is named by its layer.
+    images: list[Digest] = []
     manifest = stream(manifest_content_id(manifest_digest), "manifest", None)
     for name, target in (manifest.named_refs if manifest else {}).items():
         if name.startswith("config:"):
@@ -94,11 +96,13 @@ def image_closure(
             config = stream(config_content_id(config_digest), "config", target)
             for sub, sub_target in (config.named_refs if config else {}).items():
                 if sub.startswith("composefs.image"):
-                    image(sub_target)
+                    images.append(sub_target)
                 else:
                     stream(layer_content_id(sub), f"layer {sub}", sub_target)
         else:
             stream(layer_content_id(name), f"layer {name}", target)
+    for digest in images:
+        image(digest)
     return ImageClosure(tag, manifest_digest, parts)
 
 

@@ -54,6 +54,16 @@ def _run_fsck(args: argparse.Namespace, repo: Repository) -> FsckReport:
         )
 
 
+_BAD_CONTENT = frozenset(
+    {
+        FsckKind.OBJECT_DIGEST_MISMATCH,
+        FsckKind.OBJECT_VERITY_FAILED,
+        FsckKind.OBJECT_VERITY_MISSING,
+        FsckKind.UNEXPECTED_FILE_TYPE,
+    }
+)
+
+
 def _advice(problem: FsckProblem, closures: list[ImageClosure]) -> str:
     """Which tags the problem affects, and how to repair it."""
     hits = affected_tags(problem, closures)
@@ -62,10 +72,13 @@ def _advice(problem: FsckProblem, closures: list[ImageClosure]) -> str:
     if hits:
         tags = sorted({tag for tag, _ in hits})
         parts = "; ".join(f"{tag} ({part})" for tag, part in hits)
-        return (
-            f"affects {parts}; repair: pull {'it' if len(tags) == 1 else 'them'} again"
-            f" ({PROG} oci pull SOURCE {tags[0]}): what is damaged is imported again"
+        again = (
+            f"pull {'it' if len(tags) == 1 else 'them'} again ({PROG} oci pull SOURCE {tags[0]})"
         )
+        if problem.path.startswith("objects/") and problem.kind in _BAD_CONTENT:
+            # a pull re-imports what is missing; an object with wrong bytes must go first
+            return f"affects {parts}; repair: remove {problem.path}, then {again}"
+        return f"affects {parts}; repair: {again}, which imports what is missing again"
     return f"affects no tagged image; repair: {PROG} gc removes it when nothing else refers to it"
 
 
