@@ -71,3 +71,31 @@ def test_platform_mismatch_on_a_single_manifest_warns(tmp_path: Path) -> None:
     warnings = [line for line in done.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1
     assert "linux/s390x" in warnings[0]
+
+
+def test_open_waits_for_a_running_gc_and_says_so_once(tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    assert run("--repo", str(repo), "init", "--insecure").returncode == 0
+    with Repository.open(repo) as held, held.exclusive_lock():  # as gc holds it
+        done = run("--repo", str(repo), "gc", "-n", "--lock-timeout", "0.3")
+        assert done.returncode == 1
+        assert done.stderr.count("waiting") == 1, done.stderr
+        assert "shared lock is still held" in done.stderr
+        errfile = tmp_path / "stderr"
+        with open(errfile, "w") as errs:
+            proc = subprocess.Popen(
+                [*CLI, "--repo", str(repo), "oci", "images"],
+                stdout=subprocess.PIPE,
+                stderr=errs,
+                text=True,
+            )
+        deadline = time.monotonic() + 60
+        while "waiting" not in errfile.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert proc.poll() is None  # default: it waits
+    out, _ = proc.communicate(timeout=60)
+    err = errfile.read_text()
+    assert proc.returncode == 0, err
+    assert err.count("waiting until it is free") == 1
+    assert out.strip() == "No images found"

@@ -51,7 +51,19 @@ def _open_repo(args: argparse.Namespace) -> Repository:
             f"no repository at {path}; create one with `{PROG} --repo {path} init`"
             " (add --insecure on a filesystem without fs-verity)"
         )
-    return Repository.open(path, insecure=True if args.insecure else None)
+    timeout = getattr(args, "lock_timeout", None)
+
+    def waiting() -> None:
+        limit = "until it is free" if timeout is None else f"at most {timeout:g} s"
+        print(
+            f"{PROG}: another process (gc) holds the repository's exclusive lock; waiting {limit}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return Repository.open(
+        path, insecure=True if args.insecure else None, on_wait=waiting, lock_timeout=timeout
+    )
 
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -79,6 +91,7 @@ def _refuse_terminal(what: str) -> None:
 def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     path = args.path or _repo_path(args)
     insecure = bool(args.init_insecure or args.insecure)
+    existed = os.path.lexists(os.path.join(path, "meta.json"))
     try:
         repo = Repository.init(path, algorithm=Algorithm(args.algorithm), insecure=insecure)
     except VerityUnsupportedError:
@@ -87,8 +100,14 @@ def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
             " --insecure` for a repository that computes digests in userspace"
         ) from None
     with repo:
-        mode = "insecure" if repo.insecure else "fs-verity enforced"
-        print(f"initialized {repo.algorithm.value} repository at {repo.path} ({mode})", file=out)
+        # cfsctl's lines
+        if existed:
+            print(f"Repository already initialized at {repo.path}", file=out)
+        else:
+            print(f"Initialized composefs repository at {repo.path}", file=out)
+            print(f"  algorithm: {repo.algorithm.value}", file=out)
+            verity = "not required (insecure)" if repo.insecure else "required"
+            print(f"  verity:    {verity}", file=out)
     return 0
 
 

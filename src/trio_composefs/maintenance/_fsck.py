@@ -347,7 +347,8 @@ class FsckReport:
         ]
         lines += [f"stray temporary file: {name}" for name in self.stray_tmpfiles]
         lines += [f"fsck: {p}" for p in self.problems]
-        lines.append("ok" if self.ok else f"{len(self.problems)} problem(s) found")
+        n = len(self.problems)
+        lines.append("ok" if self.ok else f"{n} {'problem' if n == 1 else 'problems'} found")
         return lines
 
 

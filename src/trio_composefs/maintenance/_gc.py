@@ -262,7 +262,8 @@ def _collect(repo: Repository, extra: list[str], *, dry_run: bool) -> GcResult:
     root_images = _roots(repo, "images", damaged)
     if damaged:
         raise RepositoryError(
-            "gc stopped, nothing was deleted: damaged root(s) "
+            "gc stopped, nothing was deleted: damaged "
+            + ("root " if len(damaged) == 1 else "roots ")
             + "; ".join(damaged)
             + " (repair the ref or remove it, then run gc again)"
         )
