@@ -3,6 +3,7 @@ source; and as a plain log when standard error is not a terminal."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -122,3 +123,38 @@ def test_plain_log_when_not_a_terminal(tmp_path: Path) -> None:
         [*CLI, "--repo", str(repo), "fsck", "--no-progress"], capture_output=True, timeout=120
     )
     assert quiet.stderr == b""
+
+
+async def test_image_progress_events_carry_totals_and_skips(tmp_path: Path) -> None:
+    """What a trio application needs to draw its own display, checked against the manifest."""
+    import json
+
+    from trio_composefs import Algorithm, open_importer, open_source, parse_source, pull_image
+    from trio_composefs.oci import ImageProgress
+    from trio_composefs.repository import Repository
+
+    reference = write_sample_layout(str(tmp_path / "layout"))
+    layout = Path(reference.removeprefix("oci:").rsplit(":", 1)[0])
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"].removeprefix("sha256:")
+    manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+    sizes = [layer["size"] for layer in manifest["layers"]]
+    layers = sample_layers()
+    events: list[ImageProgress] = []
+    with Repository.init(tmp_path / "r", algorithm=Algorithm.SHA256, insecure=True) as repo:
+        async with open_importer(repo) as importer:
+            await importer.import_layer(layers[0].tar, layers[0].diff_id)
+            async with open_source(parse_source(reference)) as source:
+                await pull_image(importer, source, tag="t", progress=events.append)
+    assert {e.bytes_total for e in events} == {sum(sizes)}
+    assert events[-1].bytes_done == sum(sizes)
+    skipped = [e for e in events if e.skipped]
+    assert len(skipped) == 1
+    assert skipped[0].layer is not None
+    assert skipped[0].layer.diff_id == layers[0].diff_id
+    assert skipped[0].layer_size == sizes[0]
+    done = [e for e in events if e.layer is not None and e.layer.done and not e.skipped]
+    assert {e.layer.diff_id for e in done if e.layer} == {lay.diff_id for lay in layers[1:]}
+    for e in done:
+        assert e.layer_read == e.layer_size
+    assert all(a.bytes_done <= b.bytes_done for a, b in itertools.pairwise(events))
