@@ -2,6 +2,8 @@
 # A script written against cfsctl's output formats (composefs-rs crates/composefs-ctl),
 # run against trio-cfsctl by tests/test_cfsctl_script.py.
 # Usage: CFSCTL="cfsctl" cfsctl_script.sh REPO OCI-LAYOUT-REFERENCE LAYER.tar DIFF_ID
+# (Outputs are captured before grep -q reads them: with pipefail, a reader that stops
+# early would fail the writer with SIGPIPE, ours and cfsctl's alike.)
 set -euo pipefail
 REPO=$1 SOURCE=$2 TAR=$3 DIFF=$4
 cfs() { $CFSCTL --repo "$REPO" "$@"; }
@@ -25,12 +27,14 @@ grep -qx 'tagged   demo' <<<"$out"
 grep -Eq '^objects  [0-9]+ new \+ [0-9]+ already present objects; .* stored, .* inlined$' <<<"$out"
 
 step "images --no-trunc shows the whole digest"
-cfs oci images --no-trunc | grep -q "${manifest#sha256:}"
+images=$(cfs oci images --no-trunc)
+grep -q "${manifest#sha256:}" <<<"$images"
 cfs oci images --json | json 'd["images"][0]["manifest_digest"] == "'"$manifest"'"'
 
 step "oci layer: raw tar, --dumpfile, --json"
 [[ $(cfs oci layer "$DIFF" | sha256sum | cut -d' ' -f1) == "${DIFF#sha256:}" ]]
-cfs oci layer "$DIFF" --dumpfile | grep -Eq '^/[^ ]* [0-9]+ [0-7]+ 1 '
+dump=$(cfs oci layer "$DIFF" --dumpfile)
+grep -Eq '^/[^ ]* [0-9]+ [0-7]+ 1 ' <<<"$dump"
 cfs oci layer "$DIFF" --json | json 'd["diffId"] == "'"$DIFF"'" and d["entryCount"] > 0 and d["size"] > 0 and set(d["splitstream"]) == {"externalObjects", "externalSize", "inlineSize"}'
 if cfs oci layer 1234 >/dev/null 2>&1; then exit 1; fi
 
@@ -44,12 +48,15 @@ cfs oci fsck demo --json 2>/dev/null | json 'd["ok"] is True and d["images_check
 cfs oci fsck --json 2>/dev/null | json 'd["images_checked"] == 1'
 
 step "gc -n / --dry-run and -r"
-cfs gc -n | head -1 | grep -qx 'Dry run (no files deleted):'
-cfs gc --dry-run | grep -Eq '^Objects: [0-9]+ removed \([0-9]+ bytes\)$'
-cfs gc -r "oci-layer-$DIFF" | grep -Eq '^Objects: [0-9]+ removed \([0-9]+ bytes\)$'
+out=$(cfs gc -n)
+[[ ${out%%$'\n'*} == "Dry run (no files deleted):" ]]
+out=$(cfs gc --dry-run)
+grep -Eq '^Objects: [0-9]+ removed \([0-9]+ bytes\)$' <<<"$out"
+out=$(cfs gc -r "oci-layer-$DIFF")
+grep -Eq '^Objects: [0-9]+ removed \([0-9]+ bytes\)$' <<<"$out"
 
 step "damage: fsck --json still exits 0 with ok false, plain fsck exits 1"
-victim=$(find "$REPO/objects" -type f -size +100k | head -1)
+victim=$(find "$REPO/objects" -type f -size +100k -print -quit)
 chmod u+w "$victim"
 printf 'X' | dd of="$victim" bs=1 seek=10 conv=notrunc status=none
 cfs fsck --json 2>/dev/null | json 'd["ok"] is False and d["objects_corrupted"] == 1 and d["errors"][0].startswith("fsck: object-digest-mismatch: objects/")'
