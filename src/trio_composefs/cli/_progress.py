@@ -37,13 +37,14 @@ REFRESH_PER_SECOND = 8
 
 
 def human_bytes(n: float) -> str:
-    """``512 B``, ``1.5 KiB``, ``8.0 MiB``, ``1.20 GiB`` (binary units, as cfsctl's indicatif)."""
+    """``512 B``, ``1.50 KiB``, ``120.00 MiB``: binary units with two decimals, as
+    indicatif's ``HumanBytes`` prints them in cfsctl's ``objects`` line."""
     if n < 1024:
         return f"{int(n)} B"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
         if n < 1024 or unit == "TiB":
-            return f"{n:.2f} {unit}" if n < 10 else f"{n:.1f} {unit}"
+            return f"{n:.2f} {unit}"
     raise AssertionError("unreachable")  # pragma: no cover
 
 
