@@ -37,10 +37,10 @@ REFRESH_PER_SECOND = 8
 
 
 def human_bytes(n: float) -> str:
-    """``512 B``, ``1.50 KiB``, ``120.00 MiB``: binary units with two decimals, as
-    indicatif's ``HumanBytes`` prints them in cfsctl's ``objects`` line."""
+    """``512B``, ``1.50 KiB``, ``120.00 MiB``: as indicatif's ``HumanBytes`` prints them
+    in cfsctl's ``objects`` line (binary prefixes, two decimals, no space before a bare B)."""
     if n < 1024:
-        return f"{int(n)} B"
+        return f"{int(n)}B"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
         if n < 1024 or unit == "TiB":
