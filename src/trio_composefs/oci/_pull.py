@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, cast
 
 import attrs
@@ -145,9 +145,23 @@ class ImageStats:
 class ImageProgress:
     """A snapshot handed to :func:`pull_image`'s ``progress`` callback (on the trio thread).
 
-    Sent when a layer starts, whenever its :class:`LayerProgress` moves (about
-    every 64 MiB), when it ends or is skipped, and with a ``message`` for
-    image-level steps (config, manifest, tag).
+    Sent when a layer starts, while its compressed blob is read (at most every
+    0.1 s per layer), whenever its :class:`LayerProgress` moves, when it ends or
+    is skipped, and with a ``message`` for image-level steps (config, manifest,
+    tag). Sizes come from the manifest, so a display can show totals and an ETA
+    from the first event on.
+
+    Attributes:
+        layers_total: layers in the manifest.
+        layers_done: layers finished (imported or skipped).
+        layers_skipped: layers found already present (not read).
+        layer: the layer this event is about, if any.
+        message: an image-level step, if this event is one.
+        bytes_total: compressed bytes of all layers (sum of the manifest's sizes).
+        bytes_done: compressed bytes read so far, plus the sizes of skipped layers.
+        layer_size: compressed size of ``layer``'s blob (from the manifest).
+        layer_read: compressed bytes of ``layer``'s blob read so far.
+        skipped: ``layer`` is already present and is not read.
     """
 
     layers_total: int
@@ -155,6 +169,11 @@ class ImageProgress:
     layers_skipped: int
     layer: LayerProgress | None = None
     message: str | None = None
+    bytes_total: int = 0
+    bytes_done: int = 0
+    layer_size: int | None = None
+    layer_read: int = 0
+    skipped: bool = False
 
 
 ProgressCallback = Callable[[ImageProgress], object]
@@ -231,18 +250,42 @@ class _Pull:
     layers_total: int = 0
     layers_done: int = 0
     layers_skipped: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    sizes: dict[str, int] = attrs.Factory(dict)
+    read: dict[str, int] = attrs.Factory(dict)
+    last: dict[str, LayerProgress] = attrs.Factory(dict)
 
     @property
     def repo(self) -> Repository:
         return cast(Repository, self.importer.repo)
 
-    def report(self, layer: LayerProgress | None = None, message: str | None = None) -> None:
-        if self.progress is not None:
-            self.progress(
-                ImageProgress(
-                    self.layers_total, self.layers_done, self.layers_skipped, layer, message
-                )
+    def report(
+        self, layer: LayerProgress | None = None, message: str | None = None, skipped: bool = False
+    ) -> None:
+        if self.progress is None:
+            return
+        if layer is not None:
+            self.last[layer.diff_id] = layer
+        key = layer.diff_id if layer is not None else ""
+        self.progress(
+            ImageProgress(
+                self.layers_total,
+                self.layers_done,
+                self.layers_skipped,
+                layer,
+                message,
+                bytes_total=self.bytes_total,
+                bytes_done=self.bytes_done,
+                layer_size=self.sizes.get(key),
+                layer_read=self.read.get(key, 0),
+                skipped=skipped,
             )
+        )
+
+    def counted(self, pieces: AsyncIterator[bytes], diff_id: str) -> AsyncIterator[bytes]:
+        """``pieces``, counting the compressed bytes read for the progress events."""
+        return _Counted(pieces, self, diff_id)
 
     async def thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.importer.metadata_limiter)
@@ -252,6 +295,7 @@ class _Pull:
         repo = self.repo
         compression = _TAR_TYPES.get(desc.media_type, "raw")
         cid = layer_content_id(diff_id)  # also for raw blobs, as upstream (their digest, usually)
+        self.sizes[diff_id] = desc.size
         while True:
             # Not just the name: a stream whose object, header or files are lost is
             # imported again (which repairs it), never skipped.
@@ -265,7 +309,8 @@ class _Pull:
             if existing is not None:
                 self.layers_skipped += 1
                 self.layers_done += 1
-                self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True))
+                self.bytes_done += desc.size
+                self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True), skipped=True)
                 return LayerStats(diff_id=diff_id, splitstream=existing, skipped=True)
             event = self.importer.in_flight(cid)
             if event is None:
@@ -297,7 +342,7 @@ class _Pull:
         async with (
             self.source.open_blob(desc) as pieces,
             open_verified_stream(
-                pieces,
+                self.counted(pieces, diff_id),
                 compression=compression,
                 digest=desc.digest,
                 size=desc.size,
@@ -314,7 +359,11 @@ class _Pull:
         async with (
             self.source.open_blob(desc) as pieces,
             open_verified_stream(
-                pieces, compression=None, digest=desc.digest, size=desc.size, where=where
+                self.counted(pieces, diff_id),
+                compression=None,
+                digest=desc.digest,
+                size=desc.size,
+                where=where,
             ) as stream,
         ):
             obj, size, written = await trio.to_thread.run_sync(
@@ -334,6 +383,31 @@ class _Pull:
             objects_deduplicated=int(not written),
             object_bytes=size,
         )
+
+
+@attrs.define(eq=False)
+class _Counted:
+    """An async iterator over a blob's pieces that counts them for :class:`_Pull`'s events."""
+
+    pieces: AsyncIterator[bytes]
+    state: _Pull
+    diff_id: str
+    last_report: float = -1.0
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = await self.pieces.__anext__()
+        state = self.state
+        state.read[self.diff_id] = state.read.get(self.diff_id, 0) + len(piece)
+        state.bytes_done += len(piece)
+        now = trio.current_time()
+        if now - self.last_report >= 0.1:
+            self.last_report = now
+            layer = state.last.get(self.diff_id) or LayerProgress(self.diff_id, 0, 0, 0, 0)
+            state.report(layer)
+        return piece
 
 
 async def pull_image(
@@ -401,6 +475,7 @@ async def _pull(
     manifest_digest = resolved.digest
     config_desc, layer_descs = _parse_manifest(resolved.manifest, where)
     state.layers_total = len(layer_descs)
+    state.bytes_total = sum(d.size for d in layer_descs)
     config_digest = config_desc.digest
 
     # Fast path: the manifest is stored already.
@@ -441,6 +516,7 @@ async def _pull(
                 repo.publish_stream, manifest_content_id(manifest_digest), existing, ref
             )
         state.layers_done = state.layers_skipped = len(layer_descs)
+        state.bytes_done = state.bytes_total
         state.report(message=f"already have manifest {manifest_digest}")
         return ImageStats(
             source=where,
@@ -471,6 +547,7 @@ async def _pull(
         if complete:
             layers = tuple(LayerStats(d, named[d], skipped=True) for d in diff_ids)
             state.layers_done = state.layers_skipped = len(layers)
+            state.bytes_done = state.bytes_total
             config_bytes = None
         else:  # a damaged layer: import what is missing, then rewrite the config stream
             config_existing = None
