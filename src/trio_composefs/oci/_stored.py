@@ -5,7 +5,6 @@ Blocking (layer L1 work inside the trio shell: call it from a worker thread).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import attrs
@@ -128,10 +127,9 @@ def resolve_tag(repo: Repository, name: str) -> str:
         ObjectNotFoundError: no such tag.
     """
     ref = _check_tag(name)
-    try:
-        target = os.readlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
+    target = repo.read_stream_ref(ref)
+    if target is None:
+        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}")
     base = target.rsplit("/", 1)[-1]
     if not base.startswith("oci-manifest-"):
         raise FormatError(f"tag {name!r} points at {target!r}, not a manifest stream")
@@ -171,11 +169,8 @@ def untag_image(repo: Repository, name: str) -> None:
         ObjectNotFoundError: no such tag.
     """
     ref = _check_tag(name)
-    repo.ensure_writable()
-    try:
-        os.unlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
+    if not repo.remove_stream_ref(ref):
+        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}")
 
 
 @attrs.frozen
