@@ -50,12 +50,12 @@ from ..formats._fsverity import (
     BLOCK_SIZE,
     Algorithm,
     Digest,
-    FsVerityHasher,
     digest_from_level1,
     level1_group_size,
 )
 from . import _worker
-from ._worker import JOB, OK, READ_SIZE, REPLY_MAX, WHOLE_FILE, pread_exactly
+from ._fd import digest_fd
+from ._worker import JOB, OK, REPLY_MAX, WHOLE_FILE
 
 __all__ = [
     "DEFAULT_INLINE_BELOW",
@@ -72,29 +72,6 @@ DEFAULT_THRESHOLD = 1 << 20
 
 # Upper bound for one worker job; smaller jobs balance better between workers.
 _MAX_JOB = 16 << 20
-
-
-def digest_fd(fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> Digest:
-    """fs-verity digest of the first ``size`` bytes of ``fd``, in the calling thread.
-
-    Reads with :func:`os.preadv`, so the file offset is left alone and ``fd``
-    may be shared. Blocking.
-
-    Raises:
-        ComposefsError: the file has fewer than ``size`` bytes.
-        OSError: ``fd`` cannot be read.
-    """
-    if size < 0:
-        raise ValueError(f"negative file size {size}")
-    hasher = FsVerityHasher(algorithm)
-    buf = memoryview(bytearray(min(size, READ_SIZE)))
-    offset = 0
-    while offset < size:
-        chunk = buf[: min(len(buf), size - offset)]
-        pread_exactly(fd, chunk, offset)
-        hasher.update(chunk)
-        offset += len(chunk)
-    return hasher.digest()
 
 
 def _default_workers(workers: int | None) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, cast
 
 import attrs
@@ -50,6 +50,7 @@ from ..importer._importer import (
 from ..importer._writers import digester_for
 from ..repository._reading import stream_is_complete, usable_stream
 from ..repository._repository import Repository
+from ..repository._writing import StreamName, publish_after_sync, write_object
 from ._build import (
     DEFAULT_IMAGE_REF,
     commit_image_streams,
@@ -199,13 +200,15 @@ def _store_blob_object(
         except StopAsyncIteration:
             return None
 
-    digester = digester_for(repo, hash_pool)
-    with repo.begin_object() as tmp:
+    size = 0
+
+    def received() -> Iterator[bytes]:
+        nonlocal size
         while (piece := trio.from_thread.run(pull)) is not None:
-            tmp.write(piece)
-        size: int = tmp.size
-        digest = digester(tmp.fd, size) if digester is not None else None
-        obj, written = tmp.finish(digest)
+            size += len(piece)
+            yield piece
+
+    obj, written = write_object(repo, received(), digester=digester_for(repo, hash_pool))
     return obj, size, written
 
 
@@ -214,9 +217,9 @@ def _store_blob_stream(repo: Repository, cid: str, obj: Digest, size: int) -> Di
         [ExternalChunk(obj, size)], algorithm=repo.algorithm, content_type=ContentType.OCI_BLOB
     )
     digest = repo.store_object(splitstream)
-    repo.sync()
-    trio.from_thread.check_cancelled()
-    repo.publish_stream(cid, digest, sync=False)
+    publish_after_sync(
+        repo, [StreamName(cid, digest)], check_cancelled=trio.from_thread.check_cancelled
+    )
     return digest
 
 

@@ -50,6 +50,7 @@ from .._errors import (
     VerityUnsupportedError,
 )
 from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
+from ..hashing._fd import digest_fd
 from ._layout import (
     IMAGES,
     LAYOUT,
@@ -64,6 +65,7 @@ from ._layout import (
 )
 from ._meta import MAX_META_BYTES, RepoMetadata
 from ._verity import EnableResult, VerityOps
+from ._writing import write_object
 
 __all__ = ["ObjectEntry", "ObjectTmpfile", "RefEntry", "Repository"]
 
@@ -122,16 +124,6 @@ def _syncfs(fd: int) -> None:
     if func(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def _hash_fd(fd: int, algorithm: Algorithm) -> tuple[Digest, int]:
-    """The fs-verity digest and size of the whole file behind ``fd`` (pread)."""
-    hasher = FsVerityHasher(algorithm)
-    offset = 0
-    while chunk := os.pread(fd, _READ_CHUNK, offset):
-        hasher.update(chunk)
-        offset += len(chunk)
-    return hasher.digest(), offset
 
 
 def _copy_fd(src: int, dst: int) -> None:
@@ -841,7 +833,7 @@ class Repository:
             target = os.readlink(current, dir_fd=self.dirfd)
             if target.startswith("/"):
                 return os.path.exists(target)
-            current = posixpath.normpath(posixpath.join(posixpath.dirname(current), target))
+            current = _link_target_path(current, target)
             if current == ".." or current.startswith("../"):
                 return os.path.exists(os.path.join(self.path, current))
         return False  # a loop
@@ -916,9 +908,7 @@ class Repository:
             if not self.insecure or self.verity_supported:
                 os.close(self.open_object(digest))
             return digest
-        with self.begin_object() as tmp:
-            tmp.write(data)
-            tmp.finish(digest)
+        write_object(self, [data], size=len(data), digester=lambda _fd, _size: digest)
         return digest
 
     def has_object(self, digest: Digest) -> bool:
@@ -966,7 +956,7 @@ class Repository:
         try:
             self._check_measured(fd, digest)
             if verify:
-                actual, _ = _hash_fd(fd, self.algorithm)
+                actual = digest_fd(fd, None, self.algorithm)
                 if actual != digest:
                     raise DigestMismatchError(
                         f"object {self.path}/objects/{rel} is corrupt: its content has"
@@ -1157,7 +1147,7 @@ class Repository:
                 raise RepositoryError(f"{self.path}/{current}: {e}") from e
             if target.startswith("/"):
                 raise RepositoryError(f"{self.path}/{current}: absolute symlink {target!r}")
-            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(current), target))
+            resolved = _link_target_path(current, target)
             if resolved.startswith("../") or resolved == "..":
                 raise RepositoryError(
                     f"{self.path}/{current}: symlink {target!r} leaves the repository"
@@ -1224,8 +1214,7 @@ class Repository:
         for ref, target in _symlinks_in(self.dirfd, f"{top}/refs", recursive=True):
             if posixpath.basename(ref).startswith(TMP_SYMLINK_PREFIX):
                 continue
-            where = posixpath.dirname(f"{top}/refs/{ref}")
-            resolved = posixpath.normpath(posixpath.join(where, target))
+            resolved = _link_target_path(f"{top}/refs/{ref}", target)
             head, sep, rest = resolved.partition("/")
             out[ref] = rest if head == top and sep and "/" not in rest else target
         return out
@@ -1386,7 +1375,7 @@ class ObjectTmpfile:
             elif digest is not None:
                 actual = digest
             else:
-                actual, _ = _hash_fd(self.fd, repo.algorithm)
+                actual = digest_fd(self.fd, self.size, repo.algorithm)
             present = self._link(actual)
         except BaseException:
             self.abort()
@@ -1540,6 +1529,12 @@ class RefEntry:
     def is_tmp(self) -> bool:
         """A ``.symlink-*`` leftover of an interrupted atomic replace."""
         return posixpath.basename(self.path).startswith(TMP_SYMLINK_PREFIX)
+
+
+def _link_target_path(link: str, target: str) -> str:
+    """Where the relative symlink ``link`` -> ``target`` points, repository-relative and
+    normalised lexically (``..`` or ``../…`` when it leaves the repository)."""
+    return posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
 
 
 def _digest_of(data: bytes, algorithm: Algorithm) -> Digest:
