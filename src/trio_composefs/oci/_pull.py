@@ -208,8 +208,8 @@ def _store_blob_object(
             size += len(piece)
             yield piece
 
-    obj, written = write_object(repo, received(), digester=digester_for(repo, hash_pool))
-    return obj, size, written
+    obj, present = write_object(repo, received(), digester=digester_for(repo, hash_pool))
+    return obj, size, present
 
 
 def _store_blob_stream(repo: Repository, cid: str, obj: Digest, size: int) -> Digest:
@@ -320,7 +320,7 @@ class _Pull:
                 pieces, compression=None, digest=desc.digest, size=desc.size, where=where
             ) as stream,
         ):
-            obj, size, written = await trio.to_thread.run_sync(
+            obj, size, present = await trio.to_thread.run_sync(
                 _store_blob_object,
                 self.importer.repo,
                 stream,
@@ -333,8 +333,8 @@ class _Pull:
             splitstream=digest,
             tar_bytes=size,
             objects=1,
-            objects_written=int(written),
-            objects_deduplicated=int(not written),
+            objects_written=int(not present),
+            objects_deduplicated=int(present),
             object_bytes=size,
         )
 

@@ -98,7 +98,7 @@ def write_object(
             give a writer token back while the hashing waits).
 
     Returns:
-        ``(digest, written)``: ``written`` is false when the object was present.
+        ``(digest, already_present)``: when already present, the new copy is discarded.
     """
     tmp = repo.begin_object()
     try:
