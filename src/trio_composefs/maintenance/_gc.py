@@ -57,7 +57,7 @@ from .._errors import (
     SplitStreamError,
 )
 from ..formats._fsverity import Digest
-from ..formats._splitstream import parse_splitstream
+from ..formats._splitstream import SplitStreamInfo, parse_splitstream
 from ..fs.erofs import read_erofs_header
 from ..repository import (
     IMAGES,
@@ -213,7 +213,44 @@ _HEAD = 1024 + 128
 
 
 def _collect(repo: Repository, extra: list[str], *, dry_run: bool) -> GcResult:
-    notes: list[str] = []
+    root_streams, root_images, streams, images = _gc_roots(repo, extra)
+    marker = _Marker(
+        repo,
+        stream_names={digest: name for name, digest in streams.items()},
+        image_names={digest: name for name, digest in images.items()},
+    )
+    marker.mark(root_streams, root_images)
+    if marker.broken:
+        raise RepositoryError(
+            "gc stopped, nothing was deleted: cannot read "
+            + "; ".join(marker.broken)
+            + " (run fsck; repair or remove the ref that reaches it)"
+        )
+    live = marker.live
+    removed, removed_bytes, notes = _sweep_objects(repo, live, dry_run=dry_run)
+    tmp_removed, tmp_bytes = _remove_tmpfiles(repo, dry_run=dry_run)
+    gone = {object_entry_path(p) for p in removed}
+    pruned = _prune_links(repo, gone, dry_run=dry_run)
+    return GcResult(
+        dry_run=dry_run,
+        objects_removed=tuple(object_entry_path(p) for p in removed),
+        objects_bytes=removed_bytes,
+        tmpfiles_removed=tuple(tmp_removed),
+        tmpfiles_bytes=tmp_bytes,
+        links_pruned=tuple(pruned),
+        live_objects=len(live),
+        notes=tuple(notes),
+    )
+
+
+def _gc_roots(
+    repo: Repository, extra: list[str]
+) -> tuple[list[Digest], list[Digest], dict[str, Digest], dict[str, Digest]]:
+    """``(root streams, root images, first-level streams, first-level images)``.
+
+    Raises:
+        RepositoryError: a damaged layout or ref, or an extra root that names nothing.
+    """
     damaged = [str(e) for e in repo.layout_errors()]
     if damaged:
         raise RepositoryError("gc stopped, nothing was deleted: " + "; ".join(damaged))
@@ -237,90 +274,84 @@ def _collect(repo: Repository, extra: list[str], *, dry_run: bool) -> GcResult:
             raise RepositoryError(
                 f"gc root {name!r} is neither a stream nor an image in {repo.path}"
             )
-    stream_names = {digest: name for name, digest in streams.items()}
-    image_names = {digest: name for name, digest in images.items()}
+    return root_streams, root_images, streams, images
 
-    live: set[Digest] = set()
-    walked: set[Digest] = set()
-    broken: list[str] = []
 
-    def where(digest: Digest, top: str, names: dict[Digest, str]) -> str:
+@attrs.define(eq=False)
+class _Marker:
+    """The mark phase: every object the roots reach, and what could not be read."""
+
+    repo: Repository
+    stream_names: dict[Digest, str]
+    image_names: dict[Digest, str]
+    live: set[Digest] = attrs.Factory(set)
+    walked: set[Digest] = attrs.Factory(set)
+    broken: list[str] = attrs.Factory(list)
+    pending: list[tuple[Digest, str]] = attrs.Factory(list)
+
+    def mark(self, root_streams: list[Digest], root_images: list[Digest]) -> None:
+        self.pending = [(d, "") for d in root_streams]
+        while self.pending:
+            self.walk_stream(*self.pending.pop())
+        for digest in root_images:
+            self.walk_image(digest, "")
+
+    def where(self, digest: Digest, top: str, names: dict[Digest, str]) -> str:
         name = names.get(digest)
         return f"{top}/{name}" if name else object_path(digest)
 
-    def walk_image(digest: Digest, via: str) -> None:
-        live.add(digest)
-        if digest in walked or not repo.has_object(digest):
+    def walk_image(self, digest: Digest, via: str) -> None:
+        self.live.add(digest)
+        if digest in self.walked or not self.repo.has_object(digest):
             return
-        walked.add(digest)
+        self.walked.add(digest)
         try:
-            live.update(referenced_objects(repo, digest))
+            self.live.update(referenced_objects(self.repo, digest))
         except (ComposefsError, OSError, ValueError) as e:
-            broken.append(f"image {where(digest, IMAGES, image_names)}{via}: {e}")
+            self.broken.append(f"image {self.where(digest, IMAGES, self.image_names)}{via}: {e}")
 
-    pending: list[tuple[Digest, str]] = [(d, "") for d in root_streams]
-    while pending:
-        digest, via = pending.pop()
-        live.add(digest)
-        if digest in walked:
-            continue
-        walked.add(digest)
+    def walk_stream(self, digest: Digest, via: str) -> None:
+        repo = self.repo
+        self.live.add(digest)
+        if digest in self.walked:
+            return
+        self.walked.add(digest)
         if not repo.has_object(digest):
-            continue  # a dangling stream: pruned below
-        label = where(digest, STREAMS, stream_names)
+            return  # a dangling stream: pruned below
+        label = self.where(digest, STREAMS, self.stream_names)
         try:
-            fd = repo.open_object(digest)
-            try:
-                if os.fstat(fd).st_size == 0:
-                    raise SplitStreamError("the splitstream file is empty")
-                with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
-                    info = parse_splitstream(data, algorithm=repo.algorithm)
-            finally:
-                os.close(fd)
+            info = _read_splitstream(repo, digest)
         except (ComposefsError, OSError, ValueError) as e:
-            broken.append(f"stream {label}{via}: {e}")
-            continue
-        live.update(info.object_refs)
+            self.broken.append(f"stream {label}{via}: {e}")
+            return
+        self.live.update(info.object_refs)
         ref_names = {target: name for name, target in info.named_refs.items()}
         for ref in info.stream_refs:
-            live.add(ref)
-            if ref in walked or not repo.has_object(ref):
+            self.live.add(ref)
+            if ref in self.walked or not repo.has_object(ref):
                 continue
             ref_name = ref_names.get(ref)
             sub_via = f" (reached from {label}" + (f" as {ref_name!r})" if ref_name else ")")
             try:
                 kind = _kind(repo, ref)
             except (ComposefsError, OSError) as e:
-                broken.append(f"object {ref.object_path()}{sub_via}: {e}")
+                self.broken.append(f"object {ref.object_path()}{sub_via}: {e}")
                 continue
             if kind == "stream":
-                pending.append((ref, sub_via))
+                self.pending.append((ref, sub_via))
             elif kind == "image" or (ref_name or "").startswith("composefs.image"):
-                walk_image(ref, sub_via)
-    for digest in root_images:
-        walk_image(digest, "")
-    if broken:
-        raise RepositoryError(
-            "gc stopped, nothing was deleted: cannot read "
-            + "; ".join(broken)
-            + " (run fsck; repair or remove the ref that reaches it)"
-        )
+                self.walk_image(ref, sub_via)
 
-    removed, removed_bytes, objects_notes = _sweep_objects(repo, live, dry_run=dry_run)
-    notes += objects_notes
-    tmp_removed, tmp_bytes = _remove_tmpfiles(repo, dry_run=dry_run)
-    gone = {object_entry_path(p) for p in removed}
-    pruned = _prune_links(repo, gone, dry_run=dry_run)
-    return GcResult(
-        dry_run=dry_run,
-        objects_removed=tuple(object_entry_path(p) for p in removed),
-        objects_bytes=removed_bytes,
-        tmpfiles_removed=tuple(tmp_removed),
-        tmpfiles_bytes=tmp_bytes,
-        links_pruned=tuple(pruned),
-        live_objects=len(live),
-        notes=tuple(notes),
-    )
+
+def _read_splitstream(repo: Repository, digest: Digest) -> SplitStreamInfo:
+    fd = repo.open_object(digest)
+    try:
+        if os.fstat(fd).st_size == 0:
+            raise SplitStreamError("the splitstream file is empty")
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
+            return parse_splitstream(data, algorithm=repo.algorithm)
+    finally:
+        os.close(fd)
 
 
 def _sweep_objects(
