@@ -28,6 +28,8 @@ from ._errors import ErofsWriteError as ErofsWriteError
 from ._errors import FormatError as FormatError
 from ._errors import ImageSourceError as ImageSourceError
 from ._errors import InternalError as InternalError
+from ._errors import InvalidDiffIdError as InvalidDiffIdError
+from ._errors import InvalidDigestError as InvalidDigestError
 from ._errors import InvalidNameError as InvalidNameError
 from ._errors import LockTimeoutError as LockTimeoutError
 from ._errors import MountError as MountError
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from .formats import ExternalChunk as ExternalChunk
     from .formats import FsVerityHasher as FsVerityHasher
     from .formats import InlineChunk as InlineChunk
+    from .formats import Sha256Id as Sha256Id
     from .formats import SplitStreamEncoder as SplitStreamEncoder
     from .formats import SplitStreamInfo as SplitStreamInfo
     from .formats import TarEntry as TarEntry
@@ -107,6 +110,7 @@ _LAZY: dict[str, str] = {
     "ExternalChunk": ".formats",
     "FsVerityHasher": ".formats",
     "InlineChunk": ".formats",
+    "Sha256Id": ".formats",
     "SplitStreamEncoder": ".formats",
     "SplitStreamInfo": ".formats",
     "TarEntry": ".formats",
@@ -184,6 +188,8 @@ __all__ = [
     "Importer",
     "InlineChunk",
     "InternalError",
+    "InvalidDiffIdError",
+    "InvalidDigestError",
     "InvalidNameError",
     "LockTimeoutError",
     "LayerProgress",
@@ -200,6 +206,7 @@ __all__ = [
     "UnsafeLayoutError",
     "ScanError",
     "SplitStreamBuilder",
+    "Sha256Id",
     "SplitStreamEncoder",
     "SplitStreamError",
     "SplitStreamInfo",

@@ -163,6 +163,24 @@ class DigestMismatchError(ComposefsError):
     """Data whose digest differs from the one it was promised to have."""
 
 
+class InvalidDigestError(DigestError, FormatError, InvalidNameError):
+    """Text that is not an OCI ``sha256:<64 lowercase hex digits>`` identifier: a diff_id,
+    a descriptor's digest, a reference's ``@sha256:...``, a manifest digest given by name.
+
+    The one syntax error of :class:`~trio_composefs.formats.Sha256Id`. It is also a
+    :class:`FormatError` (read from a manifest or config) and an :class:`InvalidNameError`
+    (given as a name), which is what these places raised before.
+    """
+
+
+class InvalidDiffIdError(InvalidDigestError, DigestMismatchError):
+    """A layer diff_id given to the importer that is not ``sha256:<hex>``.
+
+    Deprecated base: it remains a :class:`DigestMismatchError` (what was raised before)
+    for one release; catch :class:`InvalidDigestError`.
+    """
+
+
 class ErofsWriteError(ComposefsError, ValueError):
     """A tree that cannot be written as a composefs EROFS image (a file too big for one
     chunk index, xattrs over the format's limits, an unknown version). The message names

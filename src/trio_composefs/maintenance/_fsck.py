@@ -50,7 +50,6 @@ pool's worker processes, so both cores work even though most threads wait.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import mmap
 import os
@@ -79,13 +78,21 @@ from ..formats._fsverity import Digest, FsVerityHasher
 from ..formats._splitstream import iter_chunks, parse_splitstream
 from ..fs.erofs import image_objects, read_erofs_header
 from ..hashing._pool import HashPool, digest_fd
-from ..repository._repository import META_JSON, TMP_SYMLINK_PREFIX, Repository, _read_meta
+from ..repository import (
+    IMAGES,
+    META_JSON,
+    STREAMS,
+    TMP_SYMLINK_PREFIX,
+    Repository,
+    image_path,
+    object_entry_path,
+    stream_path,
+)
 
 __all__ = ["FsckKind", "FsckProblem", "FsckProgress", "FsckReport", "fsck", "stray_tmpfiles"]
 
 #: Names of a stream whose reassembled sha256 is in its name: (kind, hex).
 OCI_DIGEST_NAME = re.compile(r"oci-(config|manifest|blob|layer)-sha256:([0-9a-f]{64})")
-TMP_SPOOL_PREFIX = ".tmp-spool-"
 _READ_SIZE = 1 << 20
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 
@@ -411,24 +418,7 @@ def stray_tmpfiles(repo: Repository) -> list[str]:
     after a crash they are garbage; while an import runs they may be in use.
     Directories that are symlinks are never entered.
     """
-    out = [f"objects/{n}" for n in repo.find_stray_tmpfiles()]
-    out += [n for n, _ in _scan(repo, ".") or [] if n.startswith(TMP_SPOOL_PREFIX)]
-    for top in ("streams", "images"):
-        out += [f"{top}/{n}" for n, _ in _scan(repo, top) or [] if n.startswith(TMP_SYMLINK_PREFIX)]
-        with contextlib.suppress(UnsafeLayoutError):
-            out += [r.path for r in repo.walk_refs(top) if r.is_tmp]
-    return sorted(out)
-
-
-def _resolves(dirfd: int, rel: str) -> str | None:
-    """``None`` when the symlink ``rel`` resolves to an existing file, else why not."""
-    try:
-        os.stat(rel, dir_fd=dirfd)
-    except FileNotFoundError:
-        return ""
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
+    return repo.stray_tmpfiles()
 
 
 # --------------------------------------------------------------------------- objects
@@ -437,12 +427,11 @@ def _resolves(dirfd: int, rel: str) -> str | None:
 def _check_object_dir(repo: Repository, prefix: str, pool: HashPool | None) -> _Tally:
     """Check every object of ``objects/<prefix>/`` (one thread hop)."""
     tally = _Tally()
-    entries = _scan(repo, f"objects/{prefix}") or []
-    for name, mode in entries:
-        path = f"objects/{prefix}/{name}"
+    for entry in repo.object_entries(prefix):
+        path, mode = object_entry_path(entry.path), entry.mode
         tally.objects_checked += 1
         try:
-            expected = Digest.from_object_path(f"{prefix}/{name}", repo.algorithm)
+            expected = Digest.from_object_path(entry.path, repo.algorithm)
         except DigestError as e:
             tally.objects_corrupted += 1
             tally.problems.append(FsckProblem("object-invalid-name", path, str(e)))
@@ -454,7 +443,7 @@ def _check_object_dir(repo: Repository, prefix: str, pool: HashPool | None) -> _
             )
             continue
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=repo.dirfd)
+            fd = repo.open_object_entry(entry)
         except OSError as e:
             tally.objects_corrupted += 1
             tally.problems.append(FsckProblem("object-open-failed", path, e.strerror or str(e)))
@@ -506,7 +495,7 @@ def _check_object(
 def _check_stream(repo: Repository, name: str, check_layers: bool) -> _Tally:
     """Check one first-level stream: its splitstream, references and content (one hop)."""
     tally = _Tally(streams_checked=1)
-    path = f"streams/{name}"
+    path = stream_path(name)
 
     def fail(problem: FsckProblem) -> _Tally:
         tally.streams_corrupted += 1
@@ -603,7 +592,7 @@ def _check_stream_names(
             try:
                 found = repo.resolve_stream(content_id)
             except ObjectNotFoundError:
-                why = why or f"streams/{wanted[0]} is missing"
+                why = why or f"{stream_path(wanted[0])} is missing"
                 continue
             except RepositoryError as e:
                 why = str(e)
@@ -611,14 +600,14 @@ def _check_stream_names(
             if found == target:
                 why = ""
                 break
-            why = f"streams/{content_id} names another object ({found.object_path()})"
+            why = f"{stream_path(content_id)} names another object ({found.object_path()})"
         else:
             if why:
                 bad = True
                 tally.problems.append(
                     FsckProblem(
                         "missing-stream-name",
-                        f"streams/{name}",
+                        stream_path(name),
                         why,
                         object_id=target.hex(),
                         ref_name=ref_name,
@@ -666,15 +655,7 @@ def _check_layout(repo: Repository) -> _Tally:
     """Directories the repository owns that are symlinks or files (never followed)."""
     tally = _Tally()
     bad: list[tuple[str, str]] = []
-    for rel in ("objects", "streams", "streams/refs", "images", "images/refs"):
-        try:
-            fd = repo.open_owned_dir(rel)
-        except UnsafeLayoutError as e:
-            if not any(rel.startswith(f"{p}/") for p, _ in bad):
-                bad.append((e.path, str(e)))
-            continue
-        if fd is not None:
-            os.close(fd)
+    bad += [(e.path, str(e)) for e in repo.layout_errors()]  # a parent's error repeats: seen
     try:
         _prefixes, unsafe = repo.object_dirs()
     except UnsafeLayoutError:
@@ -697,36 +678,36 @@ def _check_links(repo: Repository) -> tuple[_Tally, list[str], list[str]]:
     tally = _Tally()
     streams: list[str] = []
     images: list[str] = []
-    for top in ("streams", "images"):
+    for top in (STREAMS, IMAGES):
         for name, mode in _scan(repo, top) or []:
             if name == "refs" or name.startswith(TMP_SYMLINK_PREFIX):
                 continue
             path = f"{top}/{name}"
-            if top == "images":
+            if top == IMAGES:
                 tally.images_checked += 1
             if not stat.S_ISLNK(mode):
                 tally.problems.append(FsckProblem("entry-not-symlink", path))
-                if top == "streams":
+                if top == STREAMS:
                     tally.streams_checked += 1
                     tally.streams_corrupted += 1
                 else:
                     tally.images_corrupted += 1
                 continue
-            why = _resolves(repo.dirfd, path)
+            why = repo.link_error(path)
             if why is not None:
                 if why:
                     tally.problems.append(FsckProblem("stat-failed", path, why))
                 else:
                     tally.broken_links += 1
-                    target = os.readlink(path, dir_fd=repo.dirfd)
+                    target = repo.read_link(path)
                     tally.problems.append(FsckProblem("broken-symlink", path, f"-> {target}"))
-                if top == "streams":
+                if top == STREAMS:
                     tally.streams_checked += 1
                     tally.streams_corrupted += 1
                 else:
                     tally.images_corrupted += 1
                 continue
-            if top == "streams":
+            if top == STREAMS:
                 streams.append(name)
             else:
                 tally.images_checked -= 1  # counted by _check_image
@@ -763,7 +744,7 @@ def _check_image(repo: Repository, name: str) -> _Tally:
     """Check one ``images/<hex>``: its object is named by its digest, parses as a
     composefs EROFS, and every object it references exists (one thread hop)."""
     tally = _Tally(images_checked=1)
-    path = f"images/{name}"
+    path = image_path(name)
 
     def fail(problem: FsckProblem) -> _Tally:
         tally.images_corrupted += 1
@@ -835,7 +816,7 @@ def _read_fd(fd: int) -> bytes:
 def _check_metadata(repo: Repository) -> _Tally:
     tally = _Tally()
     try:
-        meta = _read_meta(repo.dirfd, repo.path)
+        meta = repo.read_metadata()
     except (ComposefsError, OSError, ValueError) as e:
         tally.problems.append(FsckProblem("metadata-parse-failed", META_JSON, str(e)))
         return tally

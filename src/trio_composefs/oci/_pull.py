@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, cast
 
 import attrs
@@ -50,6 +50,7 @@ from ..importer._importer import (
 from ..importer._writers import digester_for
 from ..repository._reading import stream_is_complete, usable_stream
 from ..repository._repository import Repository
+from ..repository._writing import StreamName, publish_after_sync, write_object
 from ._build import (
     DEFAULT_IMAGE_REF,
     commit_image_streams,
@@ -218,14 +219,16 @@ def _store_blob_object(
         except StopAsyncIteration:
             return None
 
-    digester = digester_for(repo, hash_pool)
-    with repo.begin_object() as tmp:
+    size = 0
+
+    def received() -> Iterator[bytes]:
+        nonlocal size
         while (piece := trio.from_thread.run(pull)) is not None:
-            tmp.write(piece)
-        size: int = tmp.size
-        digest = digester(tmp.fd, size) if digester is not None else None
-        obj, written = tmp.finish(digest)
-    return obj, size, written
+            size += len(piece)
+            yield piece
+
+    obj, present = write_object(repo, received(), digester=digester_for(repo, hash_pool))
+    return obj, size, present
 
 
 def _store_blob_stream(repo: Repository, cid: str, obj: Digest, size: int) -> Digest:
@@ -233,9 +236,9 @@ def _store_blob_stream(repo: Repository, cid: str, obj: Digest, size: int) -> Di
         [ExternalChunk(obj, size)], algorithm=repo.algorithm, content_type=ContentType.OCI_BLOB
     )
     digest = repo.store_object(splitstream)
-    repo.sync()
-    trio.from_thread.check_cancelled()
-    repo.publish_stream(cid, digest, sync=False)
+    publish_after_sync(
+        repo, [StreamName(cid, digest)], check_cancelled=trio.from_thread.check_cancelled
+    )
     return digest
 
 
@@ -366,7 +369,7 @@ class _Pull:
                 where=where,
             ) as stream,
         ):
-            obj, size, written = await trio.to_thread.run_sync(
+            obj, size, present = await trio.to_thread.run_sync(
                 _store_blob_object,
                 self.importer.repo,
                 stream,
@@ -379,8 +382,8 @@ class _Pull:
             splitstream=digest,
             tar_bytes=size,
             objects=1,
-            objects_written=int(written),
-            objects_deduplicated=int(not written),
+            objects_written=int(not present),
+            objects_deduplicated=int(present),
             object_bytes=size,
         )
 
@@ -457,6 +460,31 @@ async def pull_image(
         return await _pull(importer, source, ref, tag, platform, progress, layer_jobs)
 
 
+@attrs.frozen
+class _Target:
+    """What one pull resolved (the manifest, checked against its digest) and where it goes."""
+
+    where: str
+    manifest: bytes
+    manifest_digest: str
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    ref: str | None
+    tag: str | None
+
+    @property
+    def container(self) -> bool:
+        return self.config.media_type in _IMAGE_CONFIG_TYPES
+
+    @property
+    def manifest_id(self) -> str:
+        return manifest_content_id(self.manifest_digest)
+
+    @property
+    def config_id(self) -> str:
+        return config_content_id(self.config.digest)
+
+
 async def _pull(
     importer: Importer,
     source: ImageSource,
@@ -467,80 +495,112 @@ async def _pull(
     layer_jobs: int | None,
 ) -> ImageStats:
     state = _Pull(importer, source, progress)
-    repo = state.repo
-    await state.thread(repo.ensure_writable)
+    await state.thread(state.repo.ensure_writable)
     resolved = await source.resolve(platform)
     where = source.description
     _check_bytes(resolved.manifest, resolved.digest, f"{where}: manifest {resolved.digest}")
-    manifest_digest = resolved.digest
     config_desc, layer_descs = _parse_manifest(resolved.manifest, where)
+    target = _Target(
+        where, resolved.manifest, resolved.digest, config_desc, tuple(layer_descs), ref, tag
+    )
     state.layers_total = len(layer_descs)
     state.bytes_total = sum(d.size for d in layer_descs)
-    config_digest = config_desc.digest
+    existing, config_existing, stored_images = await _stored_streams(state, target)
+    stored = stored_images or not target.container
+    if existing is not None and config_existing is not None and stored:  # fast path
+        return await _skip_stored(state, target, existing, config_existing, stored_images)
+    config_bytes, config_stream, layers = await _config_and_layers(
+        state, target, config_existing, layer_jobs
+    )
+    return await _commit(state, target, config_bytes, config_stream, layers)
 
-    # Fast path: the manifest is stored already.
-    existing = await state.thread(repo.has_stream, manifest_content_id(manifest_digest))
-    config_existing = await state.thread(repo.has_stream, config_content_id(config_digest))
-    container = config_desc.media_type in _IMAGE_CONFIG_TYPES
+
+async def _stored_streams(
+    state: _Pull, target: _Target
+) -> tuple[Digest | None, Digest | None, list[tuple[str, Digest]]]:
+    """``(manifest stream, config stream, images)`` already stored for ``target``.
+
+    The manifest stream is ``None`` when a layer it reaches is damaged (it is imported
+    again and the streams rewritten); images whose objects are missing are left out.
+    """
+    repo = state.repo
+    existing = await state.thread(repo.has_stream, target.manifest_id)
+    config_existing = await state.thread(repo.has_stream, target.config_id)
     stored_images: list[tuple[str, Digest]] = []
     if existing is not None and config_existing is not None:
         _, config_named = await state.thread(
-            read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
+            read_external, repo, target.config_id, ContentType.OCI_CONFIG
         )
         stored_images = image_refs(config_named)
-        if container and not all(repo.has_object(d) for _, d in stored_images):
+        if target.container and not all(repo.has_object(d) for _, d in stored_images):
             stored_images = []
         layer_streams = [d for k, d in config_named.items() if not k.startswith("composefs.image")]
         if not await state.thread(lambda: all(stream_is_complete(repo, d) for d in layer_streams)):
             stored_images = []
             existing = None  # a layer was damaged: re-import it, then rewrite the streams
-    if existing is not None and config_existing is not None and (stored_images or not container):
-        _, named = await state.thread(
-            read_external, repo, manifest_content_id(manifest_digest), ContentType.OCI_MANIFEST
-        )
-        # Report the layers in the image's order (named refs are sorted by name).
-        order = [d.digest for d in layer_descs]
-        with contextlib.suppress(ComposefsError, ValueError, KeyError, TypeError):
-            config_json, _ = await state.thread(
-                read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
-            )
-            order = list(json.loads(config_json)["rootfs"]["diff_ids"])
-        layer_ids = [(d, named[d]) for d in order if d in named]
-        layer_ids += [
-            (k, v)
-            for k, v in named.items()
-            if not k.startswith("config:") and k not in {d for d, _ in layer_ids}
-        ]
-        if ref is not None:
-            await state.thread(
-                repo.publish_stream, manifest_content_id(manifest_digest), existing, ref
-            )
-        state.layers_done = state.layers_skipped = len(layer_descs)
-        state.bytes_done = state.bytes_total
-        state.report(message=f"already have manifest {manifest_digest}")
-        return ImageStats(
-            source=where,
-            manifest_digest=manifest_digest,
-            config_digest=config_digest,
-            manifest_stream=existing,
-            config_stream=config_existing,
-            tag=tag,
-            layers=tuple(LayerStats(d, s, skipped=True) for d, s in layer_ids),
-            skipped=True,
-            images=tuple(stored_images),
-        )
+    return existing, config_existing, stored_images
 
-    config_bytes: bytes | None = None
+
+async def _skip_stored(
+    state: _Pull,
+    target: _Target,
+    existing: Digest,
+    config_existing: Digest,
+    stored_images: list[tuple[str, Digest]],
+) -> ImageStats:
+    """The stats of a pull that found the whole image stored (only the tag is published)."""
+    repo = state.repo
+    _, named = await state.thread(read_external, repo, target.manifest_id, ContentType.OCI_MANIFEST)
+    # Report the layers in the image's order (named refs are sorted by name).
+    order = [d.digest for d in target.layers]
+    with contextlib.suppress(ComposefsError, ValueError, KeyError, TypeError):
+        config_json, _ = await state.thread(
+            read_external, repo, target.config_id, ContentType.OCI_CONFIG
+        )
+        order = list(json.loads(config_json)["rootfs"]["diff_ids"])
+    layer_ids = [(d, named[d]) for d in order if d in named]
+    layer_ids += [
+        (k, v)
+        for k, v in named.items()
+        if not k.startswith("config:") and k not in {d for d, _ in layer_ids}
+    ]
+    if target.ref is not None:
+        await state.thread(repo.publish_stream, target.manifest_id, existing, target.ref)
+    state.layers_done = state.layers_skipped = len(target.layers)
+    state.bytes_done = state.bytes_total
+    state.report(message=f"already have manifest {target.manifest_digest}")
+    return ImageStats(
+        source=target.where,
+        manifest_digest=target.manifest_digest,
+        config_digest=target.config.digest,
+        manifest_stream=existing,
+        config_stream=config_existing,
+        tag=target.tag,
+        layers=tuple(LayerStats(d, s, skipped=True) for d, s in layer_ids),
+        skipped=True,
+        images=tuple(stored_images),
+    )
+
+
+async def _config_and_layers(
+    state: _Pull, target: _Target, config_existing: Digest | None, layer_jobs: int | None
+) -> tuple[bytes | None, Digest | None, tuple[LayerStats, ...]]:
+    """Read the config (unless stored) and import the layers that are not stored.
+
+    Returns:
+        ``(config bytes, config stream, layers)``: the bytes when the config stream is
+        to be (re)written, else the stored stream to reuse.
+    """
+    repo, where, config_desc = state.repo, target.where, target.config
+    config_digest = config_desc.digest
     if config_existing is not None:
         config_bytes, named = await state.thread(
-            read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
+            read_external, repo, target.config_id, ContentType.OCI_CONFIG
         )
-        diff_ids = _diff_ids(config_desc, config_bytes, layer_descs, where)
+        diff_ids = _diff_ids(config_desc, config_bytes, target.layers, where)
         missing = [d for d in diff_ids if d not in named]
         if missing:
-            raise FormatError(
-                f"stream {config_content_id(config_digest)} has no layer ref for {missing[0]}"
-            )
+            raise FormatError(f"stream {target.config_id} has no layer ref for {missing[0]}")
         complete = await state.thread(
             lambda: all(stream_is_complete(repo, named[d]) for d in diff_ids)
         )
@@ -548,47 +608,56 @@ async def _pull(
             layers = tuple(LayerStats(d, named[d], skipped=True) for d in diff_ids)
             state.layers_done = state.layers_skipped = len(layers)
             state.bytes_done = state.bytes_total
-            config_bytes = None
-        else:  # a damaged layer: import what is missing, then rewrite the config stream
-            config_existing = None
-            layers = await _import_layers(state, layer_descs, diff_ids, layer_jobs)
-    else:
-        state.report(message=f"reading config {config_digest}")
-        config_bytes = await source.read_blob(config_desc)
-        _check_bytes(config_bytes, config_digest, f"{where}: config {config_digest}")
-        if len(config_bytes) != config_desc.size:
-            raise DigestMismatchError(
-                f"{where}: config {config_digest} has {len(config_bytes)} bytes,"
-                f" the manifest says {config_desc.size}"
-            )
-        diff_ids = _diff_ids(config_desc, config_bytes, layer_descs, where)
-        layers = await _import_layers(state, layer_descs, diff_ids, layer_jobs)
+            return None, config_existing, layers
+        # A damaged layer: import what is missing, then rewrite the config stream.
+        layers = await _import_layers(state, target.layers, diff_ids, layer_jobs)
+        return config_bytes, None, layers
+    state.report(message=f"reading config {config_digest}")
+    config_bytes = await state.source.read_blob(config_desc)
+    _check_bytes(config_bytes, config_digest, f"{where}: config {config_digest}")
+    if len(config_bytes) != config_desc.size:
+        raise DigestMismatchError(
+            f"{where}: config {config_digest} has {len(config_bytes)} bytes,"
+            f" the manifest says {config_desc.size}"
+        )
+    diff_ids = _diff_ids(config_desc, config_bytes, target.layers, where)
+    layers = await _import_layers(state, target.layers, diff_ids, layer_jobs)
+    return config_bytes, None, layers
 
-    state.report(message=f"storing manifest {manifest_digest}")
+
+async def _commit(
+    state: _Pull,
+    target: _Target,
+    config_bytes: bytes | None,
+    config_stream: Digest | None,
+    layers: tuple[LayerStats, ...],
+) -> ImageStats:
+    """Build the composefs image, store config and manifest streams, then name them."""
+    state.report(message=f"storing manifest {target.manifest_digest}")
     layer_refs = [(stats.diff_id, stats.splitstream) for stats in layers]
-    if container:
+    if target.container:
         state.report(message="building the composefs image")
     config_stream, manifest_stream, images = await state.thread(
         lambda: commit_image_streams(
-            repo,
-            config_digest=config_digest,
+            state.repo,
+            config_digest=target.config.digest,
             config_bytes=config_bytes,
-            config_stream=config_existing,
-            manifest_digest=manifest_digest,
-            manifest_bytes=resolved.manifest,
+            config_stream=config_stream,
+            manifest_digest=target.manifest_digest,
+            manifest_bytes=target.manifest,
             layer_refs=layer_refs,
-            ref=ref,
-            container=container,
+            ref=target.ref,
+            container=target.container,
             check_cancelled=trio.from_thread.check_cancelled,
         )
     )
     return ImageStats(
-        source=where,
-        manifest_digest=manifest_digest,
-        config_digest=config_digest,
+        source=target.where,
+        manifest_digest=target.manifest_digest,
+        config_digest=target.config.digest,
         manifest_stream=manifest_stream,
         config_stream=config_stream,
-        tag=tag,
+        tag=target.tag,
         layers=layers,
         images=tuple(images),
     )
