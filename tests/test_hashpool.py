@@ -239,7 +239,7 @@ def test_close_waits_for_a_call_in_progress(data_fd: int) -> None:
     result: list[object] = []
     caller = threading.Thread(target=lambda: result.append(pool.digest_fd(data_fd, len(DATA))))
     caller.start()
-    while pool._idle and not result:  # wait until the caller holds the worker
+    while pool.statistics().idle_workers and not result:  # until the caller holds the worker
         time.sleep(0.0005)
     pool.close()
     caller.join()
@@ -317,7 +317,7 @@ def test_worker_killed_in_the_middle_of_a_job() -> None:
 
 
 def _kill_when_busy(pool: HashPool, pid: int) -> None:
-    while pool._idle:  # until the caller has borrowed the worker
+    while pool.statistics().idle_workers:  # until the caller has borrowed the worker
         time.sleep(0.001)
     time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
@@ -338,11 +338,11 @@ def test_close_fails_a_caller_waiting_for_a_worker_and_lets_the_busy_one_finish(
         pool = HashPool(1, threshold=0)
         busy = threading.Thread(target=call, args=("busy", size))
         busy.start()
-        while pool._idle or not pool._all:  # until "busy" holds the only worker
+        while (s := pool.statistics()).idle_workers or not s.workers:  # "busy" holds the worker
             time.sleep(0.001)
         waiting = threading.Thread(target=call, args=("waiting", 2 * MIB))
         waiting.start()
-        while pool._active < 2:
+        while pool.statistics().callers < 2:
             time.sleep(0.001)
         pool.close()
         busy.join()
@@ -507,11 +507,10 @@ def test_ctrl_c_reaches_the_parent_only(tmp_path: Path) -> None:
         try:
             with HashPool(2, threshold=0) as pool:
                 pool.digest_fd(fd, 4 << 20)
-                workers = [w.process for w in pool._all]
                 print("ready", flush=True)
                 time.sleep(60)
         except KeyboardInterrupt:
-            print(*(w.returncode for w in workers), pool.worker_pids())
+            print(*pool.statistics().stopped_exit_codes, pool.worker_pids())
     """
     # Its own process group, like a shell job in a terminal.
     proc = _run_script(tmp_path / "ctrl_c.py", script, process_group=0)

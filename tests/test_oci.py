@@ -389,7 +389,8 @@ async def test_concurrent_images_share_layers(tmp_path: Path, repo: Repository) 
     assert_consistent(Path(repo.path), SHA256)
 
 
-async def test_non_tar_blob_stored_raw(tmp_path: Path, repo: Repository) -> None:
+def _artifact_layout(tmp_path: Path) -> tuple[Layout, str, bytes]:
+    """An OCI layout holding one artifact: a 5000-byte non-tar layer, an empty config."""
     layout = Layout(tmp_path / "lay")
     payload = os.urandom(5000)
     digest, size = layout.add_blob(payload)
@@ -416,6 +417,11 @@ async def test_non_tar_blob_stored_raw(tmp_path: Path, repo: Repository) -> None
         }
     )
     layout.write_index()
+    return layout, digest, payload
+
+
+async def test_non_tar_blob_stored_raw(tmp_path: Path, repo: Repository) -> None:
+    layout, digest, _payload = _artifact_layout(tmp_path)
     await pull(repo, f"oci:{layout.path}", tag="art")
     with open_splitstream(repo, f"oci-layer-{digest}") as (info, _):
         assert info.content_type == ContentType.OCI_BLOB
@@ -424,6 +430,18 @@ async def test_non_tar_blob_stored_raw(tmp_path: Path, repo: Repository) -> None
     image = open_image(repo, "art")
     assert not image.is_container
     assert image.layers[0][0] == digest
+
+
+async def test_non_tar_blob_counts_as_written_then_deduplicated(
+    tmp_path: Path, repo: Repository
+) -> None:
+    layout, _digest, payload = _artifact_layout(tmp_path)
+    first = await pull(repo, f"oci:{layout.path}")
+    assert (first.objects_written, first.objects_deduplicated) == (1, 0)
+    with Repository.init(tmp_path / "again", insecure=True) as again:
+        again.store_object(payload)  # the blob's bytes are an object there already
+        second = await pull(again, f"oci:{layout.path}")
+    assert (second.objects_written, second.objects_deduplicated) == (0, 1)
 
 
 # --------------------------------------------------------------------------- decompression

@@ -28,7 +28,10 @@ from ._errors import ErofsWriteError as ErofsWriteError
 from ._errors import FormatError as FormatError
 from ._errors import ImageSourceError as ImageSourceError
 from ._errors import InternalError as InternalError
+from ._errors import InvalidDiffIdError as InvalidDiffIdError
+from ._errors import InvalidDigestError as InvalidDigestError
 from ._errors import InvalidNameError as InvalidNameError
+from ._errors import LockTimeoutError as LockTimeoutError
 from ._errors import MountError as MountError
 from ._errors import ObjectNotFoundError as ObjectNotFoundError
 from ._errors import RepositoryError as RepositoryError
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     from .formats import ExternalChunk as ExternalChunk
     from .formats import FsVerityHasher as FsVerityHasher
     from .formats import InlineChunk as InlineChunk
+    from .formats import Sha256Id as Sha256Id
     from .formats import SplitStreamEncoder as SplitStreamEncoder
     from .formats import SplitStreamInfo as SplitStreamInfo
     from .formats import TarEntry as TarEntry
@@ -74,6 +78,7 @@ if TYPE_CHECKING:
     from .importer import import_layer as import_layer
     from .importer import layer_content_id as layer_content_id
     from .importer import open_importer as open_importer
+    from .maintenance import FsckKind as FsckKind
     from .maintenance import FsckReport as FsckReport
     from .maintenance import GcResult as GcResult
     from .maintenance import fsck as fsck
@@ -107,6 +112,7 @@ _LAZY: dict[str, str] = {
     "ExternalChunk": ".formats",
     "FsVerityHasher": ".formats",
     "InlineChunk": ".formats",
+    "Sha256Id": ".formats",
     "SplitStreamEncoder": ".formats",
     "SplitStreamInfo": ".formats",
     "TarEntry": ".formats",
@@ -130,6 +136,7 @@ _LAZY: dict[str, str] = {
     "import_layer": ".importer",
     "layer_content_id": ".importer",
     "open_importer": ".importer",
+    "FsckKind": ".maintenance",
     "FsckReport": ".maintenance",
     "GcResult": ".maintenance",
     "fsck": ".maintenance",
@@ -172,6 +179,7 @@ __all__ = [
     "ExternalChunk",
     "FormatError",
     "FsVerityHasher",
+    "FsckKind",
     "FsckReport",
     "GcResult",
     "HashPool",
@@ -182,7 +190,10 @@ __all__ = [
     "Importer",
     "InlineChunk",
     "InternalError",
+    "InvalidDiffIdError",
+    "InvalidDigestError",
     "InvalidNameError",
+    "LockTimeoutError",
     "LayerProgress",
     "LayerStats",
     "MountError",
@@ -199,6 +210,7 @@ __all__ = [
     "SourceAuthenticationError",
     "SourceNetworkError",
     "SplitStreamBuilder",
+    "Sha256Id",
     "SplitStreamEncoder",
     "SplitStreamError",
     "SplitStreamInfo",

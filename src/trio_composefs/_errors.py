@@ -138,6 +138,10 @@ class VerityUnsupportedError(RepositoryError):
     """The filesystem cannot enable fs-verity, and the repository requires it."""
 
 
+class LockTimeoutError(RepositoryError, TimeoutError):
+    """The repository's lock was not free within the time allowed (``--lock-timeout``)."""
+
+
 class ObjectNotFoundError(RepositoryError, LookupError):
     """No object, stream or ref of that name exists in the repository."""
 
@@ -169,6 +173,24 @@ class SourceNetworkError(ImageSourceError, ConnectionError):
 
 class DigestMismatchError(ComposefsError):
     """Data whose digest differs from the one it was promised to have."""
+
+
+class InvalidDigestError(DigestError, FormatError, InvalidNameError):
+    """Text that is not an OCI ``sha256:<64 lowercase hex digits>`` identifier: a diff_id,
+    a descriptor's digest, a reference's ``@sha256:...``, a manifest digest given by name.
+
+    The one syntax error of :class:`~trio_composefs.formats.Sha256Id`. It is also a
+    :class:`FormatError` (read from a manifest or config) and an :class:`InvalidNameError`
+    (given as a name), which is what these places raised before.
+    """
+
+
+class InvalidDiffIdError(InvalidDigestError, DigestMismatchError):
+    """A layer diff_id given to the importer that is not ``sha256:<hex>``.
+
+    Deprecated base: it remains a :class:`DigestMismatchError` (what was raised before)
+    for one release; catch :class:`InvalidDigestError`.
+    """
 
 
 class ErofsWriteError(ComposefsError, ValueError):

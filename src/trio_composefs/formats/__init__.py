@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._sentinels import END as END
     from ._sentinels import NEED_DATA as NEED_DATA
     from ._sentinels import Sentinel as Sentinel
+    from ._sha256id import Sha256Id as Sha256Id
     from ._splitstream import ChunkDecoder as ChunkDecoder
     from ._splitstream import ChunkEvent as ChunkEvent
     from ._splitstream import ContentType as ContentType
@@ -75,6 +76,7 @@ _LAZY: dict[str, str] = {
     "END": "._sentinels",
     "NEED_DATA": "._sentinels",
     "Sentinel": "._sentinels",
+    "Sha256Id": "._sha256id",
     "ChunkDecoder": "._splitstream",
     "ChunkEvent": "._splitstream",
     "ContentType": "._splitstream",
@@ -118,6 +120,7 @@ __all__ = [
     "FileEnd",
     "FileStart",
     "FsVerityHasher",
+    "Sha256Id",
     "INLINE_MAX",
     "Inline",
     "InlineChunk",

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 from .. import _lazy
 
 if TYPE_CHECKING:
+    from ._fd import digest_fd as digest_fd
     from ._pool import HashPool as HashPool
     from ._pool import HashPoolStatistics as HashPoolStatistics
-    from ._pool import digest_fd as digest_fd
 
 _LAZY: dict[str, str] = {
     "HashPool": "._pool",
     "HashPoolStatistics": "._pool",
-    "digest_fd": "._pool",
+    "digest_fd": "._fd",
 }
 
 __all__ = ["HashPool", "HashPoolStatistics", "digest_fd"]

@@ -51,12 +51,12 @@ from ..formats._fsverity import (
     BLOCK_SIZE,
     Algorithm,
     Digest,
-    FsVerityHasher,
     digest_from_level1,
     level1_group_size,
 )
 from . import _worker
-from ._worker import DIE_MID_JOB, JOB, OK, READ_SIZE, REPLY_MAX, WHOLE_FILE, pread_exactly
+from ._fd import digest_fd
+from ._worker import DIE_MID_JOB, JOB, OK, REPLY_MAX, WHOLE_FILE
 
 __all__ = [
     "DEFAULT_INLINE_BELOW",
@@ -83,29 +83,6 @@ JOB_FAULT: ContextVar[Callable[[], bool] | None] = ContextVar(
 )
 
 
-def digest_fd(fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> Digest:
-    """fs-verity digest of the first ``size`` bytes of ``fd``, in the calling thread.
-
-    Reads with :func:`os.preadv`, so the file offset is left alone and ``fd``
-    may be shared. Blocking.
-
-    Raises:
-        ComposefsError: the file has fewer than ``size`` bytes.
-        OSError: ``fd`` cannot be read.
-    """
-    if size < 0:
-        raise ValueError(f"negative file size {size}")
-    hasher = FsVerityHasher(algorithm)
-    buf = memoryview(bytearray(min(size, READ_SIZE)))
-    offset = 0
-    while offset < size:
-        chunk = buf[: min(len(buf), size - offset)]
-        pread_exactly(fd, chunk, offset)
-        hasher.update(chunk)
-        offset += len(chunk)
-    return hasher.digest()
-
-
 def _default_workers(workers: int | None) -> int:
     n = (os.cpu_count() or 1) if workers is None else workers
     if n < 1:
@@ -124,6 +101,16 @@ class HashPoolStatistics:
         jobs: byte ranges sent to workers.
         bytes_hashed: bytes of every file digested, wherever.
         workers_replaced: workers that died or failed (each is replaced on next use).
+        workers: live worker processes now (started on first use).
+        idle_workers: of those, the ones waiting for a job now.
+        callers: calls of :meth:`HashPool.digest_fd`/:meth:`HashPool.digest_fds`
+            in progress now (running or waiting for a worker).
+        stopped_exit_codes: the exit codes of the workers :meth:`HashPool.close`
+            stopped, in order (``0``: the worker read EOF and exited by itself;
+            negative: killed by that signal).
+
+    The last four are the state at the time of the snapshot, not counters: they
+    take no part in ``==``.
     """
 
     files_inline: int
@@ -132,6 +119,10 @@ class HashPoolStatistics:
     jobs: int
     bytes_hashed: int
     workers_replaced: int
+    workers: int = attrs.field(default=0, eq=False)
+    idle_workers: int = attrs.field(default=0, eq=False)
+    callers: int = attrs.field(default=0, eq=False)
+    stopped_exit_codes: tuple[int | None, ...] = attrs.field(default=(), eq=False)
 
 
 @attrs.define(eq=False)
@@ -183,6 +174,7 @@ class HashPool:
     _idle: list[_Worker] = attrs.field(init=False, factory=list)
     _active: int = attrs.field(init=False, default=0)
     _counts: dict[str, int] = attrs.field(init=False, factory=dict)
+    _stopped: list[int | None] = attrs.field(init=False, factory=list)
     _closed: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
@@ -205,8 +197,18 @@ class HashPool:
         """Counters since the pool was made (see :class:`HashPoolStatistics`)."""
         with self._lock:
             counts = dict(self._counts)
+            gauges = (len(self._all), len(self._idle), self._active, tuple(self._stopped))
         return HashPoolStatistics(
-            **{f.name: counts.get(f.name, 0) for f in attrs.fields(HashPoolStatistics)}
+            files_inline=counts.get("files_inline", 0),
+            files_whole=counts.get("files_whole", 0),
+            files_split=counts.get("files_split", 0),
+            jobs=counts.get("jobs", 0),
+            bytes_hashed=counts.get("bytes_hashed", 0),
+            workers_replaced=counts.get("workers_replaced", 0),
+            workers=gauges[0],
+            idle_workers=gauges[1],
+            callers=gauges[2],
+            stopped_exit_codes=gauges[3],
         )
 
     def _count(self, **increments: int) -> None:
@@ -397,6 +399,8 @@ class HashPool:
             worker.sock.close()  # the worker reads EOF and exits
         for worker in workers:
             self._stop(worker)
+            with self._lock:
+                self._stopped.append(worker.exitcode)
         self._launcher.stop()
 
     # -- worker bookkeeping (all under self._lock) --

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import os
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
-from typing import BinaryIO, Protocol, TypeAlias
+from typing import BinaryIO, Protocol, TypeAlias, cast
 
 import trio
 
@@ -59,60 +61,61 @@ async def iter_source(
     that the writers it feeds are holding.
     """
 
-    def read_blocking(read: Callable[[int], bytes]) -> bytes:
-        data = read(READ_SIZE)
-        if data and on_data is not None:
-            on_data(data)
-        return data
-
-    if isinstance(source, int):
-        fd = source
-
-        def read_fd(n: int) -> bytes:
-            return os.read(fd, n)
-
-        while data := await trio.to_thread.run_sync(
-            read_blocking, read_fd, limiter=limiter, abandon_on_cancel=True
-        ):
-            yield data
-        return
-
-    if isinstance(source, trio.abc.ReceiveStream):
-        while received := await source.receive_some(READ_SIZE):
-            data = bytes(received)
-            if on_data is not None:
-                await _hash_maybe_in_thread(on_data, data, limiter)
-            yield data
-        return
-
-    read = getattr(source, "read", None)
-    if read is not None and inspect.iscoroutinefunction(read):
-        while data := await read(READ_SIZE):
-            if on_data is not None:
-                await _hash_maybe_in_thread(on_data, data, limiter)
-            yield data
-        return
+    read = _blocking_read(source)
     if read is not None:
         while data := await trio.to_thread.run_sync(
-            read_blocking, read, limiter=limiter, abandon_on_cancel=True
+            _read_piece, read, on_data, limiter=limiter, abandon_on_cancel=True
         ):
             yield data
         return
+    async with contextlib.aclosing(_async_pieces(source)) as pieces:
+        async for data in pieces:
+            if on_data is not None:
+                await _hash_maybe_in_thread(on_data, data, limiter)
+            yield data
 
+
+def _blocking_read(source: ByteSource) -> Callable[[int], bytes] | None:
+    """The blocking ``read(n)`` of a file descriptor or a binary file, else ``None``."""
+    if isinstance(source, int):
+        return functools.partial(os.read, source)
+    if isinstance(source, trio.abc.ReceiveStream):
+        return None
+    read = getattr(source, "read", None)
+    if read is None or inspect.iscoroutinefunction(read):
+        return None
+    return cast(Callable[[int], bytes], read)
+
+
+def _read_piece(read: Callable[[int], bytes], on_data: Callable[[bytes], object] | None) -> bytes:
+    """One blocking read (in a worker thread), handed to ``on_data`` in the same hop."""
+    data = read(READ_SIZE)
+    if data and on_data is not None:
+        on_data(data)
+    return data
+
+
+async def _async_pieces(source: ByteSource) -> AsyncGenerator[bytes, None]:
+    """The pieces of a source read on the trio thread (at most :data:`READ_SIZE` each)."""
+    if isinstance(source, trio.abc.ReceiveStream):
+        while received := await source.receive_some(READ_SIZE):
+            yield bytes(received)
+        return
+    read = getattr(source, "read", None)
+    if read is not None:  # an async file: read() is a coroutine function
+        while data := await read(READ_SIZE):
+            yield data
+        return
     if isinstance(source, bytes | bytearray | memoryview):
         source = [bytes(source)]
     if isinstance(source, AsyncIterable):
         async for piece in source:
             for data in _cut(piece):
-                if on_data is not None:
-                    await _hash_maybe_in_thread(on_data, data, limiter)
                 yield data
         return
     if isinstance(source, Iterable):
         for piece in source:
             for data in _cut(piece):
-                if on_data is not None:
-                    await _hash_maybe_in_thread(on_data, data, limiter)
                 yield data
         return
     raise TypeError(f"cannot read a layer from {type(source).__name__}")

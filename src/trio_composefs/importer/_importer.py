@@ -33,8 +33,15 @@ from contextlib import asynccontextmanager, contextmanager
 import attrs
 import trio
 
-from .._errors import DigestMismatchError, FormatError, InternalError
+from .._errors import (
+    DigestMismatchError,
+    FormatError,
+    InternalError,
+    InvalidDiffIdError,
+    InvalidDigestError,
+)
 from ..formats._fsverity import Digest
+from ..formats._sha256id import Sha256Id
 from ..formats._splitstream import ContentType, SplitStreamEncoder
 from ..hashing._pool import HashPool
 from ..repository._repository import check_ref_name
@@ -84,12 +91,12 @@ def layer_content_id(diff_id: str) -> str:
 
 
 def _parse_diff_id(diff_id: str) -> bytes:
-    algo, sep, hexdigest = diff_id.partition(":")
-    if algo != "sha256" or not sep or len(hexdigest) != 64 or hexdigest.strip("0123456789abcdef"):
-        raise DigestMismatchError(
+    try:
+        return Sha256Id.parse(diff_id).digest_bytes()
+    except InvalidDigestError:
+        raise InvalidDiffIdError(
             f"not a layer diff_id: {diff_id!r} (expected sha256: and 64 lowercase hex digits)"
-        )
-    return bytes.fromhex(hexdigest)
+        ) from None
 
 
 @attrs.frozen

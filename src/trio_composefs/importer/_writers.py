@@ -16,6 +16,7 @@ import trio
 from .._errors import InternalError
 from ..formats._fsverity import Algorithm, Digest
 from ..hashing._pool import HashPool, digest_fd
+from ..repository._writing import StreamName, publish_after_sync
 from ._builder import Digester
 
 
@@ -162,9 +163,11 @@ def sync_then_publish(
     A cancellation that arrives before the name is linked wins: nothing is
     published. Once linking has begun the import is complete.
     """
-    repo.sync()
-    trio.from_thread.check_cancelled()
-    repo.publish_stream(content_id, digest, name, sync=False)
+    publish_after_sync(
+        repo,
+        [StreamName(content_id, digest, name)],
+        check_cancelled=trio.from_thread.check_cancelled,
+    )
 
 
 def store_splitstream_with(

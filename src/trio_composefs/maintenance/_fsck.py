@@ -50,13 +50,13 @@ pool's worker processes, so both cores work even though most threads wait.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import mmap
 import os
 import re
 import stat
 from collections.abc import Callable, Mapping
+from enum import StrEnum
 from typing import Any
 
 import attrs
@@ -78,15 +78,62 @@ from ..formats._fsverity import Digest, FsVerityHasher
 from ..formats._splitstream import iter_chunks, parse_splitstream
 from ..fs.erofs import image_objects, read_erofs_header
 from ..hashing._pool import HashPool, digest_fd
-from ..repository._repository import META_JSON, TMP_SYMLINK_PREFIX, Repository, _read_meta
+from ..repository import (
+    IMAGES,
+    META_JSON,
+    STREAMS,
+    TMP_SYMLINK_PREFIX,
+    Repository,
+    image_path,
+    object_entry_path,
+    stream_path,
+)
 
-__all__ = ["FsckProblem", "FsckProgress", "FsckReport", "fsck", "stray_tmpfiles"]
+__all__ = ["FsckKind", "FsckProblem", "FsckProgress", "FsckReport", "fsck", "stray_tmpfiles"]
 
 #: Names of a stream whose reassembled sha256 is in its name: (kind, hex).
 OCI_DIGEST_NAME = re.compile(r"oci-(config|manifest|blob|layer)-sha256:([0-9a-f]{64})")
-TMP_SPOOL_PREFIX = ".tmp-spool-"
 _READ_SIZE = 1 << 20
 _HEX2 = re.compile(r"[0-9a-f]{2}")
+
+
+class FsckKind(StrEnum):
+    """The kind of an :class:`FsckProblem`: composefs-rs's ``FsckError`` variants,
+    spelled as it serialises them (kebab-case), plus three of ours (last).
+
+    A ``StrEnum``: each member equals its kebab-case string.
+    """
+
+    OBJECT_INVALID_NAME = "object-invalid-name"
+    OBJECT_OPEN_FAILED = "object-open-failed"
+    OBJECT_DIGEST_MISMATCH = "object-digest-mismatch"
+    OBJECT_VERITY_FAILED = "object-verity-failed"
+    OBJECT_VERITY_MISSING = "object-verity-missing"
+    ENTRY_NOT_SYMLINK = "entry-not-symlink"
+    BROKEN_SYMLINK = "broken-symlink"
+    STAT_FAILED = "stat-failed"
+    UNEXPECTED_FILE_TYPE = "unexpected-file-type"
+    STREAM_OPEN_FAILED = "stream-open-failed"
+    MISSING_OBJECT_REF = "missing-object-ref"
+    STREAM_READ_FAILED = "stream-read-failed"
+    MISSING_NAMED_REF = "missing-named-ref"
+    OBJECT_CHECK_FAILED = "object-check-failed"
+    IMAGE_OPEN_FAILED = "image-open-failed"
+    IMAGE_READ_FAILED = "image-read-failed"
+    IMAGE_INVALID = "image-invalid"
+    IMAGE_MISSING_OBJECT = "image-missing-object"
+    METADATA_PARSE_FAILED = "metadata-parse-failed"
+    METADATA_ALGORITHM_MISMATCH = "metadata-algorithm-mismatch"
+    # ours
+    STREAM_DIGEST_MISMATCH = "stream-digest-mismatch"
+    MISSING_STREAM_NAME = "missing-stream-name"
+    IMAGE_DIGEST_MISMATCH = "image-digest-mismatch"
+
+
+#: Kinds whose composefs-rs message is just ``<path>`` (no detail).
+_PATH_ONLY = frozenset(
+    {FsckKind.OBJECT_VERITY_MISSING, FsckKind.ENTRY_NOT_SYMLINK, FsckKind.BROKEN_SYMLINK}
+)
 
 
 @attrs.frozen
@@ -94,7 +141,8 @@ class FsckProblem:
     """One problem found by :func:`fsck`.
 
     Attributes:
-        kind: kebab-case type, as composefs-rs names it (``object-digest-mismatch``...).
+        kind: a :class:`FsckKind` (a ``str``: composefs-rs's kebab-case name);
+            a plain string is converted, and an unknown one raises ``ValueError``.
         path: where, relative to the repository (``objects/ab/cd...``, ``streams/NAME``).
         detail: a human explanation, if any.
         object_id: the referenced object, for missing references.
@@ -103,7 +151,7 @@ class FsckProblem:
         actual: the digest found.
     """
 
-    kind: str
+    kind: FsckKind = attrs.field(converter=FsckKind)
     path: str
     detail: str = ""
     object_id: str | None = None
@@ -125,6 +173,35 @@ class FsckProblem:
                 out[key] = value
         return out
 
+    def cfsctl_message(self) -> str:
+        """The message composefs-rs's ``FsckError`` displays, ``fsck: <kind>: <path>...``.
+
+        Its formats: ``object-digest-mismatch: <path>: measured <hex>``;
+        ``missing-object-ref``/``image-missing-object: <path>: <object id>``;
+        ``missing-named-ref: <path>: ref <name>: <object id>``;
+        ``object-verity-missing``, ``entry-not-symlink``, ``broken-symlink``:
+        ``<path>`` alone; ``metadata-algorithm-mismatch: meta.json: expected <a>,
+        repository opened as <b>``; the rest ``<path>: <detail>``. Our own kinds
+        use :meth:`__str__`'s shape.
+        """
+        kind = self.kind
+        if kind is FsckKind.OBJECT_DIGEST_MISMATCH:
+            return f"fsck: {kind}: {self.path}: measured {self.actual}"
+        if kind in (FsckKind.MISSING_OBJECT_REF, FsckKind.IMAGE_MISSING_OBJECT):
+            return f"fsck: {kind}: {self.path}: {self.object_id or self.detail}"
+        if kind is FsckKind.MISSING_NAMED_REF:
+            return f"fsck: {kind}: {self.path}: ref {self.ref_name}: {self.object_id}"
+        if kind is FsckKind.METADATA_ALGORITHM_MISMATCH and self.expected is not None:
+            return (
+                f"fsck: {kind}: {self.path}: expected {self.expected},"
+                f" repository opened as {self.actual}"
+            )
+        if kind in _PATH_ONLY or (kind.value in _UPSTREAM_KINDS and not self.detail):
+            return f"fsck: {kind}: {self.path}"
+        if kind.value in _UPSTREAM_KINDS:
+            return f"fsck: {kind}: {self.path}: {self.detail}"
+        return f"fsck: {self}"
+
     def __str__(self) -> str:
         text = f"{self.kind}: {self.path}"
         if self.ref_name is not None:
@@ -136,6 +213,13 @@ class FsckProblem:
         if self.detail:
             text += f": {self.detail}"
         return text
+
+
+_UPSTREAM_KINDS = frozenset(k.value for k in FsckKind) - {
+    FsckKind.STREAM_DIGEST_MISMATCH.value,
+    FsckKind.MISSING_STREAM_NAME.value,
+    FsckKind.IMAGE_DIGEST_MISMATCH.value,
+}
 
 
 @attrs.frozen
@@ -181,9 +265,45 @@ class FsckReport:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        """Counters (camelCase, as composefs-rs), ``errors`` and ``strayTmpfiles``."""
+        """The report as ``cfsctl fsck --json`` prints it, plus our fields.
+
+        cfsctl's keys (its ``FsckReply``, snake_case): ``ok``, ``has_metadata``,
+        ``objects_checked``, ``objects_corrupted``, ``streams_checked``,
+        ``streams_corrupted``, ``images_checked``, ``images_corrupted``,
+        ``broken_links``, ``missing_objects`` and ``errors``, a list of
+        :meth:`FsckProblem.cfsctl_message` strings. Ours, added: ``problems``
+        (structured: ``type``, ``path``, camelCase details),
+        ``contents_checked``, ``refs_checked``, ``bytes_hashed``,
+        ``stray_tmpfiles``, and the camelCase counters of composefs-rs's library
+        ``FsckResult`` serialisation (``objectsChecked``...) as earlier
+        releases printed them.
+        """
+        has_metadata = not any(
+            p.kind is FsckKind.METADATA_PARSE_FAILED and p.detail == "not found"
+            for p in self.problems
+        )
         return {
             "ok": self.ok,
+            "has_metadata": has_metadata,
+            "objects_checked": self.objects_checked,
+            "objects_corrupted": self.objects_corrupted,
+            "streams_checked": self.streams_checked,
+            "streams_corrupted": self.streams_corrupted,
+            "images_checked": self.images_checked,
+            "images_corrupted": self.images_corrupted,
+            "broken_links": self.broken_links,
+            "missing_objects": self.missing_objects,
+            "errors": [p.cfsctl_message() for p in self.problems],
+            "problems": [p.to_json() for p in self.problems],
+            "contents_checked": self.contents_checked,
+            "refs_checked": self.refs_checked,
+            "bytes_hashed": self.bytes_hashed,
+            "stray_tmpfiles": list(self.stray_tmpfiles),
+            **self._camel_counters(),
+        }
+
+    def _camel_counters(self) -> dict[str, Any]:
+        return {
             "objectsChecked": self.objects_checked,
             "objectsCorrupted": self.objects_corrupted,
             "streamsChecked": self.streams_checked,
@@ -195,9 +315,31 @@ class FsckReport:
             "brokenLinks": self.broken_links,
             "missingObjects": self.missing_objects,
             "bytesHashed": self.bytes_hashed,
-            "errors": [p.to_json() for p in self.problems],
-            "strayTmpfiles": list(self.stray_tmpfiles),
         }
+
+    def cfsctl_lines(self) -> list[str]:
+        """The lines ``cfsctl fsck`` prints (``meta.json: ok``, ``objects: N/M ok``,
+        ..., ``status: ok`` or ``status: N error(s)`` then ``  - fsck: ...`` per problem).
+        """
+        meta = "ok"
+        if any(p.path == META_JSON for p in self.problems):
+            meta = "error"
+        lines = [
+            f"meta.json: {meta}",
+            f"objects: {self.objects_checked - self.objects_corrupted}/{self.objects_checked} ok",
+            f"streams: {self.streams_checked - self.streams_corrupted}/{self.streams_checked} ok",
+            f"images: {self.images_checked - self.images_corrupted}/{self.images_checked} ok",
+        ]
+        if self.broken_links:
+            lines.append(f"broken symlinks: {self.broken_links}")
+        if self.missing_objects:
+            lines.append(f"missing objects: {self.missing_objects}")
+        if self.ok:
+            lines.append("status: ok")
+        else:
+            lines.append(f"status: {len(self.problems)} error(s)")
+            lines += [f"  - {p.cfsctl_message()}" for p in self.problems]
+        return lines
 
     def summary(self) -> list[str]:
         """Human-readable lines: the counters, then one line per problem."""
@@ -212,7 +354,8 @@ class FsckReport:
         ]
         lines += [f"stray temporary file: {name}" for name in self.stray_tmpfiles]
         lines += [f"fsck: {p}" for p in self.problems]
-        lines.append("ok" if self.ok else f"{len(self.problems)} problem(s) found")
+        n = len(self.problems)
+        lines.append("ok" if self.ok else f"{n} {'problem' if n == 1 else 'problems'} found")
         return lines
 
 
@@ -275,24 +418,7 @@ def stray_tmpfiles(repo: Repository) -> list[str]:
     after a crash they are garbage; while an import runs they may be in use.
     Directories that are symlinks are never entered.
     """
-    out = [f"objects/{n}" for n in repo.find_stray_tmpfiles()]
-    out += [n for n, _ in _scan(repo, ".") or [] if n.startswith(TMP_SPOOL_PREFIX)]
-    for top in ("streams", "images"):
-        out += [f"{top}/{n}" for n, _ in _scan(repo, top) or [] if n.startswith(TMP_SYMLINK_PREFIX)]
-        with contextlib.suppress(UnsafeLayoutError):
-            out += [r.path for r in repo.walk_refs(top) if r.is_tmp]
-    return sorted(out)
-
-
-def _resolves(dirfd: int, rel: str) -> str | None:
-    """``None`` when the symlink ``rel`` resolves to an existing file, else why not."""
-    try:
-        os.stat(rel, dir_fd=dirfd)
-    except FileNotFoundError:
-        return ""
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
+    return repo.stray_tmpfiles()
 
 
 # --------------------------------------------------------------------------- objects
@@ -301,12 +427,11 @@ def _resolves(dirfd: int, rel: str) -> str | None:
 def _check_object_dir(repo: Repository, prefix: str, pool: HashPool | None) -> _Tally:
     """Check every object of ``objects/<prefix>/`` (one thread hop)."""
     tally = _Tally()
-    entries = _scan(repo, f"objects/{prefix}") or []
-    for name, mode in entries:
-        path = f"objects/{prefix}/{name}"
+    for entry in repo.object_entries(prefix):
+        path, mode = object_entry_path(entry.path), entry.mode
         tally.objects_checked += 1
         try:
-            expected = Digest.from_object_path(f"{prefix}/{name}", repo.algorithm)
+            expected = Digest.from_object_path(entry.path, repo.algorithm)
         except DigestError as e:
             tally.objects_corrupted += 1
             tally.problems.append(FsckProblem("object-invalid-name", path, str(e)))
@@ -318,7 +443,7 @@ def _check_object_dir(repo: Repository, prefix: str, pool: HashPool | None) -> _
             )
             continue
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=repo.dirfd)
+            fd = repo.open_object_entry(entry)
         except OSError as e:
             tally.objects_corrupted += 1
             tally.problems.append(FsckProblem("object-open-failed", path, e.strerror or str(e)))
@@ -370,7 +495,7 @@ def _check_object(
 def _check_stream(repo: Repository, name: str, check_layers: bool) -> _Tally:
     """Check one first-level stream: its splitstream, references and content (one hop)."""
     tally = _Tally(streams_checked=1)
-    path = f"streams/{name}"
+    path = stream_path(name)
 
     def fail(problem: FsckProblem) -> _Tally:
         tally.streams_corrupted += 1
@@ -467,7 +592,7 @@ def _check_stream_names(
             try:
                 found = repo.resolve_stream(content_id)
             except ObjectNotFoundError:
-                why = why or f"streams/{wanted[0]} is missing"
+                why = why or f"{stream_path(wanted[0])} is missing"
                 continue
             except RepositoryError as e:
                 why = str(e)
@@ -475,14 +600,14 @@ def _check_stream_names(
             if found == target:
                 why = ""
                 break
-            why = f"streams/{content_id} names another object ({found.object_path()})"
+            why = f"{stream_path(content_id)} names another object ({found.object_path()})"
         else:
             if why:
                 bad = True
                 tally.problems.append(
                     FsckProblem(
                         "missing-stream-name",
-                        f"streams/{name}",
+                        stream_path(name),
                         why,
                         object_id=target.hex(),
                         ref_name=ref_name,
@@ -530,15 +655,7 @@ def _check_layout(repo: Repository) -> _Tally:
     """Directories the repository owns that are symlinks or files (never followed)."""
     tally = _Tally()
     bad: list[tuple[str, str]] = []
-    for rel in ("objects", "streams", "streams/refs", "images", "images/refs"):
-        try:
-            fd = repo.open_owned_dir(rel)
-        except UnsafeLayoutError as e:
-            if not any(rel.startswith(f"{p}/") for p, _ in bad):
-                bad.append((e.path, str(e)))
-            continue
-        if fd is not None:
-            os.close(fd)
+    bad += [(e.path, str(e)) for e in repo.layout_errors()]  # a parent's error repeats: seen
     try:
         _prefixes, unsafe = repo.object_dirs()
     except UnsafeLayoutError:
@@ -561,36 +678,36 @@ def _check_links(repo: Repository) -> tuple[_Tally, list[str], list[str]]:
     tally = _Tally()
     streams: list[str] = []
     images: list[str] = []
-    for top in ("streams", "images"):
+    for top in (STREAMS, IMAGES):
         for name, mode in _scan(repo, top) or []:
             if name == "refs" or name.startswith(TMP_SYMLINK_PREFIX):
                 continue
             path = f"{top}/{name}"
-            if top == "images":
+            if top == IMAGES:
                 tally.images_checked += 1
             if not stat.S_ISLNK(mode):
                 tally.problems.append(FsckProblem("entry-not-symlink", path))
-                if top == "streams":
+                if top == STREAMS:
                     tally.streams_checked += 1
                     tally.streams_corrupted += 1
                 else:
                     tally.images_corrupted += 1
                 continue
-            why = _resolves(repo.dirfd, path)
+            why = repo.link_error(path)
             if why is not None:
                 if why:
                     tally.problems.append(FsckProblem("stat-failed", path, why))
                 else:
                     tally.broken_links += 1
-                    target = os.readlink(path, dir_fd=repo.dirfd)
+                    target = repo.read_link(path)
                     tally.problems.append(FsckProblem("broken-symlink", path, f"-> {target}"))
-                if top == "streams":
+                if top == STREAMS:
                     tally.streams_checked += 1
                     tally.streams_corrupted += 1
                 else:
                     tally.images_corrupted += 1
                 continue
-            if top == "streams":
+            if top == STREAMS:
                 streams.append(name)
             else:
                 tally.images_checked -= 1  # counted by _check_image
@@ -627,7 +744,7 @@ def _check_image(repo: Repository, name: str) -> _Tally:
     """Check one ``images/<hex>``: its object is named by its digest, parses as a
     composefs EROFS, and every object it references exists (one thread hop)."""
     tally = _Tally(images_checked=1)
-    path = f"images/{name}"
+    path = image_path(name)
 
     def fail(problem: FsckProblem) -> _Tally:
         tally.images_corrupted += 1
@@ -699,7 +816,7 @@ def _read_fd(fd: int) -> bytes:
 def _check_metadata(repo: Repository) -> _Tally:
     tally = _Tally()
     try:
-        meta = _read_meta(repo.dirfd, repo.path)
+        meta = repo.read_metadata()
     except (ComposefsError, OSError, ValueError) as e:
         tally.problems.append(FsckProblem("metadata-parse-failed", META_JSON, str(e)))
         return tally

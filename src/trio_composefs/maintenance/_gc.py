@@ -41,10 +41,8 @@ keeps the shared lock and deletes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import posixpath
 import re
 import stat
 from collections.abc import Callable, Iterable
@@ -53,19 +51,23 @@ import attrs
 
 from .._errors import (
     ComposefsError,
-    DigestError,
     ErofsError,
     ObjectNotFoundError,
     RepositoryError,
     SplitStreamError,
-    UnsafeLayoutError,
 )
 from ..formats._fsverity import Digest
-from ..formats._splitstream import parse_splitstream
+from ..formats._splitstream import SplitStreamInfo, parse_splitstream
 from ..fs.erofs import read_erofs_header
+from ..repository import (
+    IMAGES,
+    STREAMS,
+    TMP_SYMLINK_PREFIX,
+    Repository,
+    object_entry_path,
+    object_path,
+)
 from ..repository._images import referenced_objects
-from ..repository._repository import TMP_SYMLINK_PREFIX, Repository
-from ._fsck import stray_tmpfiles
 
 __all__ = ["GcResult", "gc"]
 
@@ -103,12 +105,12 @@ class GcResult:
     @property
     def streams_pruned(self) -> int:
         """Pruned links under ``streams/`` (composefs-rs's counter)."""
-        return sum(1 for p in self.links_pruned if p.startswith("streams/"))
+        return sum(1 for p in self.links_pruned if p.startswith(f"{STREAMS}/"))
 
     @property
     def images_pruned(self) -> int:
         """Pruned links under ``images/`` (composefs-rs's counter)."""
-        return sum(1 for p in self.links_pruned if p.startswith("images/"))
+        return sum(1 for p in self.links_pruned if p.startswith(f"{IMAGES}/"))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -132,6 +134,7 @@ def gc(
     *,
     dry_run: bool = False,
     on_wait: Callable[[], object] | None = None,
+    lock_timeout: float | None = None,
 ) -> GcResult:
     """Remove every object, temporary file and link that no root reaches.
 
@@ -148,8 +151,12 @@ def gc(
         repo: an open, writable repository.
         roots: extra roots: first-level stream or image names.
         dry_run: only report what would be removed.
+        on_wait: called once if the exclusive lock is busy, before waiting.
+        lock_timeout: give up waiting for the exclusive lock after this many
+            seconds (default: wait as long as it takes).
 
     Raises:
+        LockTimeoutError: the exclusive lock stayed busy for ``lock_timeout`` seconds.
         RepositoryError: a root names no stream or image, or a root stream
             cannot be parsed (nothing is deleted then: run ``fsck``).
     """
@@ -157,43 +164,8 @@ def gc(
     if dry_run:
         return _collect(repo, roots, dry_run=True)
     repo.ensure_writable()
-    with repo.exclusive_lock(on_wait=on_wait):
+    with repo.exclusive_lock(on_wait=on_wait, timeout=lock_timeout):
         return _collect(repo, roots, dry_run=False)
-
-
-def _first_level(repo: Repository, top: str) -> dict[str, Digest]:
-    """``{name: object}`` for the first-level symlinks of ``top`` that name an object."""
-    out: dict[str, Digest] = {}
-    fd = repo.open_owned_dir(top)
-    if fd is None:
-        return out
-    try:
-        with os.scandir(fd) as it:
-            names = [e.name for e in it if e.is_symlink()]
-        n = 2 * repo.algorithm.digest_size + 1
-        for name in names:
-            if name.startswith(TMP_SYMLINK_PREFIX):
-                continue
-            target = os.readlink(name, dir_fd=fd)
-            with contextlib.suppress(DigestError):
-                out[name] = Digest.from_object_path(target[-n:], repo.algorithm)
-    finally:
-        os.close(fd)
-    return out
-
-
-def _check_layout(repo: Repository) -> list[str]:
-    """Owned top directories that are symlinks or files: gc cannot know its roots then."""
-    damaged = []
-    for rel in ("objects", "streams", "images", "streams/refs", "images/refs"):
-        try:
-            fd = repo.open_owned_dir(rel)
-        except UnsafeLayoutError as e:
-            damaged.append(str(e))
-            continue
-        if fd is not None:
-            os.close(fd)
-    return damaged
 
 
 def _roots(repo: Repository, top: str, damaged: list[str]) -> list[Digest]:
@@ -246,18 +218,56 @@ _HEAD = 1024 + 128
 
 
 def _collect(repo: Repository, extra: list[str], *, dry_run: bool) -> GcResult:
-    notes: list[str] = []
-    damaged = _check_layout(repo)
+    root_streams, root_images, streams, images = _gc_roots(repo, extra)
+    marker = _Marker(
+        repo,
+        stream_names={digest: name for name, digest in streams.items()},
+        image_names={digest: name for name, digest in images.items()},
+    )
+    marker.mark(root_streams, root_images)
+    if marker.broken:
+        raise RepositoryError(
+            "gc stopped, nothing was deleted: cannot read "
+            + "; ".join(marker.broken)
+            + " (run fsck; repair or remove the ref that reaches it)"
+        )
+    live = marker.live
+    removed, removed_bytes, notes = _sweep_objects(repo, live, dry_run=dry_run)
+    tmp_removed, tmp_bytes = _remove_tmpfiles(repo, dry_run=dry_run)
+    gone = {object_entry_path(p) for p in removed}
+    pruned = _prune_links(repo, gone, dry_run=dry_run)
+    return GcResult(
+        dry_run=dry_run,
+        objects_removed=tuple(object_entry_path(p) for p in removed),
+        objects_bytes=removed_bytes,
+        tmpfiles_removed=tuple(tmp_removed),
+        tmpfiles_bytes=tmp_bytes,
+        links_pruned=tuple(pruned),
+        live_objects=len(live),
+        notes=tuple(notes),
+    )
+
+
+def _gc_roots(
+    repo: Repository, extra: list[str]
+) -> tuple[list[Digest], list[Digest], dict[str, Digest], dict[str, Digest]]:
+    """``(root streams, root images, first-level streams, first-level images)``.
+
+    Raises:
+        RepositoryError: a damaged layout or ref, or an extra root that names nothing.
+    """
+    damaged = [str(e) for e in repo.layout_errors()]
     if damaged:
         raise RepositoryError("gc stopped, nothing was deleted: " + "; ".join(damaged))
-    streams = _first_level(repo, "streams")
-    images = _first_level(repo, "images")
+    streams = repo.linked_objects(STREAMS)
+    images = repo.linked_objects(IMAGES)
 
-    root_streams = _roots(repo, "streams", damaged)
-    root_images = _roots(repo, "images", damaged)
+    root_streams = _roots(repo, STREAMS, damaged)
+    root_images = _roots(repo, IMAGES, damaged)
     if damaged:
         raise RepositoryError(
-            "gc stopped, nothing was deleted: damaged root(s) "
+            "gc stopped, nothing was deleted: damaged "
+            + ("root " if len(damaged) == 1 else "roots ")
             + "; ".join(damaged)
             + " (repair the ref or remove it, then run gc again)"
         )
@@ -270,90 +280,84 @@ def _collect(repo: Repository, extra: list[str], *, dry_run: bool) -> GcResult:
             raise RepositoryError(
                 f"gc root {name!r} is neither a stream nor an image in {repo.path}"
             )
-    stream_names = {digest: name for name, digest in streams.items()}
-    image_names = {digest: name for name, digest in images.items()}
+    return root_streams, root_images, streams, images
 
-    live: set[Digest] = set()
-    walked: set[Digest] = set()
-    broken: list[str] = []
 
-    def where(digest: Digest, top: str, names: dict[Digest, str]) -> str:
+@attrs.define(eq=False)
+class _Marker:
+    """The mark phase: every object the roots reach, and what could not be read."""
+
+    repo: Repository
+    stream_names: dict[Digest, str]
+    image_names: dict[Digest, str]
+    live: set[Digest] = attrs.Factory(set)
+    walked: set[Digest] = attrs.Factory(set)
+    broken: list[str] = attrs.Factory(list)
+    pending: list[tuple[Digest, str]] = attrs.Factory(list)
+
+    def mark(self, root_streams: list[Digest], root_images: list[Digest]) -> None:
+        self.pending = [(d, "") for d in root_streams]
+        while self.pending:
+            self.walk_stream(*self.pending.pop())
+        for digest in root_images:
+            self.walk_image(digest, "")
+
+    def where(self, digest: Digest, top: str, names: dict[Digest, str]) -> str:
         name = names.get(digest)
-        return f"{top}/{name}" if name else f"objects/{digest.object_path()}"
+        return f"{top}/{name}" if name else object_path(digest)
 
-    def walk_image(digest: Digest, via: str) -> None:
-        live.add(digest)
-        if digest in walked or not repo.has_object(digest):
+    def walk_image(self, digest: Digest, via: str) -> None:
+        self.live.add(digest)
+        if digest in self.walked or not self.repo.has_object(digest):
             return
-        walked.add(digest)
+        self.walked.add(digest)
         try:
-            live.update(referenced_objects(repo, digest))
+            self.live.update(referenced_objects(self.repo, digest))
         except (ComposefsError, OSError, ValueError) as e:
-            broken.append(f"image {where(digest, 'images', image_names)}{via}: {e}")
+            self.broken.append(f"image {self.where(digest, IMAGES, self.image_names)}{via}: {e}")
 
-    pending: list[tuple[Digest, str]] = [(d, "") for d in root_streams]
-    while pending:
-        digest, via = pending.pop()
-        live.add(digest)
-        if digest in walked:
-            continue
-        walked.add(digest)
+    def walk_stream(self, digest: Digest, via: str) -> None:
+        repo = self.repo
+        self.live.add(digest)
+        if digest in self.walked:
+            return
+        self.walked.add(digest)
         if not repo.has_object(digest):
-            continue  # a dangling stream: pruned below
-        label = where(digest, "streams", stream_names)
+            return  # a dangling stream: pruned below
+        label = self.where(digest, STREAMS, self.stream_names)
         try:
-            fd = repo.open_object(digest)
-            try:
-                if os.fstat(fd).st_size == 0:
-                    raise SplitStreamError("the splitstream file is empty")
-                with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
-                    info = parse_splitstream(data, algorithm=repo.algorithm)
-            finally:
-                os.close(fd)
+            info = _read_splitstream(repo, digest)
         except (ComposefsError, OSError, ValueError) as e:
-            broken.append(f"stream {label}{via}: {e}")
-            continue
-        live.update(info.object_refs)
+            self.broken.append(f"stream {label}{via}: {e}")
+            return
+        self.live.update(info.object_refs)
         ref_names = {target: name for name, target in info.named_refs.items()}
         for ref in info.stream_refs:
-            live.add(ref)
-            if ref in walked or not repo.has_object(ref):
+            self.live.add(ref)
+            if ref in self.walked or not repo.has_object(ref):
                 continue
             ref_name = ref_names.get(ref)
             sub_via = f" (reached from {label}" + (f" as {ref_name!r})" if ref_name else ")")
             try:
                 kind = _kind(repo, ref)
             except (ComposefsError, OSError) as e:
-                broken.append(f"object {ref.object_path()}{sub_via}: {e}")
+                self.broken.append(f"object {ref.object_path()}{sub_via}: {e}")
                 continue
             if kind == "stream":
-                pending.append((ref, sub_via))
+                self.pending.append((ref, sub_via))
             elif kind == "image" or (ref_name or "").startswith("composefs.image"):
-                walk_image(ref, sub_via)
-    for digest in root_images:
-        walk_image(digest, "")
-    if broken:
-        raise RepositoryError(
-            "gc stopped, nothing was deleted: cannot read "
-            + "; ".join(broken)
-            + " (run fsck; repair or remove the ref that reaches it)"
-        )
+                self.walk_image(ref, sub_via)
 
-    removed, removed_bytes, objects_notes = _sweep_objects(repo, live, dry_run=dry_run)
-    notes += objects_notes
-    tmp_removed, tmp_bytes = _remove_tmpfiles(repo, dry_run=dry_run)
-    gone = {f"objects/{p}" for p in removed}
-    pruned = _prune_links(repo, gone, dry_run=dry_run)
-    return GcResult(
-        dry_run=dry_run,
-        objects_removed=tuple(f"objects/{p}" for p in removed),
-        objects_bytes=removed_bytes,
-        tmpfiles_removed=tuple(tmp_removed),
-        tmpfiles_bytes=tmp_bytes,
-        links_pruned=tuple(pruned),
-        live_objects=len(live),
-        notes=tuple(notes),
-    )
+
+def _read_splitstream(repo: Repository, digest: Digest) -> SplitStreamInfo:
+    fd = repo.open_object(digest)
+    try:
+        if os.fstat(fd).st_size == 0:
+            raise SplitStreamError("the splitstream file is empty")
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
+            return parse_splitstream(data, algorithm=repo.algorithm)
+    finally:
+        os.close(fd)
 
 
 def _sweep_objects(
@@ -366,7 +370,7 @@ def _sweep_objects(
     notes += [f"skipped {path}: not a real directory (never followed; run fsck)" for path in unsafe]
     for entry in repo.iter_objects():
         if entry.digest is None:
-            notes.append(f"kept objects/{entry.path}: not an object name")
+            notes.append(f"kept {object_entry_path(entry.path)}: not an object name")
             continue
         if entry.digest in live:
             continue
@@ -383,65 +387,32 @@ def _sweep_objects(
 def _remove_tmpfiles(repo: Repository, *, dry_run: bool) -> tuple[list[str], int]:
     removed: list[str] = []
     total = 0
-    for path in stray_tmpfiles(repo):
-        try:
-            st = os.stat(path, dir_fd=repo.dirfd, follow_symlinks=False)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                continue
-            if not dry_run:
-                os.unlink(path, dir_fd=repo.dirfd)
-        except FileNotFoundError:
+    for path in repo.stray_tmpfiles():
+        size = repo.remove_stray_tmpfile(path, dry_run=dry_run)
+        if size is None:
             continue
         removed.append(path)
-        if stat.S_ISREG(st.st_mode):
-            total += st.st_size
+        total += size
     return removed, total
-
-
-def _alive(repo: Repository, path: str, gone: set[str]) -> bool:
-    """Whether the symlink ``path`` leads to an existing file that is not in ``gone``."""
-    current = path
-    for _ in range(40):
-        try:
-            st = os.stat(current, dir_fd=repo.dirfd, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        if not stat.S_ISLNK(st.st_mode):
-            return current not in gone
-        target = os.readlink(current, dir_fd=repo.dirfd)
-        if target.startswith("/"):
-            return os.path.exists(target)
-        current = posixpath.normpath(posixpath.join(posixpath.dirname(current), target))
-        if current == ".." or current.startswith("../"):
-            return os.path.exists(os.path.join(repo.path, current))
-    return False  # a loop
 
 
 def _prune_links(repo: Repository, gone: set[str], *, dry_run: bool) -> list[str]:
     """Prune dangling first-level links, then refs (which may point at those)."""
     pruned: list[str] = []
-    for top in ("images", "streams"):
+    for top in (IMAGES, STREAMS):
         for name, mode in repo.scan_owned_dir(top) or []:
             path = f"{top}/{name}"
             if name.startswith(TMP_SYMLINK_PREFIX):
                 continue  # removed as a temporary file
-            if stat.S_ISLNK(mode) and not _alive(repo, path, gone):
+            if stat.S_ISLNK(mode) and not repo.link_is_alive(path, gone):
                 pruned.append(path)
         first = set(pruned)
         for entry in repo.walk_refs(top):
             if entry.is_tmp or entry.target is None:
                 continue
-            if not _alive(repo, entry.path, gone | first):
+            if not repo.link_is_alive(entry.path, gone | first):
                 pruned.append(entry.path)
     if not dry_run:
         for path in pruned:
-            parent, _, base = path.rpartition("/")
-            fd = repo.open_owned_dir(parent)
-            if fd is None:
-                continue
-            try:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(base, dir_fd=fd)
-            finally:
-                os.close(fd)
+            repo.remove_link(path)
     return pruned

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import trio
 
 from .._errors import MountError
-from ..repository import Repository
+from ..repository import OBJECTS, Repository
 from ._async import mounted
 from ._kernel import MountResult, PathArg, mount_image_file
 
@@ -90,12 +90,10 @@ def _open_for_mount(repo: Repository, name: str) -> tuple[int, int]:
     _digest, image_fd = repo.open_image(name)
     try:
         try:
-            objects_fd = os.open(
-                "objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=repo.dirfd
-            )
+            objects_fd = repo.open_objects_dir()
         except OSError as e:
             raise MountError(
-                f"repository {repo.path} has no readable objects/ directory: {e.strerror}",
+                f"repository {repo.path} has no readable {OBJECTS}/ directory: {e.strerror}",
                 errno=e.errno,
             ) from None
     except BaseException:

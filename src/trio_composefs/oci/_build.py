@@ -35,6 +35,7 @@ from ..formats._splitstream import ContentType, encode_splitstream, iter_chunks
 from ..repository._images import store_image
 from ..repository._reading import open_splitstream
 from ..repository._repository import Repository
+from ..repository._writing import ImageName, StreamName, publish_after_sync
 from ._image_tree import layers_filesystem
 
 if TYPE_CHECKING:
@@ -172,13 +173,12 @@ def commit_image_streams(
         )
     manifest_refs = [(f"config:{config_digest}", config_stream), *layer_refs]
     manifest_stream = _store_external(repo, ContentType.OCI_MANIFEST, manifest_bytes, manifest_refs)
-    repo.sync()
-    check_cancelled()
+    names: list[StreamName | ImageName] = []
     if new_config:
-        repo.publish_stream(config_content_id(config_digest), config_stream, sync=False)
-    repo.publish_stream(manifest_content_id(manifest_digest), manifest_stream, ref, sync=False)
-    for _name, image in images:
-        repo.publish_image(image, sync=False)
+        names.append(StreamName(config_content_id(config_digest), config_stream))
+    names.append(StreamName(manifest_content_id(manifest_digest), manifest_stream, ref))
+    names += [ImageName(image) for _name, image in images]
+    publish_after_sync(repo, names, check_cancelled=check_cancelled)
     return config_stream, manifest_stream, images
 
 
@@ -218,6 +218,5 @@ def ensure_oci_image(repo: Repository, stored: StoredImage, *, version: int = 1)
     if found is None:
         fs = layers_filesystem(repo, stored.layers)
         found = store_image(repo, fs, version=version)
-        repo.sync()
-        repo.publish_image(found, sync=False)
+        publish_after_sync(repo, [ImageName(found)])
     return found

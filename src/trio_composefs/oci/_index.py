@@ -17,12 +17,12 @@ directory, a tar archive or anything else can serve them.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._errors import DigestMismatchError, FormatError
 from ..formats._json import load_json_object
+from ..formats._sha256id import Sha256Id
 from ._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 
 __all__ = [
@@ -60,7 +60,7 @@ def verify_blob(data: bytes, descriptor: Descriptor, *, where: str) -> bytes:
             f"{where}: blob {descriptor.digest} has {len(data)} bytes,"
             f" its descriptor says {descriptor.size}"
         )
-    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    actual = Sha256Id.of(data)
     if actual != descriptor.digest:
         raise DigestMismatchError(
             f"{where}: blob {descriptor.digest} has digest {actual} (corrupted?)"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any, Final
 
-from .._errors import ComposefsError, DigestMismatchError, FormatError
+from .._errors import DigestMismatchError, FormatError
+from ..formats._sha256id import Sha256Id
 from ._index import parse_json
 from ._model import MEDIA_TYPES, Descriptor
-from ._names import _check_digest
 
 _IMAGE_CONFIG_TYPES: Final = (MEDIA_TYPES.OCI_CONFIG, MEDIA_TYPES.DOCKER_CONFIG)
 
@@ -38,7 +37,7 @@ def _parse_manifest(data: bytes, where: str) -> tuple[Descriptor, list[Descripto
 
 def _diff_ids(
     config: Descriptor, data: bytes, layers: Sequence[Descriptor], where: str
-) -> list[str]:
+) -> list[Sha256Id]:
     """The config's ``rootfs.diff_ids`` (an artifact's layers use their blob digests)."""
     if config.media_type not in _IMAGE_CONFIG_TYPES:
         return [layer.digest for layer in layers]
@@ -47,11 +46,9 @@ def _diff_ids(
     ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids):
         raise FormatError(f"{where}: config {config.digest} has no rootfs.diff_ids list")
-    for d in ids:
-        try:
-            _check_digest(d)
-        except ComposefsError:
-            raise FormatError(f"{where}: config {config.digest}: bad diff_id {d!r}") from None
+    ids = [
+        Sha256Id.parse(d, error=f"{where}: config {config.digest}: bad diff_id {d!r}") for d in ids
+    ]
     if len(ids) != len(layers):
         raise FormatError(
             f"{where}: the manifest has {len(layers)} layers but config {config.digest}"
@@ -61,6 +58,6 @@ def _diff_ids(
 
 
 def _check_bytes(data: bytes, digest: str, what: str) -> None:
-    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    actual = Sha256Id.of(data)
     if actual != digest:
         raise DigestMismatchError(f"{what}: its sha256 is {actual}, expected {digest}")

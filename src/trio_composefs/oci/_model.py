@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import attrs
 
 from .._errors import FormatError, ImageSourceError, InvalidNameError
+from ..formats._sha256id import Sha256Id
 
 __all__ = [
     "MEDIA_TYPES",
@@ -86,12 +87,20 @@ class Platform:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
+def _sha256_id(text: str) -> Sha256Id:
+    return Sha256Id.parse(text)
+
+
+def _optional_sha256_id(text: str | None) -> Sha256Id | None:
+    return None if text is None else Sha256Id.parse(text)
+
+
 @attrs.frozen
 class Descriptor:
     """An OCI content descriptor: what a manifest says about a blob."""
 
     media_type: str
-    digest: str
+    digest: Sha256Id = attrs.field(converter=_sha256_id)
     size: int
     annotations: Mapping[str, str] = attrs.field(factory=dict)
     platform: Platform | None = None
@@ -106,9 +115,9 @@ class Descriptor:
         size = obj.get("size")
         if not isinstance(media_type, str) or not isinstance(digest, str):
             raise FormatError(f"{where}: descriptor without mediaType or digest")
-        algo, _, hexd = digest.partition(":")
-        if algo != "sha256" or len(hexd) != 64 or hexd.strip("0123456789abcdef"):
-            raise FormatError(f"{where}: unsupported or malformed digest {digest!r}")
+        digest = Sha256Id.parse(
+            digest, error=f"{where}: unsupported or malformed digest {digest!r}"
+        )
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise FormatError(f"{where}: descriptor {digest} has no valid size")
         annotations = obj.get("annotations") or {}
@@ -185,7 +194,7 @@ class SourceRef:
     path: str
     """The layout directory or archive file (for skopeo transports: the rest, verbatim)."""
     tag: str | None = None
-    digest: str | None = None
+    digest: Sha256Id | None = attrs.field(default=None, converter=_optional_sha256_id)
 
     def __str__(self) -> str:
         if self.transport not in ("oci", "oci-archive", "docker-archive"):
@@ -216,10 +225,8 @@ def parse_source(text: str) -> SourceRef:
     digest = None
     tag = None
     if "@" in rest:
-        rest, _, digest = rest.rpartition("@")
-        algo, _, hexd = digest.partition(":")
-        if algo != "sha256" or len(hexd) != 64 or hexd.strip("0123456789abcdef"):
-            raise InvalidNameError(f"not a sha256 digest in {text!r}: {digest!r}")
+        rest, _, at = rest.rpartition("@")
+        digest = Sha256Id.parse(at, error=f"not a sha256 digest in {text!r}: {at!r}")
     elif ":" in rest:
         path, _, maybe_tag = rest.rpartition(":")
         if maybe_tag and "/" not in maybe_tag:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from .._errors import ComposefsError, InvalidNameError
+from .._errors import InvalidNameError
 
 __all__ = ["OCI_REF_PREFIX", "decode_tag", "encode_tag"]
 
@@ -58,10 +58,3 @@ def _check_tag(name: str) -> str:
             f"invalid tag {name!r}: longer than 255 bytes once encoded; give a shorter TAG"
         )
     return OCI_REF_PREFIX + encoded
-
-
-def _check_digest(digest: str) -> str:
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or len(hexd) != 64 or hexd.strip("0123456789abcdef"):
-        raise ComposefsError(f"not a sha256 digest: {digest!r} (expected sha256:<64 hex digits>)")
-    return digest

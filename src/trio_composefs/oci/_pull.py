@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, cast
 
 import attrs
@@ -50,6 +50,7 @@ from ..importer._importer import (
 from ..importer._writers import digester_for
 from ..repository._reading import stream_is_complete, usable_stream
 from ..repository._repository import Repository
+from ..repository._writing import StreamName, publish_after_sync, write_object
 from ._build import (
     DEFAULT_IMAGE_REF,
     commit_image_streams,
@@ -145,9 +146,23 @@ class ImageStats:
 class ImageProgress:
     """A snapshot handed to :func:`pull_image`'s ``progress`` callback (on the trio thread).
 
-    Sent when a layer starts, whenever its :class:`LayerProgress` moves (about
-    every 64 MiB), when it ends or is skipped, and with a ``message`` for
-    image-level steps (config, manifest, tag).
+    Sent when a layer starts, while its compressed blob is read (at most every
+    0.1 s per layer), whenever its :class:`LayerProgress` moves, when it ends or
+    is skipped, and with a ``message`` for image-level steps (config, manifest,
+    tag). Sizes come from the manifest, so a display can show totals and an ETA
+    from the first event on.
+
+    Attributes:
+        layers_total: layers in the manifest.
+        layers_done: layers finished (imported or skipped).
+        layers_skipped: layers found already present (not read).
+        layer: the layer this event is about, if any.
+        message: an image-level step, if this event is one.
+        bytes_total: compressed bytes of all layers (sum of the manifest's sizes).
+        bytes_done: compressed bytes read so far, plus the sizes of skipped layers.
+        layer_size: compressed size of ``layer``'s blob (from the manifest).
+        layer_read: compressed bytes of ``layer``'s blob read so far.
+        skipped: ``layer`` is already present and is not read.
     """
 
     layers_total: int
@@ -155,6 +170,11 @@ class ImageProgress:
     layers_skipped: int
     layer: LayerProgress | None = None
     message: str | None = None
+    bytes_total: int = 0
+    bytes_done: int = 0
+    layer_size: int | None = None
+    layer_read: int = 0
+    skipped: bool = False
 
 
 ProgressCallback = Callable[[ImageProgress], object]
@@ -202,14 +222,16 @@ def _store_blob_object(
         except StopAsyncIteration:
             return None
 
-    digester = digester_for(repo, hash_pool)
-    with repo.begin_object() as tmp:
+    size = 0
+
+    def received() -> Iterator[bytes]:
+        nonlocal size
         while (piece := trio.from_thread.run(pull)) is not None:
-            tmp.write(piece)
-        size: int = tmp.size
-        digest = digester(tmp.fd, size) if digester is not None else None
-        obj, written = tmp.finish(digest)
-    return obj, size, written
+            size += len(piece)
+            yield piece
+
+    obj, present = write_object(repo, received(), digester=digester_for(repo, hash_pool))
+    return obj, size, present
 
 
 def _store_blob_stream(repo: Repository, cid: str, obj: Digest, size: int) -> Digest:
@@ -217,9 +239,9 @@ def _store_blob_stream(repo: Repository, cid: str, obj: Digest, size: int) -> Di
         [ExternalChunk(obj, size)], algorithm=repo.algorithm, content_type=ContentType.OCI_BLOB
     )
     digest = repo.store_object(splitstream)
-    repo.sync()
-    trio.from_thread.check_cancelled()
-    repo.publish_stream(cid, digest, sync=False)
+    publish_after_sync(
+        repo, [StreamName(cid, digest)], check_cancelled=trio.from_thread.check_cancelled
+    )
     return digest
 
 
@@ -234,18 +256,42 @@ class _Pull:
     layers_total: int = 0
     layers_done: int = 0
     layers_skipped: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    sizes: dict[str, int] = attrs.Factory(dict)
+    read: dict[str, int] = attrs.Factory(dict)
+    last: dict[str, LayerProgress] = attrs.Factory(dict)
 
     @property
     def repo(self) -> Repository:
         return cast(Repository, self.importer.repo)
 
-    def report(self, layer: LayerProgress | None = None, message: str | None = None) -> None:
-        if self.progress is not None:
-            self.progress(
-                ImageProgress(
-                    self.layers_total, self.layers_done, self.layers_skipped, layer, message
-                )
+    def report(
+        self, layer: LayerProgress | None = None, message: str | None = None, skipped: bool = False
+    ) -> None:
+        if self.progress is None:
+            return
+        if layer is not None:
+            self.last[layer.diff_id] = layer
+        key = layer.diff_id if layer is not None else ""
+        self.progress(
+            ImageProgress(
+                self.layers_total,
+                self.layers_done,
+                self.layers_skipped,
+                layer,
+                message,
+                bytes_total=self.bytes_total,
+                bytes_done=self.bytes_done,
+                layer_size=self.sizes.get(key),
+                layer_read=self.read.get(key, 0),
+                skipped=skipped,
             )
+        )
+
+    def counted(self, pieces: AsyncIterator[bytes], diff_id: str) -> AsyncIterator[bytes]:
+        """``pieces``, counting the compressed bytes read for the progress events."""
+        return _Counted(pieces, self, diff_id)
 
     async def thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.importer.metadata_limiter)
@@ -255,6 +301,7 @@ class _Pull:
         repo = self.repo
         compression = _TAR_TYPES.get(desc.media_type, "raw")
         cid = layer_content_id(diff_id)  # also for raw blobs, as upstream (their digest, usually)
+        self.sizes[diff_id] = desc.size
         while True:
             # Not just the name: a stream whose object, header or files are lost is
             # imported again (which repairs it), never skipped.
@@ -268,7 +315,8 @@ class _Pull:
             if existing is not None:
                 self.layers_skipped += 1
                 self.layers_done += 1
-                self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True))
+                self.bytes_done += desc.size
+                self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True), skipped=True)
                 return LayerStats(diff_id=diff_id, splitstream=existing, skipped=True)
             event = self.importer.in_flight(cid)
             if event is None:
@@ -300,7 +348,7 @@ class _Pull:
         async with (
             self.source.open_blob(desc) as pieces,
             open_verified_stream(
-                pieces,
+                self.counted(pieces, diff_id),
                 compression=compression,
                 digest=desc.digest,
                 size=desc.size,
@@ -317,10 +365,14 @@ class _Pull:
         async with (
             self.source.open_blob(desc) as pieces,
             open_verified_stream(
-                pieces, compression=None, digest=desc.digest, size=desc.size, where=where
+                self.counted(pieces, diff_id),
+                compression=None,
+                digest=desc.digest,
+                size=desc.size,
+                where=where,
             ) as stream,
         ):
-            obj, size, written = await trio.to_thread.run_sync(
+            obj, size, present = await trio.to_thread.run_sync(
                 _store_blob_object,
                 self.importer.repo,
                 stream,
@@ -333,10 +385,35 @@ class _Pull:
             splitstream=digest,
             tar_bytes=size,
             objects=1,
-            objects_written=int(written),
-            objects_deduplicated=int(not written),
+            objects_written=int(not present),
+            objects_deduplicated=int(present),
             object_bytes=size,
         )
+
+
+@attrs.define(eq=False)
+class _Counted:
+    """An async iterator over a blob's pieces that counts them for :class:`_Pull`'s events."""
+
+    pieces: AsyncIterator[bytes]
+    state: _Pull
+    diff_id: str
+    last_report: float = -1.0
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = await self.pieces.__anext__()
+        state = self.state
+        state.read[self.diff_id] = state.read.get(self.diff_id, 0) + len(piece)
+        state.bytes_done += len(piece)
+        now = trio.current_time()
+        if now - self.last_report >= 0.1:
+            self.last_report = now
+            layer = state.last.get(self.diff_id) or LayerProgress(self.diff_id, 0, 0, 0, 0)
+            state.report(layer)
+        return piece
 
 
 async def pull_image(
@@ -386,6 +463,31 @@ async def pull_image(
         return await _pull(importer, source, ref, tag, platform, progress, layer_jobs)
 
 
+@attrs.frozen
+class _Target:
+    """What one pull resolved (the manifest, checked against its digest) and where it goes."""
+
+    where: str
+    manifest: bytes
+    manifest_digest: str
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    ref: str | None
+    tag: str | None
+
+    @property
+    def container(self) -> bool:
+        return self.config.media_type in _IMAGE_CONFIG_TYPES
+
+    @property
+    def manifest_id(self) -> str:
+        return manifest_content_id(self.manifest_digest)
+
+    @property
+    def config_id(self) -> str:
+        return config_content_id(self.config.digest)
+
+
 async def _pull(
     importer: Importer,
     source: ImageSource,
@@ -396,125 +498,169 @@ async def _pull(
     layer_jobs: int | None,
 ) -> ImageStats:
     state = _Pull(importer, source, progress)
-    repo = state.repo
-    await state.thread(repo.ensure_writable)
+    await state.thread(state.repo.ensure_writable)
     resolved = await source.resolve(platform)
     where = source.description
     _check_bytes(resolved.manifest, resolved.digest, f"{where}: manifest {resolved.digest}")
-    manifest_digest = resolved.digest
     config_desc, layer_descs = _parse_manifest(resolved.manifest, where)
+    target = _Target(
+        where, resolved.manifest, resolved.digest, config_desc, tuple(layer_descs), ref, tag
+    )
     state.layers_total = len(layer_descs)
-    config_digest = config_desc.digest
+    state.bytes_total = sum(d.size for d in layer_descs)
+    existing, config_existing, stored_images = await _stored_streams(state, target)
+    stored = stored_images or not target.container
+    if existing is not None and config_existing is not None and stored:  # fast path
+        return await _skip_stored(state, target, existing, config_existing, stored_images)
+    config_bytes, config_stream, layers = await _config_and_layers(
+        state, target, config_existing, layer_jobs
+    )
+    return await _commit(state, target, config_bytes, config_stream, layers)
 
-    # Fast path: the manifest is stored already.
-    existing = await state.thread(repo.has_stream, manifest_content_id(manifest_digest))
-    config_existing = await state.thread(repo.has_stream, config_content_id(config_digest))
-    container = config_desc.media_type in _IMAGE_CONFIG_TYPES
+
+async def _stored_streams(
+    state: _Pull, target: _Target
+) -> tuple[Digest | None, Digest | None, list[tuple[str, Digest]]]:
+    """``(manifest stream, config stream, images)`` already stored for ``target``.
+
+    The manifest stream is ``None`` when a layer it reaches is damaged (it is imported
+    again and the streams rewritten); images whose objects are missing are left out.
+    """
+    repo = state.repo
+    existing = await state.thread(repo.has_stream, target.manifest_id)
+    config_existing = await state.thread(repo.has_stream, target.config_id)
     stored_images: list[tuple[str, Digest]] = []
     if existing is not None and config_existing is not None:
         _, config_named = await state.thread(
-            read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
+            read_external, repo, target.config_id, ContentType.OCI_CONFIG
         )
         stored_images = image_refs(config_named)
-        if container and not all(repo.has_object(d) for _, d in stored_images):
+        if target.container and not all(repo.has_object(d) for _, d in stored_images):
             stored_images = []
         layer_streams = [d for k, d in config_named.items() if not k.startswith("composefs.image")]
         if not await state.thread(lambda: all(stream_is_complete(repo, d) for d in layer_streams)):
             stored_images = []
             existing = None  # a layer was damaged: re-import it, then rewrite the streams
-    if existing is not None and config_existing is not None and (stored_images or not container):
-        _, named = await state.thread(
-            read_external, repo, manifest_content_id(manifest_digest), ContentType.OCI_MANIFEST
-        )
-        # Report the layers in the image's order (named refs are sorted by name).
-        order = [d.digest for d in layer_descs]
-        with contextlib.suppress(ComposefsError, ValueError, KeyError, TypeError):
-            config_json, _ = await state.thread(
-                read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
-            )
-            order = list(json.loads(config_json)["rootfs"]["diff_ids"])
-        layer_ids = [(d, named[d]) for d in order if d in named]
-        layer_ids += [
-            (k, v)
-            for k, v in named.items()
-            if not k.startswith("config:") and k not in {d for d, _ in layer_ids}
-        ]
-        if ref is not None:
-            await state.thread(
-                repo.publish_stream, manifest_content_id(manifest_digest), existing, ref
-            )
-        state.layers_done = state.layers_skipped = len(layer_descs)
-        state.report(message=f"already have manifest {manifest_digest}")
-        return ImageStats(
-            source=where,
-            manifest_digest=manifest_digest,
-            config_digest=config_digest,
-            manifest_stream=existing,
-            config_stream=config_existing,
-            tag=tag,
-            layers=tuple(LayerStats(d, s, skipped=True) for d, s in layer_ids),
-            skipped=True,
-            images=tuple(stored_images),
-        )
+    return existing, config_existing, stored_images
 
-    config_bytes: bytes | None = None
+
+async def _skip_stored(
+    state: _Pull,
+    target: _Target,
+    existing: Digest,
+    config_existing: Digest,
+    stored_images: list[tuple[str, Digest]],
+) -> ImageStats:
+    """The stats of a pull that found the whole image stored (only the tag is published)."""
+    repo = state.repo
+    _, named = await state.thread(read_external, repo, target.manifest_id, ContentType.OCI_MANIFEST)
+    # Report the layers in the image's order (named refs are sorted by name).
+    order = [d.digest for d in target.layers]
+    with contextlib.suppress(ComposefsError, ValueError, KeyError, TypeError):
+        config_json, _ = await state.thread(
+            read_external, repo, target.config_id, ContentType.OCI_CONFIG
+        )
+        order = list(json.loads(config_json)["rootfs"]["diff_ids"])
+    layer_ids = [(d, named[d]) for d in order if d in named]
+    layer_ids += [
+        (k, v)
+        for k, v in named.items()
+        if not k.startswith("config:") and k not in {d for d, _ in layer_ids}
+    ]
+    if target.ref is not None:
+        await state.thread(repo.publish_stream, target.manifest_id, existing, target.ref)
+    state.layers_done = state.layers_skipped = len(target.layers)
+    state.bytes_done = state.bytes_total
+    state.report(message=f"already have manifest {target.manifest_digest}")
+    return ImageStats(
+        source=target.where,
+        manifest_digest=target.manifest_digest,
+        config_digest=target.config.digest,
+        manifest_stream=existing,
+        config_stream=config_existing,
+        tag=target.tag,
+        layers=tuple(LayerStats(d, s, skipped=True) for d, s in layer_ids),
+        skipped=True,
+        images=tuple(stored_images),
+    )
+
+
+async def _config_and_layers(
+    state: _Pull, target: _Target, config_existing: Digest | None, layer_jobs: int | None
+) -> tuple[bytes | None, Digest | None, tuple[LayerStats, ...]]:
+    """Read the config (unless stored) and import the layers that are not stored.
+
+    Returns:
+        ``(config bytes, config stream, layers)``: the bytes when the config stream is
+        to be (re)written, else the stored stream to reuse.
+    """
+    repo, where, config_desc = state.repo, target.where, target.config
+    config_digest = config_desc.digest
     if config_existing is not None:
         config_bytes, named = await state.thread(
-            read_external, repo, config_content_id(config_digest), ContentType.OCI_CONFIG
+            read_external, repo, target.config_id, ContentType.OCI_CONFIG
         )
-        diff_ids = _diff_ids(config_desc, config_bytes, layer_descs, where)
+        diff_ids = _diff_ids(config_desc, config_bytes, target.layers, where)
         missing = [d for d in diff_ids if d not in named]
         if missing:
-            raise FormatError(
-                f"stream {config_content_id(config_digest)} has no layer ref for {missing[0]}"
-            )
+            raise FormatError(f"stream {target.config_id} has no layer ref for {missing[0]}")
         complete = await state.thread(
             lambda: all(stream_is_complete(repo, named[d]) for d in diff_ids)
         )
         if complete:
             layers = tuple(LayerStats(d, named[d], skipped=True) for d in diff_ids)
             state.layers_done = state.layers_skipped = len(layers)
-            config_bytes = None
-        else:  # a damaged layer: import what is missing, then rewrite the config stream
-            config_existing = None
-            layers = await _import_layers(state, layer_descs, diff_ids, layer_jobs)
-    else:
-        state.report(message=f"reading config {config_digest}")
-        config_bytes = await source.read_blob(config_desc)
-        _check_bytes(config_bytes, config_digest, f"{where}: config {config_digest}")
-        if len(config_bytes) != config_desc.size:
-            raise DigestMismatchError(
-                f"{where}: config {config_digest} has {len(config_bytes)} bytes,"
-                f" the manifest says {config_desc.size}"
-            )
-        diff_ids = _diff_ids(config_desc, config_bytes, layer_descs, where)
-        layers = await _import_layers(state, layer_descs, diff_ids, layer_jobs)
+            state.bytes_done = state.bytes_total
+            return None, config_existing, layers
+        # A damaged layer: import what is missing, then rewrite the config stream.
+        layers = await _import_layers(state, target.layers, diff_ids, layer_jobs)
+        return config_bytes, None, layers
+    state.report(message=f"reading config {config_digest}")
+    config_bytes = await state.source.read_blob(config_desc)
+    _check_bytes(config_bytes, config_digest, f"{where}: config {config_digest}")
+    if len(config_bytes) != config_desc.size:
+        raise DigestMismatchError(
+            f"{where}: config {config_digest} has {len(config_bytes)} bytes,"
+            f" the manifest says {config_desc.size}"
+        )
+    diff_ids = _diff_ids(config_desc, config_bytes, target.layers, where)
+    layers = await _import_layers(state, target.layers, diff_ids, layer_jobs)
+    return config_bytes, None, layers
 
-    state.report(message=f"storing manifest {manifest_digest}")
+
+async def _commit(
+    state: _Pull,
+    target: _Target,
+    config_bytes: bytes | None,
+    config_stream: Digest | None,
+    layers: tuple[LayerStats, ...],
+) -> ImageStats:
+    """Build the composefs image, store config and manifest streams, then name them."""
+    state.report(message=f"storing manifest {target.manifest_digest}")
     layer_refs = [(stats.diff_id, stats.splitstream) for stats in layers]
-    if container:
+    if target.container:
         state.report(message="building the composefs image")
     config_stream, manifest_stream, images = await state.thread(
         lambda: commit_image_streams(
-            repo,
-            config_digest=config_digest,
+            state.repo,
+            config_digest=target.config.digest,
             config_bytes=config_bytes,
-            config_stream=config_existing,
-            manifest_digest=manifest_digest,
-            manifest_bytes=resolved.manifest,
+            config_stream=config_stream,
+            manifest_digest=target.manifest_digest,
+            manifest_bytes=target.manifest,
             layer_refs=layer_refs,
-            ref=ref,
-            container=container,
+            ref=target.ref,
+            container=target.container,
             check_cancelled=trio.from_thread.check_cancelled,
         )
     )
     return ImageStats(
-        source=where,
-        manifest_digest=manifest_digest,
-        config_digest=config_digest,
+        source=target.where,
+        manifest_digest=target.manifest_digest,
+        config_digest=target.config.digest,
         manifest_stream=manifest_stream,
         config_stream=config_stream,
-        tag=tag,
+        tag=target.tag,
         layers=layers,
         images=tuple(images),
     )

@@ -5,13 +5,13 @@ Blocking (layer L1 work inside the trio shell: call it from a worker thread).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import attrs
 
 from .._errors import ComposefsError, FormatError, ObjectNotFoundError
 from ..formats._fsverity import Digest
+from ..formats._sha256id import Sha256Id
 from ..formats._splitstream import ContentType
 from ..repository._repository import Repository
 from ._build import (
@@ -22,7 +22,7 @@ from ._build import (
     read_external,
 )
 from ._manifest import _IMAGE_CONFIG_TYPES, _check_bytes, _diff_ids, _json, _parse_manifest
-from ._names import OCI_REF_PREFIX, _check_digest, _check_tag, decode_tag
+from ._names import OCI_REF_PREFIX, _check_tag, decode_tag
 
 __all__ = [
     "ImageInfo",
@@ -78,12 +78,12 @@ def open_image(repo: Repository, image: str) -> StoredImage:
         DigestMismatchError: a manifest opened by digest that does not match it.
     """
     if image.startswith("@"):
-        return _open_by_digest(repo, _check_digest(image[1:]))
+        return _open_by_digest(repo, Sha256Id.parse(image[1:]))
     try:
         digest = resolve_tag(repo, image)
     except ObjectNotFoundError:
         if image.startswith("sha256:"):
-            return _open_by_digest(repo, _check_digest(image))
+            return _open_by_digest(repo, Sha256Id.parse(image))
         raise
     return _open_by_digest(repo, digest, verified=True)
 
@@ -128,14 +128,13 @@ def resolve_tag(repo: Repository, name: str) -> str:
         ObjectNotFoundError: no such tag.
     """
     ref = _check_tag(name)
-    try:
-        target = os.readlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
+    target = repo.read_stream_ref(ref)
+    if target is None:
+        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}")
     base = target.rsplit("/", 1)[-1]
     if not base.startswith("oci-manifest-"):
         raise FormatError(f"tag {name!r} points at {target!r}, not a manifest stream")
-    return _check_digest(base[len("oci-manifest-") :])
+    return Sha256Id.parse(base[len("oci-manifest-") :])
 
 
 def list_tags(repo: Repository) -> list[tuple[str, str]]:
@@ -156,7 +155,7 @@ def tag_image(repo: Repository, manifest_digest: str, name: str) -> None:
         ObjectNotFoundError: the manifest is not stored.
     """
     ref = _check_tag(name)
-    digest = _check_digest(manifest_digest.removeprefix("@"))
+    digest = Sha256Id.parse(manifest_digest.removeprefix("@"))
     cid = manifest_content_id(digest)
     stream = repo.has_stream(cid)
     if stream is None:
@@ -171,11 +170,8 @@ def untag_image(repo: Repository, name: str) -> None:
         ObjectNotFoundError: no such tag.
     """
     ref = _check_tag(name)
-    repo.ensure_writable()
-    try:
-        os.unlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
+    if not repo.remove_stream_ref(ref):
+        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}")
 
 
 @attrs.frozen

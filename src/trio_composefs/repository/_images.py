@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
 
 from ..formats._fsverity import Digest, FsVerityHasher
 from ..fs import FileSystem
 from ..fs.erofs import image_objects, iter_erofs
 from ._repository import Repository
+from ._writing import write_object
 
 __all__ = ["read_image", "referenced_objects", "store_image"]
 
@@ -25,11 +27,13 @@ def store_image(repo: Repository, fs: FileSystem, *, version: int = 1) -> Digest
     Nothing is named: publish it with :meth:`Repository.publish_image` (after a sync).
     """
     hasher = FsVerityHasher(repo.algorithm)
-    with repo.begin_object() as tmp:
+
+    def pieces() -> Iterator[bytes]:
         for piece in iter_erofs(fs, version=version):
             hasher.update(piece)
-            tmp.write(piece)
-        digest, _present = tmp.finish(hasher.digest())
+            yield piece
+
+    digest, _present = write_object(repo, pieces(), digester=lambda _fd, _size: hasher.digest())
     return digest
 
 

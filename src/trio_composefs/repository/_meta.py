@@ -8,6 +8,7 @@ repository we create is byte-identical to one made by ``cfsctl init``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -135,36 +136,40 @@ class RepoMetadata:
         if algorithm is None:
             raise bad(f"missing or unknown 'algorithm' {algorithm_name!r}")
 
-        features = FeatureFlags()
-        if "features" in doc:
-            raw = doc["features"]
-            if not isinstance(raw, dict):
-                raise bad("'features' must be an object")
-            lists = []
-            for key in ("compatible", "read-only-compatible", "incompatible"):
-                value = raw.get(key, [])
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise bad(f"'features.{key}' must be a list of strings")
-                lists.append(tuple(value))
-            features = FeatureFlags(*lists)
-
-        erofs = LEGACY_EROFS
-        if "erofs_formats" in doc:
-            raw = doc["erofs_formats"]
-            if not isinstance(raw, dict) or "default" not in raw:
-                raise bad("'erofs_formats' must be an object with a 'default'")
-            default = raw["default"]
-            extra = raw.get("extra", [])
-            if not isinstance(extra, list):
-                raise bad("'erofs_formats.extra' must be a list")
-            for v in [default, *extra]:
-                if isinstance(v, bool) or v not in EROFS_VERSIONS:
-                    raise bad(f"unknown EROFS format version {v!r}")
-            erofs = ErofsFormats(default, tuple(sorted(set(extra))))
-
+        features = _features(doc["features"], bad) if "features" in doc else FeatureFlags()
+        erofs = (
+            _erofs_formats(doc["erofs_formats"], bad) if "erofs_formats" in doc else LEGACY_EROFS
+        )
         if version > FORMAT_VERSION:
             raise RepositoryError(
                 f"{source}: unsupported repository format version {version}"
                 f" (this tool supports up to {FORMAT_VERSION})"
             )
         return cls(version, algorithm, features, erofs)
+
+
+def _features(raw: Any, bad: Callable[[str], FormatError]) -> FeatureFlags:
+    """``features``: three lists of strings, each optional."""
+    if not isinstance(raw, dict):
+        raise bad("'features' must be an object")
+    lists = []
+    for key in ("compatible", "read-only-compatible", "incompatible"):
+        value = raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad(f"'features.{key}' must be a list of strings")
+        lists.append(tuple(value))
+    return FeatureFlags(*lists)
+
+
+def _erofs_formats(raw: Any, bad: Callable[[str], FormatError]) -> ErofsFormats:
+    """``erofs_formats``: a ``default`` version and an optional ``extra`` list."""
+    if not isinstance(raw, dict) or "default" not in raw:
+        raise bad("'erofs_formats' must be an object with a 'default'")
+    default = raw["default"]
+    extra = raw.get("extra", [])
+    if not isinstance(extra, list):
+        raise bad("'erofs_formats.extra' must be a list")
+    for v in [default, *extra]:
+        if isinstance(v, bool) or v not in EROFS_VERSIONS:
+            raise bad(f"unknown EROFS format version {v!r}")
+    return ErofsFormats(default, tuple(sorted(set(extra))))

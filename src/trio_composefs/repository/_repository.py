@@ -33,6 +33,7 @@ import secrets
 import stat
 import string
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 
@@ -44,21 +45,32 @@ from .._errors import (
     DigestMismatchError,
     InternalError,
     InvalidNameError,
+    LockTimeoutError,
     ObjectNotFoundError,
     RepositoryError,
     UnsafeLayoutError,
     VerityUnsupportedError,
 )
 from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
+from ..hashing._fd import digest_fd
+from ._layout import (
+    IMAGES,
+    LAYOUT,
+    META_JSON,
+    OBJECTS,
+    STREAMS,
+    TMP_OBJECT_PREFIX,
+    TMP_SPOOL_PREFIX,
+    TMP_SYMLINK_PREFIX,
+    object_entry_path,
+    stream_ref_path,
+)
 from ._meta import MAX_META_BYTES, RepoMetadata
 from ._verity import EnableResult, VerityOps
+from ._writing import write_object
 
 __all__ = ["ObjectEntry", "ObjectTmpfile", "RefEntry", "Repository"]
 
-META_JSON = "meta.json"
-LAYOUT = ("objects", "streams", "streams/refs", "images", "images/refs")
-TMP_OBJECT_PREFIX = ".tmp-object-"
-TMP_SYMLINK_PREFIX = ".symlink-"
 _ALNUM = string.ascii_letters + string.digits
 _READ_CHUNK = 1 << 20
 _NO_TMPFILE_ERRNOS = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
@@ -114,16 +126,6 @@ def _syncfs(fd: int) -> None:
     if func(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def _hash_fd(fd: int, algorithm: Algorithm) -> tuple[Digest, int]:
-    """The fs-verity digest and size of the whole file behind ``fd`` (pread)."""
-    hasher = FsVerityHasher(algorithm)
-    offset = 0
-    while chunk := os.pread(fd, _READ_CHUNK, offset):
-        hasher.update(chunk)
-        offset += len(chunk)
-    return hasher.digest(), offset
 
 
 def _copy_fd(src: int, dst: int) -> None:
@@ -188,6 +190,40 @@ def check_ref_name(name: str) -> None:
             :data:`MAX_NAME_DEPTH` components.
     """
     _check_name("ref", name)
+
+
+def _flock(
+    fd: int,
+    op: int,
+    path: str,
+    what: str,
+    on_wait: Callable[[], object] | None,
+    timeout: float | None,
+) -> None:
+    """``flock(fd, op)``; if busy, call ``on_wait`` once, then wait (polling every
+    50 ms when there is a ``timeout``, raising :class:`LockTimeoutError` after it)."""
+    try:
+        fcntl.flock(fd, op | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        if on_wait is not None:
+            on_wait()
+    if timeout is None:
+        fcntl.flock(fd, op)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeoutError(
+                    f"{path}: the repository's {what} lock is still held by another process"
+                    f" after {timeout:g} s (--lock-timeout)"
+                ) from None
+            time.sleep(min(0.05, left))
 
 
 @attrs.define(eq=False)
@@ -317,16 +353,24 @@ class Repository:
         *,
         insecure: bool | None = None,
         verity_ops: VerityOps | None = None,
+        on_wait: Callable[[], object] | None = None,
+        lock_timeout: float | None = None,
     ) -> Repository:
         """Open an existing repository, taking a shared lock.
+
+        The shared lock waits while garbage collection holds the exclusive one.
 
         Args:
             path: the repository directory.
             insecure: ``None`` infers the mode (``meta.json`` with fs-verity →
                 secure); ``True`` forces insecure; ``False`` forces secure.
             verity_ops: the fs-verity ioctl layer (tests inject a simulation).
+            on_wait: called once, before waiting, if the shared lock is busy.
+            lock_timeout: give up waiting for the shared lock after this many
+                seconds (default: wait as long as it takes).
 
         Raises:
+            LockTimeoutError: the lock stayed busy for ``lock_timeout`` seconds.
             RepositoryError: not a repository, a newer format, or unknown
                 incompatible features.
             FormatError: ``meta.json`` is not a composefs metadata file.
@@ -338,7 +382,7 @@ class Repository:
         except OSError as e:
             raise RepositoryError(f"cannot open repository {spath}: {e}") from e
         try:
-            fcntl.flock(dirfd, fcntl.LOCK_SH)
+            _flock(dirfd, fcntl.LOCK_SH, spath, "shared", on_wait, lock_timeout)
             meta_fd = _open_meta(dirfd, spath)
             if meta_fd is None:
                 if _exists(dirfd, "objects"):
@@ -414,7 +458,9 @@ class Repository:
         return self._closed
 
     @contextlib.contextmanager
-    def exclusive_lock(self, *, on_wait: Callable[[], object] | None = None) -> Iterator[None]:
+    def exclusive_lock(
+        self, *, on_wait: Callable[[], object] | None = None, timeout: float | None = None
+    ) -> Iterator[None]:
         """Hold the repository's ``flock`` exclusively, then go back to shared.
 
         Blocks while any other open repository (in this process or another)
@@ -424,14 +470,16 @@ class Repository:
 
         Args:
             on_wait: called once, before blocking, if the lock is busy.
+            timeout: give up after this many seconds (``None``: wait as long
+                as it takes; ``0``: do not wait). The lock is polled every
+                50 ms while a timeout runs.
+
+        Raises:
+            LockTimeoutError: the lock was still busy after ``timeout`` seconds
+                (the shared lock is held again).
         """
         try:
-            try:
-                fcntl.flock(self.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait is not None:
-                    on_wait()
-                fcntl.flock(self.dirfd, fcntl.LOCK_EX)
+            _flock(self.dirfd, fcntl.LOCK_EX, self.path, "exclusive", on_wait, timeout)
         except BaseException:
             fcntl.flock(self.dirfd, fcntl.LOCK_SH)  # a failed conversion dropped it
             raise
@@ -628,18 +676,47 @@ class Repository:
         """
         prefixes, _unsafe = self.object_dirs()
         for prefix in prefixes:
-            for name, mode, size in self._scan_objects(prefix):
-                try:
-                    digest: Digest | None = Digest.from_object_path(
-                        f"{prefix}/{name}", self.algorithm
-                    )
-                except DigestError:
-                    digest = None
-                yield ObjectEntry(f"{prefix}/{name}", digest, mode, size)
+            yield from self.object_entries(prefix)
+
+    def object_entries(self, prefix: str) -> list[ObjectEntry]:
+        """The entries of one ``objects/<prefix>/`` directory, sorted by name.
+
+        ``[]`` when it is absent or not a real directory (never followed). Entries
+        whose name is not an object name come with ``digest=None``.
+        """
+        out = []
+        for name, mode, size in self._scan_objects(prefix):
+            try:
+                digest: Digest | None = Digest.from_object_path(f"{prefix}/{name}", self.algorithm)
+            except DigestError:
+                digest = None
+            out.append(ObjectEntry(f"{prefix}/{name}", digest, mode, size))
+        return out
+
+    def open_object_entry(self, entry: ObjectEntry) -> int:
+        """Open an entry of :meth:`object_entries` read-only as it is (no fs-verity check,
+        the last component never followed); the caller closes the fd.
+
+        Raises:
+            OSError: it cannot be opened (a symlink: ``ELOOP``).
+        """
+        return os.open(
+            object_entry_path(entry.path),
+            os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+            dir_fd=self.dirfd,
+        )
+
+    def open_objects_dir(self) -> int:
+        """Open ``objects/`` read-only (to hand to the kernel); the caller closes the fd.
+
+        Raises:
+            OSError: it is missing or unreadable.
+        """
+        return os.open(OBJECTS, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd)
 
     def _scan_objects(self, prefix: str) -> list[tuple[str, int, int]]:
         try:
-            fd = self.open_owned_dir(f"objects/{prefix}")
+            fd = self.open_owned_dir(f"{OBJECTS}/{prefix}")
         except UnsafeLayoutError:
             return []
         if fd is None:
@@ -721,6 +798,146 @@ class Repository:
         top, _, name = path.partition("/")
         return self._resolve_link(top, name, path)
 
+    # ----------------------------------------- maintenance: layout, links, leftovers
+
+    def read_metadata(self) -> RepoMetadata | None:
+        """``meta.json`` as it is on disk now (``None`` if missing), read without following
+        a symlink; :attr:`metadata` is what :meth:`open` read.
+
+        Raises:
+            ComposefsError: it does not parse. OSError: it cannot be read.
+        """
+        return _read_meta(self.dirfd, self.path)
+
+    def layout_errors(self) -> list[UnsafeLayoutError]:
+        """The directories of the layout that are symlinks or files (never followed),
+        in :data:`LAYOUT` order; a damaged parent may be reported again for its child."""
+        errors = []
+        for rel in LAYOUT:
+            try:
+                fd = self.open_owned_dir(rel)
+            except UnsafeLayoutError as e:
+                errors.append(e)
+                continue
+            if fd is not None:
+                os.close(fd)
+        return errors
+
+    def linked_objects(self, top: str) -> dict[str, Digest]:
+        """``{name: object}`` for the first-level symlinks of ``top`` (:data:`STREAMS` or
+        :data:`IMAGES`) whose target ends in an object path; ``.symlink-*`` leftovers skipped.
+
+        Raises:
+            UnsafeLayoutError: ``top`` is not a real directory.
+        """
+        out: dict[str, Digest] = {}
+        fd = self.open_owned_dir(top)
+        if fd is None:
+            return out
+        try:
+            with os.scandir(fd) as it:
+                names = [e.name for e in it if e.is_symlink()]
+            n = 2 * self.algorithm.digest_size + 1
+            for name in names:
+                if name.startswith(TMP_SYMLINK_PREFIX):
+                    continue
+                target = os.readlink(name, dir_fd=fd)
+                with contextlib.suppress(DigestError):
+                    out[name] = Digest.from_object_path(target[-n:], self.algorithm)
+        finally:
+            os.close(fd)
+        return out
+
+    def read_link(self, path: str) -> str:
+        """The target of the layout symlink ``path`` (repository-relative).
+
+        Raises:
+            OSError: it is missing or not a symlink.
+        """
+        return os.readlink(path, dir_fd=self.dirfd)
+
+    def link_error(self, path: str) -> str | None:
+        """``None`` when the symlink ``path`` resolves (followed by the kernel) to an
+        existing file; ``""`` when it dangles; else the error text."""
+        try:
+            os.stat(path, dir_fd=self.dirfd)
+        except FileNotFoundError:
+            return ""
+        except OSError as e:
+            return e.strerror or str(e)
+        return None
+
+    def link_is_alive(self, path: str, gone: set[str]) -> bool:
+        """Whether the symlink ``path`` leads, link by link, to an existing file whose
+        repository-relative path is not in ``gone`` (``False`` for a loop)."""
+        current = path
+        for _ in range(40):
+            try:
+                st = os.stat(current, dir_fd=self.dirfd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            if not stat.S_ISLNK(st.st_mode):
+                return current not in gone
+            target = os.readlink(current, dir_fd=self.dirfd)
+            if target.startswith("/"):
+                return os.path.exists(target)
+            current = _link_target_path(current, target)
+            if current == ".." or current.startswith("../"):
+                return os.path.exists(os.path.join(self.path, current))
+        return False  # a loop
+
+    def remove_link(self, path: str) -> None:
+        """Unlink the layout entry ``path`` (its directory opened without following
+        symlinks); nothing when it or its directory is gone."""
+        parent, _, base = path.rpartition("/")
+        fd = self.open_owned_dir(parent)
+        if fd is None:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(base, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def stray_tmpfiles(self) -> list[str]:
+        """Repository-relative paths of temporary files interrupted writers left behind.
+
+        ``objects/.tmp-object-*`` (named object files, only on filesystems without
+        ``O_TMPFILE``), ``.tmp-spool-*`` (splitstream spool files) and
+        ``.symlink-*`` (symlinks about to replace a stream name or ref). Right
+        after a crash they are garbage; while an import runs they may be in use.
+        Directories that are symlinks are never entered.
+        """
+        out = [object_entry_path(n) for n in self.find_stray_tmpfiles()]
+        out += [n for n, _ in self._scan_quietly(".") if n.startswith(TMP_SPOOL_PREFIX)]
+        for top in (STREAMS, IMAGES):
+            out += [
+                f"{top}/{n}" for n, _ in self._scan_quietly(top) if n.startswith(TMP_SYMLINK_PREFIX)
+            ]
+            with contextlib.suppress(UnsafeLayoutError):
+                out += [r.path for r in self.walk_refs(top) if r.is_tmp]
+        return sorted(out)
+
+    def _scan_quietly(self, rel: str) -> list[tuple[str, int]]:
+        try:
+            return self.scan_owned_dir(rel) or []
+        except UnsafeLayoutError:
+            return []
+
+    def remove_stray_tmpfile(self, path: str, *, dry_run: bool = False) -> int | None:
+        """Remove one path of :meth:`stray_tmpfiles`: its size in bytes (0 for a
+        symlink), or ``None`` when it is gone or is neither a file nor a symlink
+        (then it is kept). With ``dry_run`` only the size is read."""
+        try:
+            st = os.stat(path, dir_fd=self.dirfd, follow_symlinks=False)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                return None
+            if not dry_run:
+                os.unlink(path, dir_fd=self.dirfd)
+        except FileNotFoundError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
     def begin_object(self) -> ObjectTmpfile:
         """Start writing one object (thread-safe). Use the result as a context manager."""
         fd, name, objects = self._create_tmp()
@@ -739,9 +956,7 @@ class Repository:
             if not self.insecure or self.verity_supported:
                 os.close(self.open_object(digest))
             return digest
-        with self.begin_object() as tmp:
-            tmp.write(data)
-            tmp.finish(digest)
+        write_object(self, [data], size=len(data), digester=lambda _fd, _size: digest)
         return digest
 
     def has_object(self, digest: Digest) -> bool:
@@ -789,7 +1004,7 @@ class Repository:
         try:
             self._check_measured(fd, digest)
             if verify:
-                actual, _ = _hash_fd(fd, self.algorithm)
+                actual = digest_fd(fd, None, self.algorithm)
                 if actual != digest:
                     raise DigestMismatchError(
                         f"object {self.path}/objects/{rel} is corrupt: its content has"
@@ -864,7 +1079,7 @@ class Repository:
         where = f"{source.path}/objects/{path}"
         fd = source.open_object(digest)
         try:
-            actual, _ = _hash_fd(fd, self.algorithm)
+            actual = digest_fd(fd, None, self.algorithm)
             if actual != digest:
                 raise DigestMismatchError(
                     f"object {where} is corrupt: its content has fs-verity digest {actual};"
@@ -1056,7 +1271,7 @@ class Repository:
                 raise RepositoryError(f"{self.path}/{current}: {e}") from e
             if target.startswith("/"):
                 raise RepositoryError(f"{self.path}/{current}: absolute symlink {target!r}")
-            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(current), target))
+            resolved = _link_target_path(current, target)
             if resolved.startswith("../") or resolved == "..":
                 raise RepositoryError(
                     f"{self.path}/{current}: symlink {target!r} leaves the repository"
@@ -1092,14 +1307,38 @@ class Repository:
         """Every ref under ``streams/refs/``: ``{ref: content id}`` (raw target if not a stream)."""
         return self._list_refs("streams")
 
+    def read_stream_ref(self, ref: str) -> str | None:
+        """The raw target of ``streams/refs/<ref>``, ``None`` when there is no such ref.
+
+        Raises:
+            OSError: it cannot be read (not a symlink, a file on the way).
+        """
+        try:
+            return os.readlink(stream_ref_path(ref), dir_fd=self.dirfd)
+        except FileNotFoundError:
+            return None
+
+    def remove_stream_ref(self, ref: str) -> bool:
+        """Unlink ``streams/refs/<ref>`` (the stream stays until gc); ``False`` if absent.
+
+        Raises:
+            RepositoryError: a read-only repository.
+            OSError: it cannot be removed.
+        """
+        self.ensure_writable()
+        try:
+            os.unlink(stream_ref_path(ref), dir_fd=self.dirfd)
+        except FileNotFoundError:
+            return False
+        return True
+
     def _list_refs(self, top: str) -> dict[str, str]:
         """``{ref: first-level name under top}`` for ``<top>/refs/**`` (raw target otherwise)."""
         out: dict[str, str] = {}
         for ref, target in _symlinks_in(self.dirfd, f"{top}/refs", recursive=True):
             if posixpath.basename(ref).startswith(TMP_SYMLINK_PREFIX):
                 continue
-            where = posixpath.dirname(f"{top}/refs/{ref}")
-            resolved = posixpath.normpath(posixpath.join(where, target))
+            resolved = _link_target_path(f"{top}/refs/{ref}", target)
             head, sep, rest = resolved.partition("/")
             out[ref] = rest if head == top and sep and "/" not in rest else target
         return out
@@ -1260,7 +1499,7 @@ class ObjectTmpfile:
             elif digest is not None:
                 actual = digest
             else:
-                actual, _ = _hash_fd(self.fd, repo.algorithm)
+                actual = digest_fd(self.fd, self.size, repo.algorithm)
             present = self._link(actual)
         except BaseException:
             self.abort()
@@ -1414,6 +1653,12 @@ class RefEntry:
     def is_tmp(self) -> bool:
         """A ``.symlink-*`` leftover of an interrupted atomic replace."""
         return posixpath.basename(self.path).startswith(TMP_SYMLINK_PREFIX)
+
+
+def _link_target_path(link: str, target: str) -> str:
+    """Where the relative symlink ``link`` -> ``target`` points, repository-relative and
+    normalised lexically (``..`` or ``../…`` when it leaves the repository)."""
+    return posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
 
 
 def _digest_of(data: bytes, algorithm: Algorithm) -> Digest:

@@ -32,7 +32,8 @@ from collections.abc import Callable
 import attrs
 
 from .._errors import DigestMismatchError, RepositoryError, VerityUnsupportedError
-from ..formats._fsverity import BLOCK_SIZE, Algorithm, Digest, FsVerityHasher
+from ..formats._fsverity import BLOCK_SIZE, Algorithm, Digest
+from ..hashing._fd import digest_fd
 
 __all__ = [
     "FS_IOC_ENABLE_VERITY",
@@ -257,12 +258,7 @@ class SimulatedVerityKernel:
                 _raise(errno.ETXTBSY)
         if self._has_writer(key):
             _raise(errno.ETXTBSY)
-        hasher = FsVerityHasher(algorithm)
-        offset = 0
-        while chunk := os.pread(fd, 1 << 20, offset):
-            hasher.update(chunk)
-            offset += len(chunk)
-        self._record(fd, key, hasher.digest())
+        self._record(fd, key, digest_fd(fd, None, algorithm))
 
     def _measure(self, fd: int, buf: bytearray) -> None:
         if not self.supported:

@@ -19,6 +19,7 @@ import trio
 
 from ..._errors import DigestMismatchError, FormatError
 from ...formats._json import load_json
+from ...formats._sha256id import Sha256Id
 from .._index import describe_manifest, resolve_from_index, verify_blob
 from .._model import Descriptor, ImageSourceError, Platform, ResolvedImage
 
@@ -100,9 +101,9 @@ class OciLayoutSource:
             raise ImageSourceError(f"{self.description}: oci-layout has no imageLayoutVersion")
 
     def _blob_path(self, digest: str) -> str:
-        algo, _, hexd = digest.partition(":")
-        if algo != "sha256" or len(hexd) != 64 or hexd.strip("0123456789abcdef"):
-            raise FormatError(f"{self.description}: unsupported digest {digest!r}")
+        hexd = Sha256Id.parse(
+            digest, error=f"{self.description}: unsupported digest {digest!r}"
+        ).hex
         return os.path.join(self.path, "blobs", "sha256", hexd)
 
     def _read_verified(self, desc: Descriptor, max_size: int) -> bytes:
