@@ -1,0 +1,84 @@
+"""Serving composefs images with FUSE, verifying every object on first open (layer L2).
+
+Needs the optional ``pyfuse3`` (``pip install 'trio-composefs[fuse]'``, which builds
+against libfuse3: ``apt-get install fuse3 libfuse3-dev``). This ``__init__`` is lazy, so
+``import trio_composefs.fuse`` works without it; :func:`fuse_available` says whether it
+is there, and using a name raises :class:`~trio_composefs.FuseUnavailableError`, whose
+message says how to install it.
+
+* :func:`mounted_fuse`: a repository's image for an ``async with`` block.
+* :func:`serve_image`: the same for EROFS bytes and an :class:`ObjectOpener`
+  (:class:`DirectoryObjects` for a plain objects directory).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+from .. import _lazy
+from .._errors import FuseUnavailableError
+
+if TYPE_CHECKING:
+    from ._api import FuseMount as FuseMount
+    from ._api import FuseStatistics as FuseStatistics
+    from ._api import mounted_fuse as mounted_fuse
+    from ._api import serve_image as serve_image
+    from ._objects import DirectoryObjects as DirectoryObjects
+    from ._objects import ObjectOpener as ObjectOpener
+    from ._objects import OpenedObject as OpenedObject
+    from ._objects import RepositoryObjects as RepositoryObjects
+    from ._verify import VerifierStatistics as VerifierStatistics
+
+_LAZY: dict[str, str] = {
+    "FuseMount": "._api",
+    "FuseStatistics": "._api",
+    "mounted_fuse": "._api",
+    "serve_image": "._api",
+    "DirectoryObjects": "._objects",
+    "ObjectOpener": "._objects",
+    "OpenedObject": "._objects",
+    "RepositoryObjects": "._objects",
+    "VerifierStatistics": "._verify",
+}
+
+__all__ = [
+    "INSTALL_HINT",
+    "DirectoryObjects",
+    "FuseMount",
+    "FuseStatistics",
+    "ObjectOpener",
+    "OpenedObject",
+    "RepositoryObjects",
+    "VerifierStatistics",
+    "fuse_available",
+    "mounted_fuse",
+    "require_fuse",
+    "serve_image",
+]
+
+INSTALL_HINT = (
+    "FUSE mounts need pyfuse3: install libfuse3 (Debian: apt-get install fuse3 libfuse3-dev),"
+    " then pip install 'trio-composefs[fuse]'"
+)
+
+
+def fuse_available() -> bool:
+    """Whether ``pyfuse3`` can be imported."""
+    return importlib.util.find_spec("pyfuse3") is not None
+
+
+def require_fuse() -> None:
+    """Raise :class:`FuseUnavailableError` (with :data:`INSTALL_HINT`) without ``pyfuse3``."""
+    if not fuse_available():
+        raise FuseUnavailableError(INSTALL_HINT)
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        require_fuse()
+    return _lazy.load(__name__, _LAZY, name)
+
+
+def __dir__() -> list[str]:
+    return _lazy.names(__name__, __all__)
