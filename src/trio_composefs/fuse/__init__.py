@@ -13,7 +13,7 @@ message says how to install it.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from typing import TYPE_CHECKING
 
 from .. import _lazy
@@ -64,8 +64,12 @@ INSTALL_HINT = (
 
 
 def fuse_available() -> bool:
-    """Whether ``pyfuse3`` can be imported."""
-    return importlib.util.find_spec("pyfuse3") is not None
+    """Whether ``pyfuse3`` (and the libfuse3 it links) can be imported."""
+    try:
+        importlib.import_module("pyfuse3")
+    except ImportError:
+        return False
+    return True
 
 
 def require_fuse() -> None:
