@@ -152,7 +152,11 @@ async def serve_image(
         if hash_pool is None:
             hash_pool = stack.enter_context(HashPool())
         ops = ComposefsOperations(
-            table, objects, Verifier(hash_pool, limiter, remember), limiter, image_size
+            table,
+            objects,
+            Verifier(hash_pool, trio.CapacityLimiter(hash_pool.workers + 1), remember),
+            limiter,
+            image_size,
         )
         stack.callback(ops.close_all)
         _busy = True
@@ -230,8 +234,8 @@ async def mounted_fuse(
         repo: an open repository (kept open for the block).
         name: the image's hex digest, ``refs/<ref>`` or a ref name.
         mountpoint: an existing directory.
-        limiter: worker-thread limiter for opens, reads and hashing (default: a new
-            one of 8 tokens).
+        limiter: worker-thread limiter for opens and reads (default: a new one of 8
+            tokens); the verifying hashes have their own.
         hash_pool: the pool verifying objects (default: a new one, closed on exit).
         allow_other: let other users in (default: when running as root).
         options: further libfuse mount options.

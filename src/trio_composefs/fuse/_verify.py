@@ -64,7 +64,8 @@ class Verifier:
 
     Args:
         pool: the hash pool to use (the caller owns and closes it).
-        limiter: the worker-thread limiter for the hashing threads.
+        limiter: the worker-thread limiter for the hashing threads: its own, not the
+            readers', so that long hashes never hold the tokens reads need.
         remember: how many verified (and refused) digests to keep.
     """
 

@@ -1,0 +1,310 @@
+"""FUSE mounts of composefs images (``trio_composefs.fuse``), against the kernel mount.
+
+The images and expected trees are those of the kernel mount tests: C ``mkcomposefs``
+images of ``test_mount_kernel``'s source tree (objects named by the ``fsverity``
+tool), compared entry by entry with that source tree by the same ``snapshot``; and
+OCI images pulled into a repository (``test_mount_images``), compared with the
+kernel mount of the same image and with ``umoci unpack``.
+
+The FUSE server runs in the test's own trio run, so the mount is only ever touched
+from worker threads (``trio.to_thread``) or other processes. Every mount is undone
+in a ``finally`` (leaving the ``async with``); the autouse ``no_fuse_leftovers``
+fixture checks with ``findmnt`` that no FUSE mount is left and unmounts any that is
+(failing the test).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from test_mount_images import _read_all_but, rich, scan_mount, umoci_unpacked
+from test_mount_kernel import _REASON as _KERNEL_REASON
+from test_mount_kernel import Built, assert_same_tree, c_image
+from test_mount_kernel import built as built
+from treecompare import assert_same_tree as assert_same_fs
+from trio_composefs.formats import Digest
+from trio_composefs.fs import (
+    Directory,
+    ExternalFile,
+    FileSystem,
+    Leaf,
+    Stat,
+)
+from trio_composefs.fs.erofs import read_erofs
+from trio_composefs.fuse import fuse_available
+
+if fuse_available():
+    from trio_composefs.fuse import mounted_fuse
+from trio_composefs.mount import mounted_image
+from trio_composefs.repository import Repository, read_image, store_image
+
+pytestmark = [
+    pytest.mark.skipif(not fuse_available(), reason="pyfuse3 is not installed"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
+    pytest.mark.skipif(shutil.which("fusermount3") is None, reason="fusermount3 missing"),
+]
+
+__all__ = ["built", "c_image", "rich"]
+
+CLI = [sys.executable, "-m", "trio_composefs"]
+
+
+def _fuse_mounts() -> list[str]:
+    out = subprocess.run(
+        ["findmnt", "-rn", "-t", "fuse.trio-composefs", "-o", "TARGET"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return [line.encode().decode("unicode_escape") for line in out.splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def no_fuse_leftovers() -> Iterator[None]:
+    before = set(_fuse_mounts())
+    fds_before = set(os.listdir("/proc/self/fd"))
+    yield
+    left = [m for m in _fuse_mounts() if m not in before]
+    for target in left:
+        subprocess.run(["fusermount3", "-u", "-z", target], check=False)
+    assert left == [], "FUSE mounts left behind"
+    leaked = {
+        fd: os.readlink(f"/proc/self/fd/{fd}")
+        for fd in set(os.listdir("/proc/self/fd")) - fds_before
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
+    assert leaked == {}, "file descriptors left open"
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    target = tmp_path / "fuse-mnt"
+    target.mkdir()
+    return target
+
+
+@pytest.fixture
+def kmnt(tmp_path: Path) -> Path:
+    target = tmp_path / "kernel-mnt"
+    target.mkdir()
+    return target
+
+
+def _is_mount(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def _read_all(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+async def test_c_image_shows_the_source_tree(built: Built, c_image: Path, mnt: Path) -> None:
+    """C mkcomposefs's image of the kernel tests' tree: the same snapshot as the kernel
+    mount's (types, modes, owners, sizes, mtimes in ns, symlinks, devices, fifo, hard
+    links by inode number, xattrs with an ACL, no trusted.overlay.*), every object
+    verified once."""
+    from trio_composefs.fuse import DirectoryObjects, serve_image
+
+    image = await trio.to_thread.run_sync(_read_all, c_image)
+    objects_fd = os.open(built.objects, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        async with serve_image(image, DirectoryObjects(objects_fd), mnt) as mount:
+            assert await trio.to_thread.run_sync(_is_mount, mnt)
+            await trio.to_thread.run_sync(assert_same_tree, built.source, mnt)
+            stats = mount.statistics()
+            assert "ro" in mount.options
+    finally:
+        os.close(objects_fd)
+    assert not await trio.to_thread.run_sync(_is_mount, mnt)
+    assert stats.open_failures == 0
+    assert stats.verifier.verified == len(set(built.object_of.values()))
+    assert stats.verifier.refused == 0
+
+
+def _statfs_and_writes(mnt: Path) -> tuple[os.statvfs_result, list[int]]:
+    codes = []
+    for attempt in (
+        lambda: os.open(mnt / "data/tiny", os.O_WRONLY),
+        lambda: os.open(mnt / "data/new", os.O_WRONLY | os.O_CREAT, 0o644),
+        lambda: os.mkdir(mnt / "newdir"),
+        lambda: os.setxattr(mnt / "data/tiny", "user.x", b"1"),
+        lambda: os.chmod(mnt / "data/tiny", 0o777),
+    ):
+        try:
+            attempt()
+        except OSError as e:
+            codes.append(e.errno or 0)
+        else:
+            codes.append(0)
+    return os.statvfs(mnt), codes
+
+
+async def test_statfs_and_read_only(built: Built, c_image: Path, mnt: Path) -> None:
+    from trio_composefs.fuse import DirectoryObjects, serve_image
+
+    image = await trio.to_thread.run_sync(_read_all, c_image)
+    objects_fd = os.open(built.objects, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        async with serve_image(image, DirectoryObjects(objects_fd), mnt) as mount:
+            st, codes = await trio.to_thread.run_sync(_statfs_and_writes, mnt)
+            inodes = mount.statistics().inodes
+    finally:
+        os.close(objects_fd)
+    entries = {os.lstat(p).st_ino for p in [built.source, *built.source.rglob("*")]}
+    assert inodes == len(entries)  # one inode per hard-link group
+    assert (st.f_bsize, st.f_namemax, st.f_files, st.f_bfree) == (4096, 255, inodes, 0)
+    sizes = {p.lstat().st_ino: p.lstat().st_size for p in built.source.rglob("*") if p.is_file()}
+    assert st.f_blocks * 4096 >= sum(sizes.values())
+    assert st.f_flag & os.ST_RDONLY
+    assert codes == [errno.EROFS] * 5
+
+
+# --- repository images made here: many large objects -------------------------------------------
+
+
+def _store(repo: Repository, data_of: Callable[[int], bytes], size: int) -> Digest:
+    """Write an object of ``size`` bytes, given as chunks ``data_of(offset)``."""
+    with repo.begin_object() as tmp:
+        offset = 0
+        while offset < size:
+            piece = data_of(offset)[: size - offset]
+            tmp.write(piece)
+            offset += len(piece)
+        digest, _present = tmp.finish()
+    return digest
+
+
+def _pattern(seed: int) -> Callable[[int], bytes]:
+    """Distinct, cheap content: 1 MiB of seeded random bytes, repeated with the offset."""
+    block = random.Random(seed).randbytes(1 << 20)
+    return lambda offset: (offset.to_bytes(8, "little") + block)[: 1 << 20]
+
+
+def make_big_image(repo: Repository, sizes: dict[str, int], ref: str) -> FileSystem:
+    """An image of regular files ``/big/NAME`` with the given sizes, published as ``ref``."""
+    big = Directory(Stat(0o755))
+    for i, (name, size) in enumerate(sorted(sizes.items())):
+        digest = _store(repo, _pattern(i), size)
+        big.entries[name.encode()] = Leaf(Stat(0o644), ExternalFile(size, digest))
+    fs = FileSystem(Directory(Stat(0o755), {b"big": big}))
+    repo.sync()
+    repo.publish_image(store_image(repo, fs), ref)
+    return fs
+
+
+def expected_bytes(index: int, size: int) -> bytes:
+    data_of = _pattern(index)
+    return b"".join(data_of(off) for off in range(0, size, 1 << 20))[:size]
+
+
+# --- pulled OCI images: FUSE against the kernel mount and umoci --------------------------------
+
+
+def _only_image(repo_path: Path) -> str:
+    with Repository.open(repo_path) as repo:
+        (hex_name,) = repo.list_images()
+    return hex_name
+
+
+async def test_oci_image_same_tree_as_kernel_mount_and_umoci(
+    rich: tuple[Path, Path, set[bytes]], mnt: Path, kmnt: Path, tmp_path: Path
+) -> None:
+    repo_path, layout, implicit = rich
+    theirs = await trio.to_thread.run_sync(umoci_unpacked, layout, "t", tmp_path / "bundle")
+    hex_name = _only_image(repo_path)
+    with Repository.open(repo_path) as repo:
+        async with mounted_fuse(repo, hex_name, mnt) as mount:
+            ours = await trio.to_thread.run_sync(scan_mount, mnt)
+            stats = mount.statistics()
+        kernel = None
+        if _KERNEL_REASON is None:
+            async with mounted_image(repo, hex_name, kmnt):
+                kernel = await trio.to_thread.run_sync(scan_mount, kmnt)
+    assert_same_fs(theirs, ours, ignore_mtime=implicit)
+    if kernel is not None:
+        assert_same_fs(kernel, ours)
+    assert stats.verifier.verified >= 3
+    assert stats.open_failures == 0
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:  # fs-verity makes the object immutable
+        pytest.skip(f"cannot corrupt {path}: {e.strerror} (fs-verity protects it)")
+    try:
+        byte = path.read_bytes()[offset]
+        os.pwrite(fd, bytes([byte ^ 0x01]), offset)
+    finally:
+        os.close(fd)
+
+
+def _read_twice(path: Path) -> list[int | None]:
+    codes: list[int | None] = []
+    for _ in range(2):
+        try:
+            path.read_bytes()
+        except OSError as e:
+            codes.append(e.errno)
+        else:
+            codes.append(None)
+    return codes
+
+
+async def test_flipped_byte_is_eio_through_fuse_but_served_by_the_kernel(
+    rich: tuple[Path, Path, set[bytes]],
+    mnt: Path,
+    kmnt: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Why FUSE exists: on a filesystem without fs-verity, the kernel mount of an
+    insecure repository serves a corrupted object silently; the FUSE mount refuses that
+    one file with EIO (logged once, naming the object) and serves every other file."""
+    repo_path, _layout, _ = rich
+    hex_name = _only_image(repo_path)
+    with Repository.open(repo_path) as repo:
+        fs = read_erofs(read_image(repo, hex_name))
+    big = dict(fs.walk())[b"/usr/lib/big.so"]
+    assert isinstance(big, Leaf)
+    assert isinstance(big.content, ExternalFile)
+    assert big.content.digest is not None
+    obj = repo_path / "objects" / big.content.digest.object_path()
+    good = obj.read_bytes()
+    _flip_byte(obj, 1_000_000)
+    caplog.set_level(logging.ERROR, logger="trio_composefs.fuse")
+    with Repository.open(repo_path) as repo:
+        async with mounted_fuse(repo, hex_name, mnt) as mount:
+            read, err = await trio.to_thread.run_sync(_read_all_but, mnt, mnt / "usr/lib/big.so")
+            again = await trio.to_thread.run_sync(_read_twice, mnt / "usr/lib/big.so")
+            size = (await trio.Path(mnt / "usr/lib/big.so").stat()).st_size
+            stats = mount.statistics()
+        served = None
+        if _KERNEL_REASON is None:
+            async with mounted_image(repo, hex_name, kmnt) as result:
+                assert not result.verity
+                served = await trio.to_thread.run_sync(_read_all, kmnt / "usr/lib/big.so")
+    assert err == errno.EIO
+    assert again == [errno.EIO, errno.EIO]
+    assert size == len(good)  # stat still works: only the content is refused
+    assert read > 10
+    assert stats.verifier.refused == 1
+    assert stats.open_failures == 3
+    logged = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+    assert len(logged) == 1
+    assert str(obj) in logged[0]
+    assert "/usr/lib/big.so" in logged[0]
+    if served is not None:  # the kernel: no error, the flipped byte
+        assert len(served) == len(good)
+        assert served != good
+        assert [i for i in range(len(good)) if served[i] != good[i]] == [1_000_000]
