@@ -16,15 +16,19 @@ fixture checks with ``findmnt`` that no FUSE mount is left and unmounts any that
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import random
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -33,7 +37,7 @@ from test_mount_kernel import _REASON as _KERNEL_REASON
 from test_mount_kernel import Built, assert_same_tree, c_image
 from test_mount_kernel import built as built
 from treecompare import assert_same_tree as assert_same_fs
-from trio_composefs.formats import Digest
+from trio_composefs.formats import Algorithm, Digest
 from trio_composefs.fs import (
     Directory,
     ExternalFile,
@@ -43,6 +47,7 @@ from trio_composefs.fs import (
 )
 from trio_composefs.fs.erofs import read_erofs
 from trio_composefs.fuse import fuse_available
+from trio_composefs.hashing import HashPool
 
 if fuse_available():
     from trio_composefs.fuse import mounted_fuse
@@ -308,3 +313,127 @@ async def test_flipped_byte_is_eio_through_fuse_but_served_by_the_kernel(
         assert len(served) == len(good)
         assert served != good
         assert [i for i in range(len(good)) if served[i] != good[i]] == [1_000_000]
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+READERS = 16
+READER_SIZE = 6 << 20
+CHUNK = 128 << 10
+
+
+def _read_with_barrier(path: Path, barrier: threading.Barrier) -> str:
+    """SHA-256 of the file, read in chunks; halfway through, wait for every other reader."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while piece := f.read(CHUNK):
+            h.update(piece)
+            done += len(piece)
+            if done - len(piece) < READER_SIZE // 2 <= done:
+                barrier.wait()
+    return h.hexdigest()
+
+
+async def test_sixteen_readers_of_large_files_all_progress(repo: Repository, mnt: Path) -> None:
+    """16 threads read 16 different large files; each waits halfway for all the others
+    (a barrier), which only passes if every reader got half of its file while the
+    others held their files open mid-read: no reader starves."""
+    sizes = {f"f{i:02}": READER_SIZE for i in range(READERS)}
+    await trio.to_thread.run_sync(make_big_image, repo, sizes, "big")
+    want = {
+        f"f{i:02}": hashlib.sha256(expected_bytes(i, READER_SIZE)).hexdigest()
+        for i in range(READERS)
+    }
+    barrier = threading.Barrier(READERS, timeout=120)
+    got: dict[str, str] = {}
+    limiter = trio.CapacityLimiter(READERS)
+    async with mounted_fuse(repo, "big", mnt) as mount:
+
+        async def reader(name: str) -> None:
+            got[name] = await trio.to_thread.run_sync(
+                _read_with_barrier, mnt / "big" / name, barrier, limiter=limiter
+            )
+
+        async with trio.open_nursery() as nursery:
+            for name in sizes:
+                nursery.start_soon(reader, name)
+        stats = mount.statistics()
+    assert got == want
+    assert stats.verifier.verified == READERS
+    assert stats.bytes_read >= READERS * READER_SIZE
+
+
+@attrs.define(eq=False)
+class GatedPool(HashPool):
+    """A hash pool that holds the hash of any object of ``gate_from`` bytes or more until
+    ``gate`` is set (and says so on ``held``)."""
+
+    gate_from: int = attrs.field(default=1 << 40, kw_only=True)
+    gate: threading.Event = attrs.field(factory=threading.Event, kw_only=True)
+    held: threading.Event = attrs.field(factory=threading.Event, kw_only=True)
+
+    def digest_fd(self, fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> Digest:
+        if size >= self.gate_from:
+            self.held.set()
+            assert self.gate.wait(60)
+        return super().digest_fd(fd, size, algorithm)
+
+
+HUGE = 128 << 20
+
+
+def _first_bytes(path: Path, n: int) -> tuple[bytes, float]:
+    start = time.monotonic()
+    with open(path, "rb", buffering=0) as f:
+        data = f.read(n)
+    return data, time.monotonic() - start
+
+
+async def test_other_files_are_served_while_a_large_object_is_verified(
+    repo: Repository, mnt: Path
+) -> None:
+    """The first open of a 128 MiB object hashes it in the pool: meanwhile another file
+    opens and reads (its own verification is not queued behind), and the event loop
+    keeps answering within a fraction of a second while the real hash runs."""
+    await trio.to_thread.run_sync(make_big_image, repo, {"huge": HUGE, "small": 1 << 20}, "big")
+    latencies: list[float] = []
+    with GatedPool(gate_from=HUGE) as pool:
+        async with mounted_fuse(repo, "big", mnt, hash_pool=pool) as mount:
+            async with trio.open_nursery() as nursery:
+                huge: list[tuple[bytes, float]] = []
+
+                async def read_huge() -> None:
+                    huge.append(await trio.to_thread.run_sync(_first_bytes, mnt / "big/huge", 4096))
+
+                nursery.start_soon(read_huge)
+                await trio.to_thread.run_sync(pool.held.wait)
+                small = await trio.to_thread.run_sync(_read_all, mnt / "big/small")
+                assert small == expected_bytes(1, 1 << 20)
+                assert not huge  # still held at the gate
+
+                async def probe() -> None:
+                    while not huge:
+                        start = trio.current_time()
+                        await trio.sleep(0.01)
+                        latencies.append(trio.current_time() - start - 0.01)
+
+                nursery.start_soon(probe)
+                pool.gate.set()
+            stats = mount.statistics()
+    assert huge[0][0] == expected_bytes(0, 4096)
+    assert stats.verifier.verified == 2
+    assert latencies
+    assert max(latencies) < 0.25, f"event loop stalled {max(latencies):.3f} s during the hash"
+
+
+async def test_concurrent_first_opens_hash_once(repo: Repository, mnt: Path) -> None:
+    await trio.to_thread.run_sync(make_big_image, repo, {"one": 8 << 20}, "one")
+    async with mounted_fuse(repo, "one", mnt) as mount:
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(trio.to_thread.run_sync, _read_all, mnt / "big/one")
+        stats = mount.statistics().verifier
+    assert stats.verified == 1
+    assert stats.cached == 7
+    assert stats.bytes_hashed == 8 << 20
