@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
+import pwd
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,7 +55,7 @@ from trio_composefs.hashing import HashPool
 
 if fuse_available():
     from trio_composefs.fuse import mounted_fuse
-from trio_composefs.mount import mounted_image
+from trio_composefs.mount import mount_image, mounted_image, unmount
 from trio_composefs.repository import Repository, read_image, store_image
 
 pytestmark = [
@@ -398,7 +402,8 @@ async def test_other_files_are_served_while_a_large_object_is_verified(
     keeps answering within a fraction of a second while the real hash runs."""
     await trio.to_thread.run_sync(make_big_image, repo, {"huge": HUGE, "small": 1 << 20}, "big")
     latencies: list[float] = []
-    with GatedPool(gate_from=HUGE) as pool:
+    pool = GatedPool(gate_from=HUGE)
+    with pool:
         async with mounted_fuse(repo, "big", mnt, hash_pool=pool) as mount:
             async with trio.open_nursery() as nursery:
                 huge: list[tuple[bytes, float]] = []
@@ -437,3 +442,275 @@ async def test_concurrent_first_opens_hash_once(repo: Repository, mnt: Path) -> 
     assert stats.verified == 1
     assert stats.cached == 7
     assert stats.bytes_hashed == 8 << 20
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def cli(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [*CLI, "--repo", str(repo), *args], capture_output=True, text=True, check=False
+    )
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def _wait_for_line(proc: subprocess.Popen[str], needle: str) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert needle in line, (line, proc.stderr.read() if proc.stderr else "")
+    return line
+
+
+def _gone(pid: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_cli_foreground_mount_until_ctrl_c(rich: tuple[Path, Path, set[bytes]], mnt: Path) -> None:
+    repo_path, _layout, _ = rich
+    proc = subprocess.Popen(
+        [*CLI, "--repo", str(repo_path), "oci", "mount", "--fuse", "t", str(mnt)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_line(proc, f"at {mnt} with FUSE; Ctrl-C unmounts")
+        assert os.path.ismount(mnt)
+        assert (mnt / "usr/lib/big.so").stat().st_size == 3 * 1024 * 1024 + 17
+        assert len((mnt / "usr/lib/big.so").read_bytes()) == 3 * 1024 * 1024 + 17
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert f"unmounted {mnt}" in out
+    assert "insecure" in err
+    assert not os.path.ismount(mnt)
+
+
+def test_cli_background_mount_ends_with_fusermount(
+    rich: tuple[Path, Path, set[bytes]], mnt: Path
+) -> None:
+    repo_path, _layout, _ = rich
+    hex_name = _only_image(repo_path)
+    done = cli(repo_path, "mount", "--fuse", "--background", hex_name, str(mnt))
+    try:
+        assert os.path.ismount(mnt)
+        pid = int(done.stdout.split("(pid ")[1].split(")")[0])
+        assert f"unmount with fusermount3 -u {mnt}" in done.stdout
+        assert (mnt / "usr/lib/big.so").stat().st_size == 3 * 1024 * 1024 + 17
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    assert _gone(pid), "the FUSE server outlived its mount"
+    assert not os.path.ismount(mnt)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["mount", "--fuse", "nope", "{mnt}"], "image 'refs/nope' not found"),
+        (["oci", "mount", "--fuse", "t", "{tmp}/absent"], "does not exist"),
+        (["oci", "mount", "--fuse", "t", "{mnt}", "--upperdir", "{tmp}"], "read-only"),
+        (["oci", "mount", "--background", "t", "{mnt}"], "--fuse mounts only"),
+    ],
+)
+def test_cli_errors_are_one_line(
+    rich: tuple[Path, Path, set[bytes]], mnt: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    repo_path, _layout, _ = rich
+    done = cli(repo_path, *[a.format(mnt=mnt, tmp=tmp_path) for a in args], check=False)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("trio-cfsctl: error: ")
+    assert message in lines[0]
+    assert not os.path.ismount(mnt)
+
+
+def test_cli_without_pyfuse3_says_how_to_install_it(tmp_path: Path, mnt: Path) -> None:
+    code = (
+        "import sys; sys.modules['pyfuse3'] = None\n"
+        "from trio_composefs.cli import main\n"
+        f"main(['--repo', {str(tmp_path / 'repo')!r}, 'mount', '--fuse', 'x', {str(mnt)!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert "apt-get install fuse3 libfuse3-dev" in done.stderr
+    assert "pip install 'trio-composefs[fuse]'" in done.stderr
+
+
+# --- as an unprivileged user ----------------------------------------------------------------------
+
+UNPRIVILEGED = "nobody"
+#: An interpreter the unprivileged user can run, with trio_composefs and pyfuse3
+#: (sys.executable may live under /root, which other users cannot enter).
+UNPRIVILEGED_PYTHON = os.environ.get("TRIO_COMPOSEFS_TEST_UNPRIVILEGED_PYTHON", sys.executable)
+
+#: A tree snapshot made by the unprivileged user (json on stdout): what it may see.
+SNAPSHOT_SCRIPT = r"""
+import hashlib, json, os, stat, sys
+root = sys.argv[1]
+out = {}
+for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in ["."] + sorted(dirnames + filenames):
+        p = os.path.normpath(os.path.join(dirpath, name))
+        if name == "." and p != os.path.normpath(root):
+            continue
+        st = os.lstat(p)
+        e = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid,
+             "mtime_ns": st.st_mtime_ns, "nlink": None if stat.S_ISDIR(st.st_mode) else st.st_nlink,
+             "size": None if stat.S_ISDIR(st.st_mode) else st.st_size, "rdev": st.st_rdev}
+        try:
+            e["xattrs"] = {k: os.getxattr(p, k, follow_symlinks=False).hex()
+                           for k in sorted(os.listxattr(p, follow_symlinks=False))}
+        except OSError as err:
+            e["xattrs"] = err.errno
+        if stat.S_ISREG(st.st_mode):
+            try:
+                with open(p, "rb") as f:
+                    e["sha256"] = hashlib.sha256(f.read()).hexdigest()
+            except OSError as err:
+                e["sha256"] = err.errno
+        elif stat.S_ISLNK(st.st_mode):
+            e["target"] = os.readlink(p)
+        out[os.path.relpath(p, root)] = e
+links = {}
+for dirpath, dirnames, filenames in os.walk(root):
+    for name in filenames:
+        p = os.path.join(dirpath, name)
+        st = os.lstat(p)
+        if st.st_nlink > 1:
+            links.setdefault(st.st_ino, []).append(os.path.relpath(p, root))
+out["<links>"] = sorted(sorted(v) for v in links.values() if len(v) > 1)
+json.dump(out, sys.stdout)
+"""
+
+
+def _as_user(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        ["runuser", "-u", UNPRIVILEGED, "--", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+    )
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def _unprivileged_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to switch to an unprivileged user"
+    if shutil.which("runuser") is None:
+        return "runuser is not installed"
+    if not os.stat("/dev/fuse").st_mode & 0o006:
+        # libfuse opens /dev/fuse itself before it falls back to fusermount3
+        return (
+            f"/dev/fuse is mode {os.stat('/dev/fuse').st_mode & 0o777:o}: other users cannot"
+            " open it (distributions make it 0666)"
+        )
+    probe = subprocess.run(
+        [
+            "runuser",
+            "-u",
+            UNPRIVILEGED,
+            "--",
+            UNPRIVILEGED_PYTHON,
+            "-c",
+            "import pyfuse3, trio_composefs",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+    )
+    if probe.returncode != 0:
+        return (
+            f"{UNPRIVILEGED} cannot run {UNPRIVILEGED_PYTHON} with pyfuse3 and trio_composefs"
+            " (set TRIO_COMPOSEFS_TEST_UNPRIVILEGED_PYTHON to a venv it can use):"
+            f" {probe.stderr.strip().splitlines()[-1:]}"
+        )
+    return None
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory under /tmp the unprivileged user owns (the test's own tmp is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="trio-composefs-fuse-"))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_unprivileged_fuse_mount_shows_the_kernel_mount_tree(
+    rich: tuple[Path, Path, set[bytes]], shared_dir: Path
+) -> None:
+    """``nobody`` mounts a pulled image with ``trio-cfsctl mount --fuse --background``
+    (through the setuid fusermount3) and sees exactly what it sees on root's kernel mount
+    of the same image: metadata, contents (where its permissions allow), hard links."""
+    reason = _unprivileged_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    if _KERNEL_REASON is not None:
+        pytest.skip(f"no kernel mount to compare with: {_KERNEL_REASON}")
+    repo_src, _layout, _ = rich
+    repo_path = shared_dir / "repo"
+    shutil.copytree(repo_src, repo_path, symlinks=True)
+    mnt = shared_dir / "mnt"
+    mnt.mkdir()
+    kmnt = shared_dir / "kernel-mnt"
+    kmnt.mkdir()
+    subprocess.run(["chown", "-R", f"{UNPRIVILEGED}:", str(shared_dir)], check=True)
+    hex_name = _only_image(repo_path)
+    started = _as_user(
+        UNPRIVILEGED_PYTHON,
+        "-m",
+        "trio_composefs",
+        "--repo",
+        str(repo_path),
+        "mount",
+        "--fuse",
+        "--background",
+        hex_name,
+        str(mnt),
+    )
+    pid = int(started.stdout.split("(pid ")[1].split(")")[0])
+    try:
+        options = subprocess.run(
+            ["findmnt", "-rn", "-o", "OPTIONS", str(mnt)], capture_output=True, text=True
+        ).stdout
+        assert "allow_other" not in options
+        assert f"user_id={pwd.getpwnam(UNPRIVILEGED).pw_uid}" in options
+        fuse_view = _as_user(UNPRIVILEGED_PYTHON, "-c", SNAPSHOT_SCRIPT, str(mnt)).stdout
+        root_denied = subprocess.run(["ls", str(mnt)], capture_output=True, text=True)
+    finally:
+        _as_user("fusermount3", "-u", str(mnt), check=False)
+    assert _gone(pid)
+    assert root_denied.returncode != 0  # FUSE without allow_other: only its user sees it
+    with Repository.open(repo_path) as repo:
+        mount_image(repo, hex_name, kmnt)
+    try:
+        kernel_view = _as_user(UNPRIVILEGED_PYTHON, "-c", SNAPSHOT_SCRIPT, str(kmnt)).stdout
+    finally:
+        unmount(kmnt)
+    ours, theirs = json.loads(fuse_view), json.loads(kernel_view)
+    assert sorted(ours) == sorted(theirs)
+    for path in theirs:
+        assert ours[path] == theirs[path], path
+    assert len(ours["<links>"]) == 3

@@ -5,7 +5,8 @@ or SIGHUP (it then unmounts and exits 0) or until someone runs ``fusermount3 -u
 MOUNTPOINT`` (it exits 0 too). With ``--background`` it starts a copy of itself in a
 new session, waits until that copy reports the mount ready, prints its pid and
 exits: unmount with ``fusermount3 -u MOUNTPOINT`` (or ``umount`` as root), which ends
-the server. The server keeps the terminal's stderr, where it logs corrupt objects.
+the server. The server writes to the terminal's stderr until the mount is ready, then
+detaches from it: its log (corrupt objects) goes to syslog (``/dev/log``) if there is one.
 
 Works as an unprivileged user (libfuse runs the setuid ``fusermount3``). Without
 ``pyfuse3`` the command fails with a message saying how to install it.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import logging.handlers
 import os
 import signal
 import subprocess
@@ -87,6 +90,7 @@ async def _serve(args: argparse.Namespace, out: TextIO, name: str, mountpoint: s
             if args.ready_fd is not None:
                 os.write(args.ready_fd, b"ready\n")
                 os.close(args.ready_fd)
+                _detach_output()
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
                 async with trio.open_nursery() as nursery:
 
@@ -100,6 +104,21 @@ async def _serve(args: argparse.Namespace, out: TextIO, name: str, mountpoint: s
     if args.ready_fd is None:
         print(f"unmounted {mountpoint}", file=out, flush=True)
     return 0
+
+
+def _detach_output() -> None:
+    """Once detached: stdout and stderr to /dev/null (so that a caller capturing them is
+    not kept waiting), the server's log (corrupt objects) to syslog where there is one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    if os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("trio-cfsctl[%(process)d]: %(message)s"))
+        logging.getLogger("trio_composefs.fuse").addHandler(handler)
 
 
 def _detach(args: argparse.Namespace, out: TextIO, digest: str, mountpoint: str) -> int:
