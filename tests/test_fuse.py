@@ -118,7 +118,13 @@ def _read_all(path: Path) -> bytes:
     return path.read_bytes()
 
 
-async def test_c_image_shows_the_source_tree(built: Built, c_image: Path, mnt: Path) -> None:
+LAZY = pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "whole-tree"])
+
+
+@LAZY
+async def test_c_image_shows_the_source_tree(
+    built: Built, c_image: Path, mnt: Path, lazy: bool
+) -> None:
     """C mkcomposefs's image of the kernel tests' tree: the same snapshot as the kernel
     mount's (types, modes, owners, sizes, mtimes in ns, symlinks, devices, fifo, hard
     links by inode number, xattrs with an ACL, no trusted.overlay.*), every object
@@ -128,7 +134,7 @@ async def test_c_image_shows_the_source_tree(built: Built, c_image: Path, mnt: P
     image = await trio.to_thread.run_sync(_read_all, c_image)
     objects_fd = os.open(built.objects, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        async with serve_image(image, DirectoryObjects(objects_fd), mnt) as mount:
+        async with serve_image(image, DirectoryObjects(objects_fd), mnt, lazy=lazy) as mount:
             assert await trio.to_thread.run_sync(_is_mount, mnt)
             await trio.to_thread.run_sync(assert_same_tree, built.source, mnt)
             stats = mount.statistics()
@@ -159,13 +165,14 @@ def _statfs_and_writes(mnt: Path) -> tuple[os.statvfs_result, list[int]]:
     return os.statvfs(mnt), codes
 
 
-async def test_statfs_and_read_only(built: Built, c_image: Path, mnt: Path) -> None:
+@LAZY
+async def test_statfs_and_read_only(built: Built, c_image: Path, mnt: Path, lazy: bool) -> None:
     from trio_composefs.fuse import DirectoryObjects, serve_image
 
     image = await trio.to_thread.run_sync(_read_all, c_image)
     objects_fd = os.open(built.objects, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        async with serve_image(image, DirectoryObjects(objects_fd), mnt) as mount:
+        async with serve_image(image, DirectoryObjects(objects_fd), mnt, lazy=lazy) as mount:
             st, codes = await trio.to_thread.run_sync(_statfs_and_writes, mnt)
             inodes = mount.statistics().inodes
     finally:
@@ -226,23 +233,42 @@ def _only_image(repo_path: Path) -> str:
     return hex_name
 
 
+def _dir_stats(root: Path) -> dict[str, tuple[int, int]]:
+    """``(st_size, st_nlink)`` of every directory."""
+    out = {}
+    for p in [root, *root.rglob("*")]:
+        st = p.lstat()
+        if p.is_dir() and not p.is_symlink():
+            out[str(p.relative_to(root))] = (st.st_size, st.st_nlink)
+    return out
+
+
+@LAZY
 async def test_oci_image_same_tree_as_kernel_mount_and_umoci(
-    rich: tuple[Path, Path, set[bytes]], mnt: Path, kmnt: Path, tmp_path: Path
+    rich: tuple[Path, Path, set[bytes]], mnt: Path, kmnt: Path, tmp_path: Path, lazy: bool
 ) -> None:
     repo_path, layout, implicit = rich
     theirs = await trio.to_thread.run_sync(umoci_unpacked, layout, "t", tmp_path / "bundle")
     hex_name = _only_image(repo_path)
     with Repository.open(repo_path) as repo:
-        async with mounted_fuse(repo, hex_name, mnt) as mount:
+        async with mounted_fuse(repo, hex_name, mnt, lazy=lazy) as mount:
             ours = await trio.to_thread.run_sync(scan_mount, mnt)
+            our_dirs = await trio.to_thread.run_sync(_dir_stats, mnt)
             stats = mount.statistics()
         kernel = None
         if _KERNEL_REASON is None:
             async with mounted_image(repo, hex_name, kmnt):
                 kernel = await trio.to_thread.run_sync(scan_mount, kmnt)
+                kernel_dirs = await trio.to_thread.run_sync(_dir_stats, kmnt)
     assert_same_fs(theirs, ours, ignore_mtime=implicit)
     if kernel is not None:
         assert_same_fs(kernel, ours)
+        if lazy:  # the stored sizes and link counts of directories, as EROFS shows them
+            assert our_dirs == kernel_dirs
+        else:  # the tree has no dirent bytes: size 0; links counted as C counts them
+            assert {k: v[1] for k, v in our_dirs.items()} == {
+                k: v[1] for k, v in kernel_dirs.items()
+            }
     assert stats.verifier.verified >= 3
     assert stats.open_failures == 0
 

@@ -1,9 +1,10 @@
 """Mounting a composefs image with FUSE for an ``async with`` block (L2).
 
-The image's EROFS bytes are read back with :func:`~trio_composefs.fs.erofs.read_erofs`
-(the bytes the kernel would mount), numbered (:class:`~._inodes.InodeTable`) and
-served by pyfuse3 in a task of the caller's trio run; objects are opened on demand
-and verified on first open (:mod:`._verify`).
+The image's EROFS bytes (the bytes the kernel would mount) are decoded inode by inode
+as the kernel asks (:class:`~._image_table.ImageTable`, the default) or read back
+whole with :func:`~trio_composefs.fs.erofs.read_erofs` and numbered
+(:class:`~._inodes.InodeTable`), and served by pyfuse3 in a task of the caller's trio
+run; objects are opened on demand and verified on first open (:mod:`._verify`).
 
 pyfuse3 has one session per process: a second FUSE mount in the same process, while
 one is up, is refused with :class:`~trio_composefs.MountError`.
@@ -31,7 +32,8 @@ from ..fs.erofs import read_erofs
 from ..hashing import HashPool
 from ..mount import hold_shared_lock
 from ..repository import Repository
-from ._inodes import InodeTable
+from ._image_table import ImageTable
+from ._inodes import InodeTable, Table
 from ._objects import ObjectOpener, RepositoryObjects
 from ._ops import ComposefsOperations
 from ._verify import DEFAULT_REMEMBER, Verifier, VerifierStatistics
@@ -109,7 +111,9 @@ def _read_image(fd: int) -> bytes:
     return bytes(data)
 
 
-def _build(image: bytes) -> InodeTable:
+def _build(image: bytes, lazy: bool) -> Table:
+    if lazy:
+        return ImageTable(image)
     return InodeTable.build(read_erofs(image))
 
 
@@ -126,6 +130,7 @@ async def serve_image(
     options: frozenset[str] = frozenset(),
     remember: int = DEFAULT_REMEMBER,
     max_tasks: int = 64,
+    lazy: bool = True,
 ) -> AsyncIterator[FuseMount]:
     """Serve the composefs EROFS ``image`` at ``mountpoint`` for an ``async with`` block.
 
@@ -141,9 +146,9 @@ async def serve_image(
     if _busy:
         raise MountError("another FUSE mount is up in this process (pyfuse3 serves one)")
     limiter = limiter if limiter is not None else trio.CapacityLimiter(8)
-    table = await trio.to_thread.run_sync(_build, image, limiter=limiter)
+    table = await trio.to_thread.run_sync(_build, image, lazy, limiter=limiter)
     image_size = len(image)
-    del image  # the table holds what is needed; the bytes can go
+    del image  # the table holds what it needs
     mountpoint = os.fspath(mountpoint)
     if not await trio.Path(mountpoint).is_dir():
         raise MountError(f"cannot mount FUSE at {mountpoint}: not a directory")
@@ -218,6 +223,7 @@ async def mounted_fuse(
     allow_other: bool | None = None,
     options: frozenset[str] = frozenset(),
     remember: int = DEFAULT_REMEMBER,
+    lazy: bool = True,
 ) -> AsyncIterator[FuseMount]:
     """Mount the repository's image ``name`` with FUSE for an ``async with`` block.
 
@@ -240,6 +246,10 @@ async def mounted_fuse(
         allow_other: let other users in (default: when running as root).
         options: further libfuse mount options.
         remember: how many verified (and refused) objects to remember.
+        lazy: decode the image inode by inode as the kernel asks (memory: the image's
+            bytes and small caches); with ``False``, read the whole tree up front
+            (:func:`~trio_composefs.fs.erofs.read_erofs`: every inode checked before
+            the mount, memory growing with the tree).
 
     Cancellation:
         Cancelling the block unmounts, as leaving it does: the session is ended,
@@ -265,6 +275,7 @@ async def mounted_fuse(
             allow_other=allow_other,
             options=options,
             remember=remember,
+            lazy=lazy,
         ) as mount:
             yield mount
     finally:

@@ -20,14 +20,49 @@ What the kernel's EROFS shows, and so what this table gives:
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import attrs
 
 from ..fs import Directory, ExternalFile, FileSystem, InlineFile, Inode, Leaf
 
-__all__ = ["ROOT_INO", "InodeTable"]
+__all__ = ["ROOT_INO", "InodeTable", "Table"]
 
 #: FUSE's root inode number.
 ROOT_INO = 1
+
+
+class Table(Protocol):
+    """What the FUSE handlers ask of a tree: inodes by number, names, links.
+
+    :class:`InodeTable` answers from a whole :class:`~trio_composefs.fs.FileSystem`;
+    :class:`~._image_table.ImageTable` decodes the EROFS image inode by inode.
+    """
+
+    @property
+    def total_bytes(self) -> int:
+        """The regular files' bytes (for ``statfs``)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def get(self, ino: int) -> Inode | None:
+        """The inode numbered ``ino`` (a directory's ``entries`` may be left empty)."""
+        ...
+
+    def nlink(self, ino: int) -> int: ...
+
+    def size(self, ino: int) -> int:
+        """``st_size`` of inode ``ino``."""
+        ...
+
+    def parent(self, ino: int) -> int: ...
+
+    def lookup(self, parent: int, name: bytes) -> int | None: ...
+
+    def children(self, ino: int) -> list[tuple[bytes, int]]: ...
+
+    def path(self, ino: int) -> bytes: ...
 
 
 @attrs.define(eq=False)
@@ -96,6 +131,27 @@ class InodeTable:
             return self.nodes[ino]
         return None
 
+    def nlink(self, ino: int) -> int:
+        """``st_nlink`` of inode ``ino``."""
+        return self.nlinks[ino]
+
+    def size(self, ino: int) -> int:
+        """``st_size``: a leaf's size; 0 for a directory (the tree has no dirent bytes)."""
+        node = self.nodes[ino]
+        return node.size if isinstance(node, Leaf) else 0
+
+    def parent(self, ino: int) -> int:
+        """The parent directory of directory ``ino`` (the root's is itself)."""
+        return self.parents[ino]
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        """The number of ``name`` in directory ``parent`` (not a directory: ``None``)."""
+        node = self.get(parent)
+        if not isinstance(node, Directory):
+            return None
+        child = node.entries.get(name)
+        return None if child is None else self._ino_of[id(child)]
+
     def path(self, ino: int) -> bytes:
         """The first path of inode ``ino`` (for log messages)."""
         parts: list[bytes] = []
@@ -111,8 +167,3 @@ class InodeTable:
         out = [(b".", ino), (b"..", self.parents[ino])]
         out.extend((name, self._ino_of[id(child)]) for name, child in node.sorted_entries())
         return out
-
-
-def leaf_size(node: Inode) -> int:
-    """``st_size``: a leaf's size, 0 for directories (EROFS gives the dirent bytes)."""
-    return node.size if isinstance(node, Leaf) else 0

@@ -29,7 +29,7 @@ import trio
 
 from .._errors import ComposefsError
 from ..fs import Directory, ExternalFile, InlineFile, Inode, Leaf, Symlink
-from ._inodes import InodeTable
+from ._inodes import Table
 from ._objects import ObjectOpener
 from ._verify import Verifier
 
@@ -59,6 +59,9 @@ def _guarded(method: _F) -> _F:
             return await method(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except ComposefsError as e:  # a corrupt image: that request fails, the rest is served
+            log.error("%s: %s", method.__name__, e)
+            raise _fail(errno.EIO) from None
         except Exception:
             log.exception("internal error in the FUSE handler %s (please report)", method.__name__)
             raise _fail(errno.EIO) from None
@@ -90,7 +93,7 @@ class ComposefsOperations(pyfuse3.Operations):
 
     def __init__(
         self,
-        table: InodeTable,
+        table: Table,
         objects: ObjectOpener,
         verifier: Verifier,
         limiter: trio.CapacityLimiter,
@@ -127,11 +130,11 @@ class ComposefsOperations(pyfuse3.Operations):
         attr.entry_timeout = CACHE_SECONDS
         attr.attr_timeout = CACHE_SECONDS
         attr.st_mode = node.st_mode
-        attr.st_nlink = self.table.nlinks[ino]
+        attr.st_nlink = self.table.nlink(ino)
         attr.st_uid = stat.uid
         attr.st_gid = stat.gid
         attr.st_rdev = node.rdev if isinstance(node, Leaf) else 0
-        size = node.size if isinstance(node, Leaf) else 0
+        size = self.table.size(ino)
         attr.st_size = size
         attr.st_blksize = BLOCK_SIZE
         attr.st_blocks = (size + 511) // 512
@@ -149,11 +152,11 @@ class ComposefsOperations(pyfuse3.Operations):
         if name == b".":
             return self.attributes(parent_inode)
         if name == b"..":
-            return self.attributes(self.table.parents[parent_inode])
-        child = parent.entries.get(name)
+            return self.attributes(self.table.parent(parent_inode))
+        child = self.table.lookup(parent_inode, name)
         if child is None:
             raise _fail(errno.ENOENT)
-        return self.attributes(self.table.ino(child))
+        return self.attributes(child)
 
     @_guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
