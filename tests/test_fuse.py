@@ -403,11 +403,11 @@ class GatedPool(HashPool):
     gate: threading.Event = attrs.field(factory=threading.Event, kw_only=True)
     held: threading.Event = attrs.field(factory=threading.Event, kw_only=True)
 
-    def digest_fd(self, fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> Digest:
+    def level1_fd(self, fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> bytes:
         if size >= self.gate_from:
             self.held.set()
             assert self.gate.wait(60)
-        return super().digest_fd(fd, size, algorithm)
+        return super().level1_fd(fd, size, algorithm)
 
 
 HUGE = 128 << 20
@@ -438,7 +438,7 @@ async def test_other_files_are_served_while_a_large_object_is_verified(
                     huge.append(await trio.to_thread.run_sync(_first_bytes, mnt / "big/huge", 4096))
 
                 nursery.start_soon(read_huge)
-                await trio.to_thread.run_sync(pool.held.wait)
+                assert await trio.to_thread.run_sync(pool.held.wait, 60)
                 small = await trio.to_thread.run_sync(_read_all, mnt / "big/small")
                 assert small == expected_bytes(1, 1 << 20)
                 assert not huge  # still held at the gate
@@ -467,7 +467,56 @@ async def test_concurrent_first_opens_hash_once(repo: Repository, mnt: Path) -> 
         stats = mount.statistics().verifier
     assert stats.verified == 1
     assert stats.cached == 7
-    assert stats.bytes_hashed == 8 << 20
+    # every read is checked again, group by group (16 groups of 512 KiB), unless the
+    # kernel's page cache answered it
+    assert 16 <= stats.groups_checked <= 8 * 16
+    assert stats.bytes_hashed == (8 << 20) + stats.groups_checked * (512 << 10)
+
+
+def _read_flip_read(path: Path, obj: Path) -> tuple[bytes, int | None, int | None]:
+    """Read the first MiB, flip a byte at 3 MiB in the object, read on; then reopen."""
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(1 << 20)
+        _flip_byte(obj, 3 << 20)
+        try:
+            while f.read(CHUNK):
+                pass
+            later = None
+        except OSError as e:
+            later = e.errno
+    try:
+        path.read_bytes()
+        reopened = None
+    except OSError as e:
+        reopened = e.errno
+    return head, later, reopened
+
+
+async def test_a_change_after_the_first_open_is_caught_by_the_reads(
+    repo: Repository, mnt: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Verified at open is not enough: the object is changed while the file is open.
+    The reads of the changed group fail with EIO (checked against the level-1 digests
+    of the first open), and so does every later open."""
+    fs = await trio.to_thread.run_sync(make_big_image, repo, {"f": 4 << 20}, "f")
+    leaf = fs.root.entries[b"big"]
+    assert isinstance(leaf, Directory)
+    f = leaf.entries[b"f"]
+    assert isinstance(f, Leaf)
+    assert isinstance(f.content, ExternalFile)
+    assert f.content.digest is not None
+    obj = Path(repo.path) / "objects" / f.content.digest.object_path()
+    caplog.set_level(logging.ERROR, logger="trio_composefs.fuse")
+    async with mounted_fuse(repo, "f", mnt) as mount:
+        head, later, reopened = await trio.to_thread.run_sync(_read_flip_read, mnt / "big/f", obj)
+        stats = mount.statistics().verifier
+    assert head == expected_bytes(0, 1 << 20)
+    assert (later, reopened) == (errno.EIO, errno.EIO)
+    assert (stats.verified, stats.refused) == (1, 1)
+    logged = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+    assert len(logged) == 1
+    assert "bytes 3145728 to 3670016 changed after it was verified" in logged[0]
+    assert str(obj) in logged[0]
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ reach the kernel as errno values only (:class:`pyfuse3.FUSEError`):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -28,10 +29,11 @@ import pyfuse3
 import trio
 
 from .._errors import ComposefsError
+from ..formats._fsverity import level1_group_size
 from ..fs import Directory, ExternalFile, InlineFile, Inode, Leaf, Symlink
 from ._inodes import Table
 from ._objects import ObjectOpener
-from ._verify import Verifier
+from ._verify import SMALL, Verifier
 
 __all__ = ["ComposefsOperations"]
 
@@ -71,9 +73,17 @@ def _guarded(method: _F) -> _F:
 
 @attrs.define(eq=False)
 class _OpenFile:
-    fd: int  # -1 for inline data
+    """An open regular file: bytes in memory, or an object fd (checked per group)."""
+
+    fd: int  # -1: ``data`` holds the whole (inline, or small and checked) file
     data: bytes
     size: int
+    inode: int = 0
+    content: ExternalFile | None = None
+    level1: bytes | None = None  # None: not checked per read (inline, kernel-verified)
+    group: int = -1  # the group held in ``cache``, checked
+    cache: bytes = b""
+    bad: bool = False
 
 
 class ComposefsOperations(pyfuse3.Operations):
@@ -232,22 +242,26 @@ class ComposefsOperations(pyfuse3.Operations):
         try:
             if opened.kernel_verified:
                 self.verifier.kernel_verified()
-            else:
-                assert content.digest is not None  # the openers refuse files without one
-                ok = await self.verifier.check(
-                    content.digest,
-                    opened.fd,
-                    content.size,
-                    self.objects.describe(content),
-                    self.table.path(inode),
-                )
-                if not ok:
+                return _OpenFile(opened.fd, b"", content.size)
+            digest = content.digest
+            assert digest is not None  # the openers refuse files without one
+            where, path = self.objects.describe(content), self.table.path(inode)
+            if content.size <= SMALL:
+                data = await self.verifier.check_small(digest, opened.fd, content.size, where, path)
+                if data is None:
                     self.open_failures += 1
                     raise _fail(errno.EIO)
+                os.close(opened.fd)
+                return _OpenFile(-1, data, content.size)
+            level1 = await self.verifier.check_large(digest, opened.fd, content.size, where, path)
+            if level1 is None:
+                self.open_failures += 1
+                raise _fail(errno.EIO)
         except BaseException:
-            os.close(opened.fd)
+            with contextlib.suppress(OSError):
+                os.close(opened.fd)
             raise
-        return _OpenFile(opened.fd, b"", content.size)
+        return _OpenFile(opened.fd, b"", content.size, inode, content, level1)
 
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -259,15 +273,52 @@ class ComposefsOperations(pyfuse3.Operations):
         size = min(size, handle.size - off)
         if handle.fd < 0:
             data = handle.data[off : off + size]
+        elif handle.level1 is None:
+            data = await self._pread(handle.fd, size, off)
         else:
-            try:
-                data = await trio.to_thread.run_sync(
-                    os.pread, handle.fd, size, off, limiter=self.limiter
-                )
-            except OSError as e:
-                raise _fail(e.errno or errno.EIO) from None
+            data = await self._read_checked(handle, off, size)
         self.bytes_read += len(data)
         return data
+
+    async def _pread(self, fd: int, size: int, off: int) -> bytes:
+        try:
+            return await trio.to_thread.run_sync(os.pread, fd, size, off, limiter=self.limiter)
+        except OSError as e:
+            raise _fail(e.errno or errno.EIO) from None
+
+    async def _read_checked(self, handle: _OpenFile, off: int, size: int) -> bytes:
+        """Read whole level-1 groups, check each against the first open's digests."""
+        content = handle.content
+        assert content is not None
+        assert content.digest is not None
+        assert handle.level1 is not None
+        digest = content.digest
+        group_size = level1_group_size(digest.algorithm)
+        pieces = []
+        end = off + size
+        for group in range(off // group_size, (end - 1) // group_size + 1):
+            if handle.bad or self.verifier.is_refused(digest):
+                handle.bad = True
+                raise _fail(errno.EIO)
+            if group != handle.group:
+                start = group * group_size
+                length = min(group_size, handle.size - start)
+                data = await self._pread(handle.fd, length, start)
+                ok = len(data) == length and await self.verifier.check_group(
+                    digest,
+                    handle.level1,
+                    group,
+                    data,
+                    self.objects.describe(content),
+                    self.table.path(handle.inode),
+                )
+                if not ok:
+                    handle.bad = True
+                    raise _fail(errno.EIO)
+                handle.group, handle.cache = group, data
+            base = group * group_size
+            pieces.append(handle.cache[max(off, base) - base : min(end, base + group_size) - base])
+        return b"".join(pieces)
 
     @_guarded
     async def release(self, fh: int) -> None:
