@@ -1,4 +1,13 @@
-"""Serving composefs images with FUSE, verifying every object on first open (layer L2).
+"""Serving composefs images with FUSE, verifying every object as it is read (layer L2).
+
+A read-only FUSE server, run by pyfuse3 in a task of the caller's trio run, that shows
+what the kernel mount of the same EROFS image shows (the same bytes, decoded by our
+EROFS reader) and checks each object against its fs-verity digest: on first open
+(hashed by a :class:`~trio_composefs.hashing.HashPool`, off the event loop), then
+every read of a large object against the level-1 digests of that first hash. A
+corrupt object gives EIO for its files and one log line (``trio_composefs.fuse``
+logger); where the kernel's fs-verity covers an object (a secure repository), the
+kernel checks it instead.
 
 Needs the optional ``pyfuse3`` (``pip install 'trio-composefs[fuse]'``, which builds
 against libfuse3: ``apt-get install fuse3 libfuse3-dev``). This ``__init__`` is lazy, so

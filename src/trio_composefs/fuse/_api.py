@@ -231,9 +231,9 @@ async def mounted_fuse(
     <trio_composefs.repository.Repository.open_image>` does (hex digest,
     ``refs/<ref>`` or a ref name), read, and served read-only by a task of this
     trio run until the block ends; the repository's shared lock is held meanwhile,
-    so gc waits. The first open of each external file verifies its object (see
-    :mod:`trio_composefs.fuse`); a corrupt object makes opens of its files fail with
-    EIO. Do not touch the mountpoint from the trio thread itself (the server runs
+    so gc waits. The first open of each external file verifies its object and
+    every read of a large one is checked again (see :mod:`trio_composefs.fuse`); a
+    corrupt object makes opens and reads of its files fail with EIO. Do not touch the mountpoint from the trio thread itself (the server runs
     there): use worker threads or other processes.
 
     Args:

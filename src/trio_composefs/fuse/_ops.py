@@ -1,8 +1,11 @@
 """The pyfuse3 request handlers: a read-only composefs tree, verified objects (L2).
 
-Every handler answers from the :class:`~._inodes.InodeTable` (no I/O) except
-``open`` of an external file (open the object and, the first time, verify it; both
-off the event loop) and ``read`` of one (``pread`` in a worker thread). Errors
+Every handler answers from the table (:class:`~._image_table.ImageTable` or
+:class:`~._inodes.InodeTable`; no I/O) except ``open`` of an external file (open the
+object and check it, off the event loop: see :mod:`._verify`) and ``read`` of one
+(``pread`` in a worker thread; for a large object not covered by the kernel's
+fs-verity, whole 512 KiB groups read and checked against the first open's level-1
+digests, the last one cached in the open file). Errors
 reach the kernel as errno values only (:class:`pyfuse3.FUSEError`):
 
 * ENOENT: no such name; ENOTDIR, EISDIR, EINVAL: the wrong kind of inode;
