@@ -233,8 +233,9 @@ async def mounted_fuse(
     trio run until the block ends; the repository's shared lock is held meanwhile,
     so gc waits. The first open of each external file verifies its object and
     every read of a large one is checked again (see :mod:`trio_composefs.fuse`); a
-    corrupt object makes opens and reads of its files fail with EIO. Do not touch the mountpoint from the trio thread itself (the server runs
-    there): use worker threads or other processes.
+    corrupt object makes opens and reads of its files fail with EIO. Do not touch
+    the mountpoint from the trio thread itself (the server runs there): use worker
+    threads or other processes.
 
     Args:
         repo: an open repository (kept open for the block).
