@@ -138,6 +138,18 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def one_round(m: Path, r: dict[str, list[float]]) -> None:
+    """Every measure once on the fresh mount ``m``, appended to ``r``."""
+    r.setdefault("walk, first", []).append(timed(lambda: walk(m)))
+    r.setdefault("walk, again", []).append(timed(lambda: walk(m)))
+    small = sorted(m.glob("d*/s*"))
+    r.setdefault("small files", []).append(timed(lambda: read_files(small)))
+    large = sorted(m.glob("large/l*"))
+    r.setdefault("large, first read", []).append(timed(lambda: read_files(large)))
+    r.setdefault("large, again", []).append(timed(lambda: read_files(large)))
+    r.setdefault("first byte", []).append(timed(lambda: first_byte(m / "large/big")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", type=int, default=4000)
@@ -172,16 +184,7 @@ def main() -> None:
             for kind in ("kernel", "fuse"):
                 r = results[kind]
                 with Mount(kind, repo_path, mnt) as m:
-                    r.setdefault("walk, first", []).append(timed(lambda: walk(m)))
-                    r.setdefault("walk, again", []).append(timed(lambda: walk(m)))
-                    small = sorted(m.glob("d*/s*"))
-                    r.setdefault("small files", []).append(timed(lambda: read_files(small)))
-                    large = sorted(m.glob("large/l*"))
-                    r.setdefault("large, first read", []).append(timed(lambda: read_files(large)))
-                    r.setdefault("large, again", []).append(timed(lambda: read_files(large)))
-                    r.setdefault("first byte", []).append(
-                        timed(lambda: first_byte(m / "large/big"))
-                    )
+                    one_round(m, r)
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print()
         print(f"| measure (median of {args.rounds}) | kernel | FUSE | FUSE / kernel |")
