@@ -131,6 +131,7 @@ async def serve_image(
     remember: int = DEFAULT_REMEMBER,
     max_tasks: int = 64,
     lazy: bool = True,
+    check_reads: bool = True,
 ) -> AsyncIterator[FuseMount]:
     """Serve the composefs EROFS ``image`` at ``mountpoint`` for an ``async with`` block.
 
@@ -162,6 +163,7 @@ async def serve_image(
             Verifier(hash_pool, trio.CapacityLimiter(hash_pool.workers + 1), remember),
             limiter,
             image_size,
+            check_reads,
         )
         stack.callback(ops.close_all)
         _busy = True
@@ -224,6 +226,7 @@ async def mounted_fuse(
     options: frozenset[str] = frozenset(),
     remember: int = DEFAULT_REMEMBER,
     lazy: bool = True,
+    check_reads: bool = True,
 ) -> AsyncIterator[FuseMount]:
     """Mount the repository's image ``name`` with FUSE for an ``async with`` block.
 
@@ -251,6 +254,10 @@ async def mounted_fuse(
             bytes and small caches); with ``False``, read the whole tree up front
             (:func:`~trio_composefs.fs.erofs.read_erofs`: every inode checked before
             the mount, memory growing with the tree).
+        check_reads: check every read of a large object against the level-1
+            digests of its first open (it costs read throughput: each 512 KiB
+            group is hashed again as it is read); with
+            ``False`` only the first open is checked.
 
     Cancellation:
         Cancelling the block unmounts, as leaving it does: the session is ended,
@@ -277,6 +284,7 @@ async def mounted_fuse(
             options=options,
             remember=remember,
             lazy=lazy,
+            check_reads=check_reads,
         ) as mount:
             yield mount
     finally:

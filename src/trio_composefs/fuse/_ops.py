@@ -18,7 +18,6 @@ reach the kernel as errno values only (:class:`pyfuse3.FUSEError`):
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import itertools
@@ -32,11 +31,12 @@ import pyfuse3
 import trio
 
 from .._errors import ComposefsError
+from ..formats import Digest
 from ..formats._fsverity import level1_group_size
 from ..fs import Directory, ExternalFile, InlineFile, Inode, Leaf, Symlink
 from ._inodes import Table
-from ._objects import ObjectOpener
-from ._verify import SMALL, Verifier
+from ._objects import ObjectOpener, OpenedObject
+from ._verify import SMALL, Verifier, read_small
 
 __all__ = ["ComposefsOperations"]
 
@@ -98,6 +98,8 @@ class ComposefsOperations(pyfuse3.Operations):
         verifier: checks objects the kernel does not verify.
         limiter: the worker-thread limiter for opens and reads.
         image_size: the EROFS image's size in bytes (for ``statfs``).
+        check_reads: check every read of a large object against the level-1
+            digests of its first open (else only the first open is checked).
     """
 
     supports_dot_lookup = True
@@ -111,8 +113,10 @@ class ComposefsOperations(pyfuse3.Operations):
         verifier: Verifier,
         limiter: trio.CapacityLimiter,
         image_size: int = 0,
+        check_reads: bool = True,
     ) -> None:
         super().__init__()
+        self.check_reads = check_reads
         self.table = table
         self.objects = objects
         self.verifier = verifier
@@ -230,9 +234,24 @@ class ComposefsOperations(pyfuse3.Operations):
         self.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
+    def _open_blocking(
+        self, content: ExternalFile
+    ) -> tuple[OpenedObject, tuple[bytes, Digest] | str | None]:
+        """Open the object; a small one the kernel does not verify is also read, hashed
+        and closed here: one thread hop per small file."""
+        opened = self.objects.open(content)
+        if opened.kernel_verified or content.size > SMALL or content.digest is None:
+            return opened, None
+        try:
+            return OpenedObject(-1, False), read_small(opened.fd, content.size, content.digest)
+        finally:
+            os.close(opened.fd)
+
     async def _open_external(self, inode: int, content: ExternalFile) -> _OpenFile:
         try:
-            opened = await trio.to_thread.run_sync(self.objects.open, content, limiter=self.limiter)
+            opened, small = await trio.to_thread.run_sync(
+                self._open_blocking, content, limiter=self.limiter
+            )
         except (OSError, ComposefsError) as e:
             self.open_failures += 1
             log.error(
@@ -249,21 +268,22 @@ class ComposefsOperations(pyfuse3.Operations):
             digest = content.digest
             assert digest is not None  # the openers refuse files without one
             where, path = self.objects.describe(content), self.table.path(inode)
-            if content.size <= SMALL:
-                data = await self.verifier.check_small(digest, opened.fd, content.size, where, path)
+            if small is not None:
+                data = self.verifier.check_small(digest, small, where, path)
                 if data is None:
                     self.open_failures += 1
                     raise _fail(errno.EIO)
-                os.close(opened.fd)
                 return _OpenFile(-1, data, content.size)
             level1 = await self.verifier.check_large(digest, opened.fd, content.size, where, path)
             if level1 is None:
                 self.open_failures += 1
                 raise _fail(errno.EIO)
         except BaseException:
-            with contextlib.suppress(OSError):
+            if opened.fd >= 0:
                 os.close(opened.fd)
             raise
+        if not self.check_reads:
+            return _OpenFile(opened.fd, b"", content.size)
         return _OpenFile(opened.fd, b"", content.size, inode, content, level1)
 
     @_guarded

@@ -176,31 +176,30 @@ class Verifier:
                 return None, b""
             await pending.wait()
 
-    async def check_small(
-        self, digest: Digest, fd: int, size: int, where: str, path: bytes
+    def check_small(
+        self, digest: Digest, read: tuple[bytes, Digest] | str, where: str, path: bytes
     ) -> bytes | None:
-        """Read a small object (``size`` <= :data:`SMALL`) whole and check it.
+        """Judge a small object (``size`` <= :data:`SMALL`) that :func:`read_small` read
+        and hashed (in the open's worker thread): its bytes, or ``None`` if corrupt.
 
-        Returns:
-            Its bytes, or ``None`` if it is corrupt (or unreadable).
+        Small objects are hashed at every open, remembered or not: the handle serves
+        the very bytes that were hashed.
         """
-        known, _ = await self._once(digest)
-        if known is False:
+        if digest in self._bad:
+            self._count("cached")
             return None
-        try:
-            data = await trio.to_thread.run_sync(_read_exactly, fd, size, limiter=self.limiter)
-        except (OSError, ComposefsError) as e:
-            self.refuse(digest, where, path, f"it cannot be read whole ({e})")
+        if isinstance(read, str):
+            self.refuse(digest, where, path, read)
             return None
-        # hashed at every open, remembered or not: these are the bytes the handle serves
-        actual = await trio.to_thread.run_sync(
-            fsverity_digest, data, digest.algorithm, limiter=self.limiter
-        )
-        self._count("bytes_hashed", size)
+        data, actual = read
+        self._count("bytes_hashed", len(data))
         if actual != digest:
             self.refuse(digest, where, path, f"its fs-verity digest is {actual}")
             return None
-        if not known:
+        if digest in self._good:
+            self._good.move_to_end(digest)
+            self._count("cached")
+        else:
             self._count("verified")
             self._remember_good(digest, b"")
         return data
@@ -267,7 +266,13 @@ class Verifier:
         return False
 
 
-def _read_exactly(fd: int, size: int) -> bytes:
+def read_small(fd: int, size: int, digest: Digest) -> tuple[bytes, Digest] | str:
+    """Read ``size`` bytes of ``fd`` and hash them in ``digest``'s algorithm (blocking);
+    what went wrong, as a phrase for the log, if they cannot be read."""
     buf = memoryview(bytearray(size))
-    pread_exactly(fd, buf, 0)
-    return bytes(buf)
+    try:
+        pread_exactly(fd, buf, 0)
+    except (OSError, ComposefsError) as e:
+        return f"it cannot be read whole ({e})"
+    data = bytes(buf)
+    return data, fsverity_digest(data, digest.algorithm)
