@@ -18,6 +18,10 @@ mounted, it measures from this process:
   FUSE the whole object is hashed first (the kernel mount verifies nothing here: no
   fs-verity on this filesystem, an insecure repository).
 
+FUSE is measured twice: as ``trio-cfsctl mount --fuse`` serves (every read of a large
+object checked again against its level-1 digests) and with ``check_reads=False``
+(only first opens checked), to show what the per-read check costs.
+
 Object files are in the page cache for both (they were just written; caches are not
 dropped: the machine is shared). Times are medians of ``--rounds`` rounds; the ratio
 column is FUSE / kernel.
@@ -109,14 +113,37 @@ def first_byte(path: Path) -> int:
         return len(f.read(4096))
 
 
+#: The FUSE server with ``check_reads=False`` (only first opens checked), in a child.
+OPEN_ONLY_SERVER = """
+import sys, trio
+from trio_composefs.fuse import mounted_fuse
+from trio_composefs.repository import Repository
+async def main():
+    with Repository.open(sys.argv[1]) as repo:
+        async with mounted_fuse(repo, "bench", sys.argv[2], check_reads=False) as m:
+            print("ready", flush=True)
+            await m.wait_unmounted()
+trio.run(main)
+"""
+
+
 class Mount:
     def __init__(self, kind: str, repo_path: Path, mnt: Path) -> None:
         self.kind, self.repo_path, self.mnt = kind, repo_path, mnt
+        self.child: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Path:
         if self.kind == "kernel":
             with Repository.open(self.repo_path) as repo:
                 mount_image(repo, "bench", self.mnt)
+        elif self.kind == "fuse, open only":
+            self.child = subprocess.Popen(
+                [sys.executable, "-c", OPEN_ONLY_SERVER, str(self.repo_path), str(self.mnt)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert self.child.stdout is not None
+            assert self.child.stdout.readline().startswith("ready")
         else:
             argv = [*CLI, "--repo", str(self.repo_path), "mount", "--fuse", "--background"]
             subprocess.run([*argv, "bench", str(self.mnt)], check=True, capture_output=True)
@@ -130,6 +157,8 @@ class Mount:
             deadline = time.monotonic() + 30
             while os.path.ismount(self.mnt) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if self.child is not None:
+                self.child.wait(30)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -178,26 +207,33 @@ def main() -> None:
         )
         mnt = scratch / "mnt"
         mnt.mkdir()
-        results: dict[str, dict[str, list[float]]] = {"kernel": {}, "fuse": {}}
+        kinds = ("kernel", "fuse", "fuse, open only")
+        results: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
         large_bytes = args.large * (args.large_mib << 20)
         for _ in range(args.rounds):
-            for kind in ("kernel", "fuse"):
+            for kind in kinds:
                 r = results[kind]
                 with Mount(kind, repo_path, mnt) as m:
                     one_round(m, r)
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print()
-        print(f"| measure (median of {args.rounds}) | kernel | FUSE | FUSE / kernel |")
-        print("|---|---|---|---|")
+        print(
+            f"| measure (median of {args.rounds}) | kernel | FUSE | FUSE / kernel"
+            " | FUSE, open only | / kernel |"
+        )
+        print("|---|---|---|---|---|---|")
         for key in results["kernel"]:
-            k = statistics.median(results["kernel"][key])
-            f = statistics.median(results["fuse"][key])
+            k, f, o = (statistics.median(results[kind][key]) for kind in kinds)
             extra = ""
             if key.startswith("large"):
-                extra = f" ({large_bytes / k / 1e6:.0f} vs {large_bytes / f / 1e6:.0f} MB/s)"
+                rates = " / ".join(f"{large_bytes / t / 1e6:.0f}" for t in (k, f, o))
+                extra = f" (MB/s: {rates})"
             elif key == "small files":
-                extra = f" ({args.small / k:.0f} vs {args.small / f:.0f} files/s)"
-            print(f"| {key}{extra} | {k * 1000:.1f} ms | {f * 1000:.1f} ms | {f / k:.1f} |")
+                extra = f" (files/s: {' / '.join(f'{args.small / t:.0f}' for t in (k, f, o))})"
+            print(
+                f"| {key}{extra} | {k * 1000:.1f} ms | {f * 1000:.1f} ms | {f / k:.1f}"
+                f" | {o * 1000:.1f} ms | {o / k:.1f} |"
+            )
     finally:
         for target in [scratch / "mnt"]:
             if os.path.ismount(target):
