@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -14,9 +16,9 @@ from typing import Any
 import pytest
 import zstandard
 
-from trio_composefs import FormatError
-from trio_composefs.oci import MEDIA_TYPES, Descriptor, ImageSourceError
-from trio_composefs.oci.sources import DockerArchiveSource, normalize_repo_tag
+from trio_composefs import FormatError, Repository
+from trio_composefs.oci import MEDIA_TYPES, Descriptor, ImageSourceError, open_image, pull_image
+from trio_composefs.oci.sources import DockerArchiveSource, SkopeoProxySource, normalize_repo_tag
 from trio_composefs.testing import open_fds, sample_layers, write_sample_layout
 
 
@@ -32,7 +34,9 @@ def sha(data: bytes) -> str:
 
 
 def skopeo_inspect(ref: str, *options: str) -> bytes:
-    return subprocess.check_output([need("skopeo"), "inspect", *options, ref])
+    return subprocess.check_output(
+        [need("skopeo"), "inspect", *options, ref], stderr=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +119,11 @@ async def test_reads_what_skopeo_wrote(skopeo_archive: Path) -> None:
             raw, manifest, layers = await read_image(source)
             assert (await source.resolve()).manifest == raw  # deterministic
         assert layers == [layer.tar for layer in sample_layers()]
-        assert [e["mediaType"] for e in manifest["layers"]] == [MEDIA_TYPES.DOCKER_LAYER] * 3
+        # skopeo calls every layer gzip, whatever it is (these are plain tars)
+        assert [e["mediaType"] for e in manifest["layers"]] == [MEDIA_TYPES.DOCKER_LAYER_GZIP] * 3
     assert open_fds() == before
-    # skopeo synthesizes the same manifest, byte for byte, except that it calls
-    # every layer gzip; ours are plain tars and say so
-    theirs = skopeo_inspect(f"docker-archive:{skopeo_archive}", "--raw")
-    assert raw == theirs.replace(b".diff.tar.gzip", b".diff.tar")
+    # skopeo synthesizes the same manifest, byte for byte
+    assert raw == skopeo_inspect(f"docker-archive:{skopeo_archive}", "--raw")
     assert json.loads(tar_config(skopeo_archive)) == json.loads(
         skopeo_inspect(f"docker-archive:{skopeo_archive}", "--raw", "--config")
     )
@@ -136,18 +139,16 @@ async def test_crafted_archive(crafted: Path) -> None:
     layers = sample_layers()
     async with DockerArchiveSource(str(crafted), "@0") as source:
         _, manifest, data = await read_image(source)
-    assert [e["mediaType"] for e in manifest["layers"]] == [
-        MEDIA_TYPES.DOCKER_LAYER_GZIP,
-        MEDIA_TYPES.DOCKER_LAYER,
-    ]
-    assert gzip.decompress(data[0]) == layers[0].tar
-    assert data[1] == layers[2].tar
-    assert manifest["layers"][1]["digest"] == layers[2].diff_id
+    # as skopeo: every layer is "gzip" and served decompressed, named by its diff_id
+    assert [e["mediaType"] for e in manifest["layers"]] == [MEDIA_TYPES.DOCKER_LAYER_GZIP] * 2
+    assert data == [layers[0].tar, layers[2].tar]
+    assert [e["digest"] for e in manifest["layers"]] == [layers[0].diff_id, layers[2].diff_id]
     for ref in ("busybox", "docker.io/library/busybox:latest", "@1"):
         async with DockerArchiveSource(str(crafted), ref) as source:
-            _, manifest, data = await read_image(source)
-        assert [e["mediaType"] for e in manifest["layers"]] == [MEDIA_TYPES.OCI_LAYER_ZSTD]
-        assert zstandard.ZstdDecompressor().decompressobj().decompress(data[0]) == layers[1].tar
+            raw, manifest, data = await read_image(source)
+        assert [e["mediaType"] for e in manifest["layers"]] == [MEDIA_TYPES.DOCKER_LAYER_GZIP]
+        assert data == [layers[1].tar]
+    assert raw == skopeo_inspect(f"docker-archive:{crafted}:busybox:latest", "--raw")
     async with DockerArchiveSource(str(crafted), "localhost/a:1") as source:
         await read_image(source)
 
@@ -240,3 +241,136 @@ def test_reference_parsing() -> None:
     assert normalize_repo_tag("docker.io/library/busybox:1") == "busybox:1"
     assert normalize_repo_tag("localhost:5000/x") == "localhost:5000/x:latest"
     assert normalize_repo_tag("quay.io/a/b:c") == "quay.io/a/b:c"
+
+
+# ------------------------------------------------ the manifest digest is skopeo's
+
+COMPRESSORS: dict[str, Any] = {
+    "plain": lambda data: data,
+    "gzip": lambda data: gzip.compress(data, mtime=0),
+    "zstd": lambda data: zstandard.ZstdCompressor(level=3).compress(data),
+    "bzip2": bz2.compress,
+    "xz": lzma.compress,
+}
+
+
+def archive_with(tmp_path: Path, compressions: list[str]) -> Path:
+    """The sample image as ``docker save`` lays it out (``<id>/layer.tar``, a config
+    named by its digest), each layer compressed as asked, and the first layer
+    listed again at the end through a symbolic link (as docker saves a repeated layer)."""
+    layers = sample_layers()
+    tree = tmp_path / "tree"
+    names = []
+    for i, (layer, how) in enumerate(zip(layers, compressions, strict=True)):
+        (tree / f"l{i}").mkdir(parents=True)
+        (tree / f"l{i}/layer.tar").write_bytes(COMPRESSORS[how](layer.tar))
+        names.append(f"l{i}/layer.tar")
+    (tree / "dup").mkdir()
+    os.symlink("../l0/layer.tar", tree / "dup/layer.tar")
+    names.append("dup/layer.tar")
+    config = config_for(*[layer.diff_id for layer in layers], layers[0].diff_id)
+    (tree / f"{sha(config)[7:]}.json").write_bytes(config)
+    (tree / "manifest.json").write_text(
+        json.dumps([{"Config": f"{sha(config)[7:]}.json", "RepoTags": ["x:1"], "Layers": names}])
+    )
+    dest = tmp_path / "image.tar"
+    subprocess.run([need("tar"), "-C", str(tree), "-cf", str(dest), "."], check=True)
+    return dest
+
+
+async def proxy_manifest_digest(ref: str) -> str:
+    """The digest skopeo's image proxy reports for an image (what cfsctl names it by)."""
+    async with SkopeoProxySource(ref) as source:
+        await source.resolve()
+        assert source._proxy is not None
+        digest, _ = await source._proxy.read_all("GetManifest", source._image)
+    assert isinstance(digest, str)
+    return digest
+
+
+def oci_copy_diff_ids(tmp_path: Path, ref: str) -> tuple[list[str], list[str]]:
+    """``skopeo copy REF oci:DIR``: the diff_ids its config lists, and the digests of
+    its layer blobs once decompressed (skopeo gzips the plain layers it copies)."""
+    dest = tmp_path / "oci"
+    subprocess.run([need("skopeo"), "copy", "-q", ref, f"oci:{dest}:x"], check=True)
+    blobs = dest / "blobs/sha256"
+    (entry,) = json.loads((dest / "index.json").read_bytes())["manifests"]
+    manifest = json.loads((blobs / entry["digest"][7:]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_bytes())
+    uncompressed = []
+    for layer in manifest["layers"]:
+        data = (blobs / layer["digest"][7:]).read_bytes()
+        assert layer["mediaType"] == MEDIA_TYPES.OCI_LAYER_GZIP
+        uncompressed.append(sha(gzip.decompress(data)))
+    return config["rootfs"]["diff_ids"], uncompressed
+
+
+@pytest.mark.parametrize(
+    "compressions",
+    [
+        ["plain"] * 3,
+        ["gzip"] * 3,
+        ["zstd"] * 3,
+        ["plain", "gzip", "zstd"],
+        ["bzip2", "xz", "plain"],
+    ],
+    ids="-".join,
+)
+async def test_manifest_digest_is_skopeos(
+    tmp_path: Path, repo: Repository, compressions: list[str]
+) -> None:
+    """Whatever the layers' compression, our synthesized manifest is the one
+    ``skopeo inspect --raw`` prints, byte for byte; its digest is the one skopeo's
+    image proxy reports (the name cfsctl stores the image under); the pulled image
+    is stored under it, with skopeo's config and the diff_ids of ``skopeo copy``."""
+    archive = archive_with(tmp_path, compressions)
+    ref = f"docker-archive:{archive}"
+    theirs = skopeo_inspect(ref, "--raw")
+    their_config = skopeo_inspect(ref, "--raw", "--config")
+    async with DockerArchiveSource(str(archive)) as source:
+        raw, manifest, data = await read_image(source)
+        config = await source.read_blob(Descriptor.from_json(manifest["config"], where="test"))
+    assert raw == theirs
+    assert config == their_config
+    layers = sample_layers()
+    assert data == [layer.tar for layer in layers] + [layers[0].tar]
+    assert await proxy_manifest_digest(ref) == sha(theirs)
+
+    async with DockerArchiveSource(str(archive)) as source:
+        await pull_image(repo, source, tag="t")
+    stored = open_image(repo, "t")
+    assert stored.manifest_digest == sha(theirs)
+    assert stored.manifest == theirs
+    assert stored.config_digest == json.loads(theirs)["config"]["digest"] == sha(their_config)
+    diff_ids, uncompressed = oci_copy_diff_ids(tmp_path, ref)
+    assert [d for d, _ in stored.layers] == diff_ids == uncompressed
+
+
+async def test_layer_member_for_two_diff_ids_is_refused(tmp_path: Path) -> None:
+    """As skopeo: one member cannot stand for two different diff_ids."""
+    a, b = sample_layers()[1:]
+    files = {
+        "manifest.json": manifest_json("c.json", "l.tar", "l.tar"),
+        "c.json": config_for(a.diff_id, b.diff_id),
+        "l.tar": a.tar,
+    }
+    archive = tree_archive(tmp_path, files)
+    with pytest.raises(subprocess.CalledProcessError):
+        skopeo_inspect(f"docker-archive:{archive}", "--raw")
+    async with DockerArchiveSource(str(archive)) as source:
+        with pytest.raises(FormatError, match=r"'l\.tar' stands for two diff_ids"):
+            await source.resolve()
+
+
+async def test_corrupt_compressed_layer(tmp_path: Path) -> None:
+    layer = sample_layers()[2]
+    bad = bytearray(gzip.compress(layer.tar, mtime=0))
+    bad[len(bad) // 2] ^= 0xFF
+    files = {
+        "manifest.json": manifest_json("c.json", "l.tar"),
+        "c.json": config_for(layer.diff_id),
+        "l.tar": bytes(bad),
+    }
+    async with DockerArchiveSource(str(tree_archive(tmp_path, files))) as source:
+        with pytest.raises(FormatError, match=r"member 'l.tar' \(gzip\) does not decompress"):
+            await source.resolve()

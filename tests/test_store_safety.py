@@ -225,8 +225,7 @@ def test_stream_not_published_when_ref_cannot_be_created(repo: Repository) -> No
 
 
 def test_closed_repository_refuses_calls_even_after_fd_reuse(tmp_path: Path) -> None:
-    from trio_composefs.oci import tag_image, untag_image
-    from trio_composefs.oci._pull import list_tags
+    from trio_composefs.oci import list_tags, tag_image, untag_image
 
     layout, manifest = simple_layout(tmp_path)
     paths = [tmp_path / "one", tmp_path / "two"]

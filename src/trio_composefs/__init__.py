@@ -29,6 +29,7 @@ from ._errors import FormatError as FormatError
 from ._errors import ImageSourceError as ImageSourceError
 from ._errors import InternalError as InternalError
 from ._errors import InvalidNameError as InvalidNameError
+from ._errors import LockTimeoutError as LockTimeoutError
 from ._errors import MountError as MountError
 from ._errors import ObjectNotFoundError as ObjectNotFoundError
 from ._errors import RepositoryError as RepositoryError
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from .importer import import_layer as import_layer
     from .importer import layer_content_id as layer_content_id
     from .importer import open_importer as open_importer
+    from .maintenance import FsckKind as FsckKind
     from .maintenance import FsckReport as FsckReport
     from .maintenance import GcResult as GcResult
     from .maintenance import fsck as fsck
@@ -128,6 +130,7 @@ _LAZY: dict[str, str] = {
     "import_layer": ".importer",
     "layer_content_id": ".importer",
     "open_importer": ".importer",
+    "FsckKind": ".maintenance",
     "FsckReport": ".maintenance",
     "GcResult": ".maintenance",
     "fsck": ".maintenance",
@@ -170,6 +173,7 @@ __all__ = [
     "ExternalChunk",
     "FormatError",
     "FsVerityHasher",
+    "FsckKind",
     "FsckReport",
     "GcResult",
     "HashPool",
@@ -181,6 +185,7 @@ __all__ = [
     "InlineChunk",
     "InternalError",
     "InvalidNameError",
+    "LockTimeoutError",
     "LayerProgress",
     "LayerStats",
     "MountError",

@@ -138,6 +138,10 @@ class VerityUnsupportedError(RepositoryError):
     """The filesystem cannot enable fs-verity, and the repository requires it."""
 
 
+class LockTimeoutError(RepositoryError, TimeoutError):
+    """The repository's lock was not free within the time allowed (``--lock-timeout``)."""
+
+
 class ObjectNotFoundError(RepositoryError, LookupError):
     """No object, stream or ref of that name exists in the repository."""
 

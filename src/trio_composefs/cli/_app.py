@@ -26,8 +26,6 @@ from ._commands import (
     USER_REPO,
     cmd_cat,
     cmd_demo,
-    cmd_fsck,
-    cmd_gc,
     cmd_init,
     cmd_measure_file,
     cmd_oci_images,
@@ -38,6 +36,7 @@ from ._commands import (
     cmd_oci_tag,
     cmd_oci_untag,
 )
+from ._copy_cmd import add_copy_parser, cmd_oci_copy
 from ._image_cmds import (
     cmd_composefs_info,
     cmd_compute_id,
@@ -50,6 +49,7 @@ from ._image_cmds import (
     cmd_oci_compute_id,
     cmd_oci_dump,
 )
+from ._maint_cmds import cmd_fsck, cmd_gc, cmd_oci_fsck
 from ._mount_cmds import add_mount_parsers, cmd_mount, cmd_oci_mount, cmd_transaction
 
 
@@ -61,7 +61,15 @@ def _add_import_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"object writers at once (default {default_jobs()})",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+    _add_progress_option(parser)
+
+
+def _add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress display (live lines on a terminal, a log otherwise)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -81,7 +89,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_repository_commands(sub)
+    _add_maintenance_commands(sub)
+    oci = sub.add_parser("oci", help="OCI images and layers")
+    oci_sub = oci.add_subparsers(dest="oci_command", metavar="COMMAND", required=True)
+    _add_oci_layer_commands(oci_sub)
+    _add_oci_image_commands(oci_sub)
+    add_mount_parsers(sub, oci_sub)
+    _add_image_commands(sub, oci_sub)
+    add_copy_parser(oci_sub)
+    return p
 
+
+def _add_repository_commands(sub: Any) -> None:
     init = sub.add_parser("init", help="create a repository")
     init.add_argument("path", nargs="?", help="where (default: the --repo path)")
     init.add_argument(
@@ -96,7 +116,6 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="init_insecure",
         help="allow a filesystem without fs-verity; digests are computed in userspace",
     )
-
     measure = sub.add_parser("measure-file", help="print the fs-verity digest of files")
     measure.add_argument(
         "--algorithm",
@@ -105,48 +124,73 @@ def _build_parser() -> argparse.ArgumentParser:
         help="(default: %(default)s)",
     )
     measure.add_argument("files", nargs="+", metavar="FILE")
-
     cat = sub.add_parser("cat", help="write a stream's reassembled bytes to standard output")
     cat.add_argument("name", help="a content id (oci-layer-sha256:...) or refs/NAME")
+    sub.add_parser(
+        "demo",
+        help="pull the built-in sample image (creating the repository) and show what was stored",
+    )
 
-    fsck = sub.add_parser("fsck", help="check the repository's consistency (reports every problem)")
-    fsck.add_argument("--json", action="store_true", help="print the report as JSON")
-    fsck.add_argument(
+
+def _add_fsck_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print cfsctl's JSON report (exit 0 if it ran)"
+    )
+    parser.add_argument(
         "--metadata-only", action="store_true", help="do not re-hash objects (streams, refs only)"
     )
-    fsck.add_argument(
+    parser.add_argument(
         "--no-check-layers",
         action="store_true",
         help="do not reassemble layer streams to compare their sha256 with the diff_id",
     )
-    fsck.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+    _add_progress_option(parser)
+
+
+def _add_maintenance_commands(sub: Any) -> None:
+    fsck = sub.add_parser("fsck", help="check the repository's consistency (reports every problem)")
+    _add_fsck_options(fsck)
     gc = sub.add_parser("gc", help="remove objects, streams and temporary files no ref reaches")
-    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    gc.add_argument("-n", "--dry-run", action="store_true", help="only say what would be removed")
     gc.add_argument(
+        "-r",
         "--root",
         action="append",
         default=[],
         metavar="NAME",
         help="also keep this stream or image (first-level name); repeatable",
     )
+    gc.add_argument(
+        "--lock-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up if the exclusive lock is still busy after SECONDS (default: wait)",
+    )
     gc.add_argument("--json", action="store_true", help="print the result as JSON")
     gc.add_argument("-v", "--verbose", action="store_true", help="list every removed object")
+    _add_progress_option(gc)
 
-    sub.add_parser(
-        "demo",
-        help="pull the built-in sample image (creating the repository) and show what was stored",
-    )
 
-    oci = sub.add_parser("oci", help="OCI images and layers")
-    oci_sub = oci.add_subparsers(dest="oci_command", metavar="COMMAND", required=True)
+def _add_oci_layer_commands(oci_sub: Any) -> None:
     il = oci_sub.add_parser("import-layer", help="import a tar layer from standard input")
     il.add_argument("diff_id", metavar="DIFF_ID", help="sha256:<hex> of the uncompressed tar")
     il.add_argument("name", nargs="?", metavar="NAME", help="also publish streams/refs/NAME")
     il.add_argument("--file", metavar="PATH", help="read the tar from PATH instead")
     _add_import_options(il)
-    layer = oci_sub.add_parser("layer", help="write a layer's tar, or list its entries")
-    layer.add_argument("diff_id", metavar="DIFF_ID")
-    layer.add_argument("--list", action="store_true", help="one line per entry instead")
+    layer = oci_sub.add_parser(
+        "layer", help="write a layer's tar (not to a terminal), or describe it"
+    )
+    layer.add_argument("diff_id", metavar="DIFF_ID", help="sha256:<hex> of the layer's tar")
+    how = layer.add_mutually_exclusive_group()
+    how.add_argument("--list", action="store_true", help="one ls -l line per entry")
+    how.add_argument("--dumpfile", action="store_true", help="one dumpfile line per entry")
+    how.add_argument("--json", action="store_true", help="the layer's metadata as JSON")
+    fsck = oci_sub.add_parser("fsck", help="fsck, then check every tagged image (or IMAGE)")
+    fsck.add_argument("image", nargs="?", metavar="IMAGE", help="only this tag's image")
+    _add_fsck_options(fsck)
+
+
+def _add_oci_image_commands(oci_sub: Any) -> None:
     pull = oci_sub.add_parser("pull", help="pull an image and tag it")
     pull.add_argument(
         "source",
@@ -161,6 +205,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_import_options(pull)
     images = oci_sub.add_parser("images", help="list tagged images")
     images.add_argument("--json", action="store_true", help="as JSON")
+    images.add_argument("--no-trunc", action="store_true", help="show whole digests")
     inspect = oci_sub.add_parser("inspect", help="show an image's manifest and config (JSON)")
     inspect.add_argument("image", metavar="IMAGE", help="a tag, or @sha256:... (manifest digest)")
     what = inspect.add_mutually_exclusive_group()
@@ -171,9 +216,6 @@ def _build_parser() -> argparse.ArgumentParser:
     tag.add_argument("name", metavar="NAME")
     untag = oci_sub.add_parser("untag", help="remove a tag")
     untag.add_argument("name", metavar="NAME")
-    add_mount_parsers(sub, oci_sub)
-    _add_image_commands(sub, oci_sub)
-    return p
 
 
 def _add_fs_read_options(parser: argparse.ArgumentParser) -> None:
@@ -189,6 +231,7 @@ def _add_fs_read_options(parser: argparse.ArgumentParser) -> None:
 def _add_image_commands(sub: Any, oci_sub: Any) -> None:
     images = sub.add_parser("images", help="list the composefs images and their refs")
     images.add_argument("--json", action="store_true", help="as JSON")
+    images.add_argument("--no-trunc", action="store_true", help="show whole digests")
     objects = sub.add_parser("image-objects", help="list the objects an image references")
     objects.add_argument("name", metavar="NAME", help="image ID (hex), refs/NAME or NAME")
     dump = sub.add_parser("dump-files", help="dumpfile lines (or backing paths) from an image")
@@ -253,7 +296,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "oci inspect": cmd_oci_inspect,
     "oci tag": cmd_oci_tag,
     "oci untag": cmd_oci_untag,
+    "oci copy": cmd_oci_copy,
     "fsck": cmd_fsck,
+    "oci fsck": cmd_oci_fsck,
     "gc": cmd_gc,
     "mount": cmd_mount,
     "oci mount": cmd_oci_mount,

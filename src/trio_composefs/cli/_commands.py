@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -17,12 +18,12 @@ from .._errors import ComposefsError, VerityUnsupportedError
 from ..formats import Algorithm, ExternalChunk, FsVerityHasher
 from ..importer import (
     ByteSource,
-    LayerProgress,
     LayerStats,
     layer_content_id,
     open_importer,
 )
 from ..repository import Repository
+from ._progress import PullProgress, Renderer, human_bytes, plural
 
 PROG = "trio-cfsctl"
 USER_REPO = "~/.var/lib/composefs"
@@ -44,7 +45,44 @@ def _repo_path(args: argparse.Namespace) -> str:
 
 
 def _open_repo(args: argparse.Namespace) -> Repository:
-    return Repository.open(_repo_path(args), insecure=True if args.insecure else None)
+    path = _repo_path(args)
+    if not os.path.lexists(path):
+        raise UsageError(
+            f"no repository at {path}; create one with `{PROG} --repo {path} init`"
+            " (add --insecure on a filesystem without fs-verity)"
+        )
+    timeout = getattr(args, "lock_timeout", None)
+
+    def waiting() -> None:
+        limit = "until it is free" if timeout is None else f"at most {timeout:g} s"
+        print(
+            f"{PROG}: another process (gc) holds the repository's exclusive lock; waiting {limit}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return Repository.open(
+        path, insecure=True if args.insecure else None, on_wait=waiting, lock_timeout=timeout
+    )
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_digest_arg(text: str, what: str = "DIFF_ID") -> str:
+    """A ``sha256:<64 lowercase hex>`` argument, checked before any lookup."""
+    if not _DIGEST.fullmatch(text):
+        raise UsageError(f"{what} {text!r} is not a digest (expected sha256:<64 hex digits>)")
+    return text
+
+
+def _refuse_terminal(what: str) -> None:
+    """cfsctl's rule: binary data never goes to a terminal."""
+    if sys.stdout is not None and sys.stdout.isatty():
+        raise UsageError(
+            f"refusing to write {what} to a terminal; redirect it to a file or pipe it"
+            " (e.g. to tar)"
+        )
 
 
 # --- commands ---------------------------------------------------------------
@@ -53,16 +91,23 @@ def _open_repo(args: argparse.Namespace) -> Repository:
 def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     path = args.path or _repo_path(args)
     insecure = bool(args.init_insecure or args.insecure)
+    existed = os.path.lexists(os.path.join(path, "meta.json"))
     try:
         repo = Repository.init(path, algorithm=Algorithm(args.algorithm), insecure=insecure)
-    except VerityUnsupportedError as e:
+    except VerityUnsupportedError:
         raise VerityUnsupportedError(
-            f"{e}; run `{PROG} --repo {path} init --insecure` to create a repository that"
-            " computes digests in userspace"
+            f"the filesystem of {path} has no fs-verity, so run `{PROG} --repo {path} init"
+            " --insecure` for a repository that computes digests in userspace"
         ) from None
     with repo:
-        mode = "insecure" if repo.insecure else "fs-verity enforced"
-        print(f"initialized {repo.algorithm.value} repository at {repo.path} ({mode})", file=out)
+        # cfsctl's lines
+        if existed:
+            print(f"Repository already initialized at {repo.path}", file=out)
+        else:
+            print(f"Initialized composefs repository at {repo.path}", file=out)
+            print(f"  algorithm: {repo.algorithm.value}", file=out)
+            verity = "not required (insecure)" if repo.insecure else "required"
+            print(f"  verity:    {verity}", file=out)
     return 0
 
 
@@ -83,6 +128,7 @@ def cmd_measure_file(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_cat(args: argparse.Namespace, out: TextIO) -> int:
     from ..repository import copy_stream
 
+    _refuse_terminal("a stream's bytes")
     with _open_repo(args) as repo:
         copy_stream(repo, args.name, _stdout_writer())
     return 0
@@ -90,19 +136,65 @@ def cmd_cat(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_oci_layer(args: argparse.Namespace, out: TextIO) -> int:
     from ..repository import copy_stream, iter_layer_entries
-    from ._format import format_entry
+    from ._format import format_entry, layer_dumpfile_line
 
-    name = layer_content_id(args.diff_id)
+    name = layer_content_id(check_digest_arg(args.diff_id))
+    if not (args.list or args.json or args.dumpfile):
+        _refuse_terminal("tar data")
     with _open_repo(args) as repo:
+        if repo.has_stream(name) is None:
+            from .._errors import ObjectNotFoundError
+
+            raise ObjectNotFoundError(f"layer {args.diff_id} not found in {repo.path}")
         if args.list:
             for entry in iter_layer_entries(repo, name):
                 print(format_entry(entry), file=out)
+        elif args.dumpfile:
+            write = _stdout_writer(out)
+            for entry in iter_layer_entries(repo, name):
+                write(layer_dumpfile_line(entry) + b"\n")
+        elif args.json:
+            import json
+
+            print(json.dumps(_layer_info(repo, args.diff_id), indent=2), file=out)
         else:
             copy_stream(repo, name, _stdout_writer())
     return 0
 
 
-def _stdout_writer() -> Callable[[bytes], object]:
+def _layer_info(repo: Repository, diff_id: str) -> dict[str, Any]:
+    """cfsctl's ``LayerInfo`` (camelCase): diffId, verity, size, entryCount and
+    splitstream {externalObjects, externalSize, inlineSize}."""
+    from ..formats import ExternalChunk
+    from ..repository import iter_layer_entries, open_splitstream
+
+    name = layer_content_id(diff_id)
+    with open_splitstream(repo, name) as (info, _data):
+        size = info.stream_size
+        external_objects = len(info.object_refs)
+    entries = 0
+    external_size = 0
+    for entry in iter_layer_entries(repo, name):
+        entries += 1
+        if isinstance(entry.content, ExternalChunk):
+            external_size += entry.content.size
+    verity = repo.has_stream(name)
+    return {
+        "diffId": diff_id,
+        "verity": verity.hex() if verity is not None else None,
+        "size": size,
+        "entryCount": entries,
+        "splitstream": {
+            "externalObjects": external_objects,
+            "externalSize": external_size,
+            "inlineSize": max(size - external_size, 0),
+        },
+    }
+
+
+def _stdout_writer(out: TextIO | None = None) -> Callable[[bytes], object]:
+    if out is not None and out is not sys.stdout:  # a test's StringIO
+        return lambda data: out.write(data.decode("utf-8", "surrogateescape"))
     if sys.stdout is None:
         raise UsageError("standard output is closed")
     sys.stdout.flush()
@@ -116,41 +208,23 @@ def _stdout_writer() -> Callable[[bytes], object]:
     return write
 
 
-class _ProgressLine:
-    """One line on stderr, rewritten in place, only on a TTY."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.start = time.monotonic()
-        self.shown = False
-
-    def __call__(self, p: LayerProgress) -> None:
-        if not self.enabled:
-            return
-        secs = max(time.monotonic() - self.start, 1e-6)
-        line = (
-            f"{p.diff_id[:19]}…  {p.bytes_read / 2**20:8.1f} MiB"
-            f" ({p.bytes_read / 2**20 / secs:6.1f} MiB/s)  objects {p.objects_written} new,"
-            f" {p.objects_deduplicated} dedup, {p.objects_in_flight} in flight"
-        )
-        sys.stderr.write("\r\x1b[K" + line)
-        sys.stderr.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-
 def _summary(stats: LayerStats, seconds: float) -> str:
     if stats.skipped:
-        return f"{stats.diff_id}: already present"
+        return f"{stats.diff_id}: skipped: already present"
     mib = stats.tar_bytes / 2**20
     return (
         f"{stats.diff_id}: {mib:.1f} MiB in {seconds:.2f} s ({mib / max(seconds, 1e-6):.1f} MiB/s);"
-        f" {stats.objects} objects ({stats.objects_written} new,"
-        f" {stats.objects_deduplicated} deduplicated), {stats.inline_bytes} bytes inline"
+        f" {plural(stats.objects, 'object')} ({stats.objects_written} new,"
+        f" {stats.objects_deduplicated} already present), {stats.inline_bytes} bytes inline"
+    )
+
+
+def objects_line(new: int, present: int, stored: int, inlined: int) -> str:
+    """cfsctl's ``objects`` line (its ``ImportStats`` display without zero-copy):
+    ``N new + M already present objects; <stored> stored, <inlined> inlined``."""
+    return (
+        f"{new} new + {present} already present objects;"
+        f" {human_bytes(stored)} stored, {human_bytes(inlined)} inlined"
     )
 
 
@@ -162,17 +236,54 @@ async def _import_one(
     jobs: int | None,
     progress: bool,
 ) -> LayerStats:
-    line = _ProgressLine(progress)
+    with Renderer(enabled=progress) as renderer:
+        display = PullProgress(renderer)
+        file = _regular_file(source)
+        async with open_importer(repo, jobs=jobs) as importer, trio.open_nursery() as nursery:
+            if file is not None and renderer.live:
+                # A file's offset says how far the importer has read: a live line with a
+                # total and an ETA, moved by time, not by the importer's 64 MiB events.
+                fd, start, size = file
+                renderer.add(diff_id, diff_id.removeprefix("sha256:")[:12], size)
+                display.started[diff_id] = time.monotonic()
+                nursery.start_soon(_follow_offset, renderer, diff_id, fd, start)
+                callback = None
+            else:
+                callback = display.layer
+            stats = await importer.import_layer(source, diff_id, name=name, progress=callback)
+            nursery.cancel_scope.cancel()
+            return stats
+
+
+def _regular_file(source: ByteSource) -> tuple[int, int, int] | None:
+    """``(fd, offset, bytes left)`` when ``source`` is an fd on a regular file."""
+    import stat
+
+    if not isinstance(source, int):
+        return None
     try:
-        async with open_importer(repo, jobs=jobs) as importer:
-            return await importer.import_layer(source, diff_id, name=name, progress=line)
-    finally:
-        line.close()
+        st = os.fstat(source)
+        start = os.lseek(source, 0, os.SEEK_CUR)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return source, start, max(st.st_size - start, 0)
+
+
+async def _follow_offset(renderer: Renderer, key: str, fd: int, start: int) -> None:
+    while True:
+        try:
+            renderer.update(key, os.lseek(fd, 0, os.SEEK_CUR) - start)
+        except OSError:
+            return
+        await trio.sleep(0.1)
 
 
 def cmd_oci_import_layer(args: argparse.Namespace, out: TextIO) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    check_digest_arg(args.diff_id)
     start = time.monotonic()
     with _open_repo(args) as repo:
         # A plain fd, read with os.read: no buffered reader whose lock a reading
@@ -195,8 +306,10 @@ def cmd_oci_import_layer(args: argparse.Namespace, out: TextIO) -> int:
         finally:
             if fd is not None:
                 os.close(fd)
-    print(stats.splitstream.hex(), file=out)
-    print(_summary(stats, time.monotonic() - start), file=sys.stderr)
+    # cfsctl prints the stream's object id with its algorithm: sha256:<hex> or sha512:<hex>.
+    print(f"{stats.splitstream.algorithm.hash_name}:{stats.splitstream.hex()}", file=out)
+    if not args.no_progress:
+        print(_summary(stats, time.monotonic() - start), file=sys.stderr)
     return 0
 
 
@@ -325,132 +438,91 @@ def _demo_mount(repo: Repository, image: str, out: TextIO) -> None:
         print("  unmounted", file=out)
 
 
-def cmd_fsck(args: argparse.Namespace, out: TextIO) -> int:
-    import json
-
-    from ..maintenance import FsckProgress, fsck
-
-    show = not args.no_progress and sys.stderr.isatty()
-
-    def progress(p: FsckProgress) -> None:
-        if show:
-            sys.stderr.write(
-                f"\r\x1b[K{p.phase}: {p.done}/{p.total}, {p.objects_checked} objects,"
-                f" {p.bytes_hashed / 2**20:.1f} MiB hashed"
-            )
-            sys.stderr.flush()
-
-    with _open_repo(args) as repo:
-        try:
-            report = trio.run(
-                lambda: fsck(
-                    repo,
-                    check_objects=not args.metadata_only,
-                    check_layers=not args.no_check_layers,
-                    progress=progress,
-                )
-            )
-        finally:
-            if show:
-                sys.stderr.write("\r\x1b[K")
-                sys.stderr.flush()
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2), file=out)
-    else:
-        for line in report.summary():
-            print(line, file=out)
-    return 0 if report.ok else 1
-
-
-def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
-    import json
-
-    from ..maintenance import gc
-
-    def waiting() -> None:
-        print(
-            f"{PROG}: waiting for the repository's exclusive lock (another process has it open)",
-            file=sys.stderr,
-        )
-
-    with _open_repo(args) as repo:
-        result = gc(repo, args.root, dry_run=args.dry_run, on_wait=waiting)
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2), file=out)
-        return 0
-    verb = "would remove" if result.dry_run else "removed"
-    if args.verbose:
-        for path in result.objects_removed:
-            print(f"{verb} {path}", file=out)
-    for path in result.tmpfiles_removed:
-        print(f"{verb} temporary file {path}", file=out)
-    for path in result.links_pruned:
-        print(f"{verb} dangling link {path}", file=out)
-    for note in result.notes:
-        print(f"note: {note}", file=out)
-    print(
-        f"{verb} {len(result.objects_removed)} objects ({result.objects_bytes} bytes),"
-        f" {len(result.tmpfiles_removed)} temporary files ({result.tmpfiles_bytes} bytes),"
-        f" {len(result.links_pruned)} links; {result.bytes_freed} bytes"
-        f" {'would be ' if result.dry_run else ''}freed; {result.live_objects} objects live",
-        file=out,
-    )
-    return 0
-
-
 def cmd_oci_pull(args: argparse.Namespace, out: TextIO) -> int:
-    from ..oci import ImageProgress, ImageStats, Platform, open_source, parse_source, pull_image
+    from ..oci import ImageStats, Platform, open_source, parse_source, pull_image
 
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     ref = parse_source(args.source)
     platform = Platform.parse(args.platform) if args.platform else None
     tag = args.tag if args.tag is not None else args.source
-    line = _ProgressLine(not args.no_progress)
-
-    def progress(p: ImageProgress) -> None:
-        if p.layer is None:
-            return
-        if not p.layer.done:
-            line(p.layer)
-        elif line.enabled:  # one permanent line per finished layer, on a TTY only
-            line.close()
-            line.shown = False
-            sys.stderr.write(
-                f"{p.layer.diff_id[:19]}…  {p.layer.bytes_read / 2**20:8.1f} MiB, objects"
-                f" {p.layer.objects_written} new, {p.layer.objects_deduplicated} dedup"
-                f"  [{p.layers_done}/{p.layers_total} layers]\n"
-            )
 
     async def go(repo: Repository) -> ImageStats:
-        async with open_importer(repo, jobs=args.jobs) as importer, open_source(ref) as source:
-            return await pull_image(importer, source, tag=tag, platform=platform, progress=progress)
+        with Renderer(enabled=not args.no_progress) as renderer:
+            async with open_importer(repo, jobs=args.jobs) as importer, open_source(ref) as source:
+                if platform is not None:
+                    await _warn_platform(source, platform, renderer)
+                return await pull_image(
+                    importer, source, tag=tag, platform=platform, progress=PullProgress(renderer)
+                )
 
     start = time.monotonic()
     with _open_repo(args) as repo:
-        try:
-            stats = trio.run(go, repo)
-        finally:
-            line.close()
+        stats = trio.run(go, repo)
     seconds = time.monotonic() - start
+    # cfsctl's five lines, in its order; ours (image) after them.
     print(f"manifest {stats.manifest_digest}", file=out)
     print(f"config   {stats.config_digest}", file=out)
     print(f"verity   {stats.manifest_stream.hex()}", file=out)
     print(f"tagged   {tag}", file=out)
+    inline = sum(layer.inline_bytes for layer in stats.layers)
+    print(
+        "objects  "
+        + objects_line(
+            stats.objects_written, stats.objects_deduplicated, stats.object_bytes, inline
+        ),
+        file=out,
+    )
     if stats.image is not None:
         print(f"image    {stats.image.hex()}", file=out)
-    if stats.skipped:
-        summary = f"{len(stats.layers)} layers, image already present"
-    else:
-        mib = stats.tar_bytes / 2**20
-        summary = (
-            f"{len(stats.layers)} layers ({stats.layers_imported} imported,"
-            f" {len(stats.layers) - stats.layers_imported} already present);"
-            f" {mib:.1f} MiB of tar; objects {stats.objects_written} new,"
-            f" {stats.objects_deduplicated} deduplicated ({stats.object_bytes} bytes of files)"
-        )
-    print(f"{summary}; {seconds:.2f} s", file=sys.stderr)
+    if not args.no_progress:
+        n = len(stats.layers)
+        if stats.skipped:
+            summary = f"{plural(n, 'layer')}, image already present"
+        else:
+            summary = (
+                f"{plural(n, 'layer')} ({stats.layers_imported} imported,"
+                f" {n - stats.layers_imported} already present);"
+                f" {human_bytes(stats.tar_bytes)} of tar"
+            )
+        print(f"{summary}; {seconds:.2f} s", file=sys.stderr)
     return 0
+
+
+async def _warn_platform(source: Any, platform: Any, renderer: Renderer) -> None:
+    """podman's warning when ``--platform`` does not match a single-manifest image.
+
+    An index picks the manifest of the platform (or fails); a lone manifest is
+    pulled whatever its config says, so its config's ``os``/``architecture``
+    (``variant``) are compared with the request and a mismatch is said once.
+    """
+    import json
+
+    from ..oci import Descriptor
+
+    try:
+        resolved = await source.resolve(platform)
+        manifest = json.loads(resolved.manifest)
+        config_desc = Descriptor.from_json(manifest["config"], where="the manifest's config")
+        config = json.loads(await source.read_blob(config_desc))
+    except (ComposefsError, ValueError, KeyError, TypeError):
+        return  # the pull itself says what is wrong
+    if not isinstance(config, dict) or "architecture" not in config:
+        return  # an artifact: no platform
+    found = f"{config.get('os', '?')}/{config.get('architecture', '?')}"
+    if config.get("variant"):
+        found += f"/{config['variant']}"
+    wanted = (platform.os, platform.architecture)
+    variant_differs = platform.variant is not None and config.get("variant") != platform.variant
+    if (config.get("os"), config.get("architecture")) != wanted or variant_differs:
+        message = (
+            f"{PROG}: warning: image platform ({found}) does not match the expected"
+            f" platform ({platform}); it has a single manifest, so it is pulled anyway"
+        )
+        if renderer.live:
+            renderer.note(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
 
 def cmd_oci_images(args: argparse.Namespace, out: TextIO) -> int:
@@ -468,7 +540,9 @@ def cmd_oci_images(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     rows = [["NAME", "DIGEST", "ARCH", "LAYERS", "REFS"]]
     for i in images:
-        digest = i.manifest_digest.removeprefix("sha256:")[:12]
+        digest = i.manifest_digest.removeprefix("sha256:")
+        if not args.no_trunc:
+            digest = digest[:12]
         arch = i.architecture or "artifact"
         rows.append([i.name, digest, arch, str(i.layer_count), str(i.referrer_count)])
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]

@@ -8,7 +8,7 @@ import time
 
 from ..formats._tarentries import EntryType, TarEntry
 
-__all__ = ["format_entry"]
+__all__ = ["format_entry", "layer_dumpfile_line"]
 
 
 def format_entry(entry: TarEntry) -> str:
@@ -38,3 +38,58 @@ def _printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _fs_bytes(text: str) -> bytes:
+    return os.fsencode(text)
+
+
+def layer_dumpfile_line(entry: TarEntry) -> bytes:
+    """One layer entry as ``cfsctl oci layer --dumpfile`` writes it (no newline).
+
+    composefs-rs's ``TarEntry`` display: the dumpfile fields ``PATH SIZE MODE NLINK
+    UID GID RDEV MTIME.NSEC PAYLOAD CONTENT DIGEST XATTRS...`` with ``nlink`` 1, the
+    root's path empty (written ``-``), an external file's payload its object path
+    and digest its hex; a hard link is ``PATH 0 @120000 - - - - 0.0 TARGET - -``.
+    """
+    from ..formats import ExternalChunk
+    from ..fs import escape_optional, escape_xattr
+
+    path = escape_optional(b"" if entry.path == "/" else _fs_bytes(entry.path))
+    if entry.type is EntryType.HARDLINK:
+        target = escape_optional(_fs_bytes(entry.link_target or ""))
+        return b"%s 0 @120000 - - - - 0.0 %s - -" % (path, target)
+    mode = entry.type.format_bits | (entry.mode & 0o7777)
+    payload = b""
+    content = b""
+    digest = b"-"
+    size = 0
+    if entry.type is EntryType.REGULAR:
+        if isinstance(entry.content, ExternalChunk):
+            size = entry.content.size
+            payload = entry.content.digest.object_path().encode()
+            digest = entry.content.digest.hex().encode()
+        else:
+            size = len(entry.content)
+            content = entry.content
+    elif entry.type is EntryType.SYMLINK:
+        payload = _fs_bytes(entry.link_target or "")
+        size = len(payload)
+    xattrs = b"".join(
+        b" " + escape_xattr(_fs_bytes(k)) + b"=" + escape_xattr(v)
+        for k, v in sorted(entry.xattrs.items())
+    )
+    return b"%s %d %o 1 %d %d %d %d.%d %s %s %s%s" % (
+        path,
+        size,
+        mode,
+        entry.uid,
+        entry.gid,
+        entry.rdev,
+        entry.mtime,
+        entry.mtime_nsec,
+        escape_optional(payload),
+        escape_optional(content),
+        digest,
+        xattrs,
+    )

@@ -1,5 +1,6 @@
 """Checking and cleaning a repository: fsck and gc (layer L2)."""
 
+from ._fsck import FsckKind as FsckKind
 from ._fsck import FsckProblem as FsckProblem
 from ._fsck import FsckProgress as FsckProgress
 from ._fsck import FsckReport as FsckReport

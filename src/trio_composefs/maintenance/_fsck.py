@@ -57,6 +57,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Mapping
+from enum import StrEnum
 from typing import Any
 
 import attrs
@@ -80,7 +81,7 @@ from ..fs.erofs import image_objects, read_erofs_header
 from ..hashing._pool import HashPool, digest_fd
 from ..repository._repository import META_JSON, TMP_SYMLINK_PREFIX, Repository, _read_meta
 
-__all__ = ["FsckProblem", "FsckProgress", "FsckReport", "fsck", "stray_tmpfiles"]
+__all__ = ["FsckKind", "FsckProblem", "FsckProgress", "FsckReport", "fsck", "stray_tmpfiles"]
 
 #: Names of a stream whose reassembled sha256 is in its name: (kind, hex).
 OCI_DIGEST_NAME = re.compile(r"oci-(config|manifest|blob|layer)-sha256:([0-9a-f]{64})")
@@ -89,12 +90,52 @@ _READ_SIZE = 1 << 20
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 
 
+class FsckKind(StrEnum):
+    """The kind of an :class:`FsckProblem`: composefs-rs's ``FsckError`` variants,
+    spelled as it serialises them (kebab-case), plus three of ours (last).
+
+    A ``StrEnum``: each member equals its kebab-case string.
+    """
+
+    OBJECT_INVALID_NAME = "object-invalid-name"
+    OBJECT_OPEN_FAILED = "object-open-failed"
+    OBJECT_DIGEST_MISMATCH = "object-digest-mismatch"
+    OBJECT_VERITY_FAILED = "object-verity-failed"
+    OBJECT_VERITY_MISSING = "object-verity-missing"
+    ENTRY_NOT_SYMLINK = "entry-not-symlink"
+    BROKEN_SYMLINK = "broken-symlink"
+    STAT_FAILED = "stat-failed"
+    UNEXPECTED_FILE_TYPE = "unexpected-file-type"
+    STREAM_OPEN_FAILED = "stream-open-failed"
+    MISSING_OBJECT_REF = "missing-object-ref"
+    STREAM_READ_FAILED = "stream-read-failed"
+    MISSING_NAMED_REF = "missing-named-ref"
+    OBJECT_CHECK_FAILED = "object-check-failed"
+    IMAGE_OPEN_FAILED = "image-open-failed"
+    IMAGE_READ_FAILED = "image-read-failed"
+    IMAGE_INVALID = "image-invalid"
+    IMAGE_MISSING_OBJECT = "image-missing-object"
+    METADATA_PARSE_FAILED = "metadata-parse-failed"
+    METADATA_ALGORITHM_MISMATCH = "metadata-algorithm-mismatch"
+    # ours
+    STREAM_DIGEST_MISMATCH = "stream-digest-mismatch"
+    MISSING_STREAM_NAME = "missing-stream-name"
+    IMAGE_DIGEST_MISMATCH = "image-digest-mismatch"
+
+
+#: Kinds whose composefs-rs message is just ``<path>`` (no detail).
+_PATH_ONLY = frozenset(
+    {FsckKind.OBJECT_VERITY_MISSING, FsckKind.ENTRY_NOT_SYMLINK, FsckKind.BROKEN_SYMLINK}
+)
+
+
 @attrs.frozen
 class FsckProblem:
     """One problem found by :func:`fsck`.
 
     Attributes:
-        kind: kebab-case type, as composefs-rs names it (``object-digest-mismatch``...).
+        kind: a :class:`FsckKind` (a ``str``: composefs-rs's kebab-case name);
+            a plain string is converted, and an unknown one raises ``ValueError``.
         path: where, relative to the repository (``objects/ab/cd...``, ``streams/NAME``).
         detail: a human explanation, if any.
         object_id: the referenced object, for missing references.
@@ -103,7 +144,7 @@ class FsckProblem:
         actual: the digest found.
     """
 
-    kind: str
+    kind: FsckKind = attrs.field(converter=FsckKind)
     path: str
     detail: str = ""
     object_id: str | None = None
@@ -125,6 +166,35 @@ class FsckProblem:
                 out[key] = value
         return out
 
+    def cfsctl_message(self) -> str:
+        """The message composefs-rs's ``FsckError`` displays, ``fsck: <kind>: <path>...``.
+
+        Its formats: ``object-digest-mismatch: <path>: measured <hex>``;
+        ``missing-object-ref``/``image-missing-object: <path>: <object id>``;
+        ``missing-named-ref: <path>: ref <name>: <object id>``;
+        ``object-verity-missing``, ``entry-not-symlink``, ``broken-symlink``:
+        ``<path>`` alone; ``metadata-algorithm-mismatch: meta.json: expected <a>,
+        repository opened as <b>``; the rest ``<path>: <detail>``. Our own kinds
+        use :meth:`__str__`'s shape.
+        """
+        kind = self.kind
+        if kind is FsckKind.OBJECT_DIGEST_MISMATCH:
+            return f"fsck: {kind}: {self.path}: measured {self.actual}"
+        if kind in (FsckKind.MISSING_OBJECT_REF, FsckKind.IMAGE_MISSING_OBJECT):
+            return f"fsck: {kind}: {self.path}: {self.object_id or self.detail}"
+        if kind is FsckKind.MISSING_NAMED_REF:
+            return f"fsck: {kind}: {self.path}: ref {self.ref_name}: {self.object_id}"
+        if kind is FsckKind.METADATA_ALGORITHM_MISMATCH and self.expected is not None:
+            return (
+                f"fsck: {kind}: {self.path}: expected {self.expected},"
+                f" repository opened as {self.actual}"
+            )
+        if kind in _PATH_ONLY or (kind.value in _UPSTREAM_KINDS and not self.detail):
+            return f"fsck: {kind}: {self.path}"
+        if kind.value in _UPSTREAM_KINDS:
+            return f"fsck: {kind}: {self.path}: {self.detail}"
+        return f"fsck: {self}"
+
     def __str__(self) -> str:
         text = f"{self.kind}: {self.path}"
         if self.ref_name is not None:
@@ -136,6 +206,13 @@ class FsckProblem:
         if self.detail:
             text += f": {self.detail}"
         return text
+
+
+_UPSTREAM_KINDS = frozenset(k.value for k in FsckKind) - {
+    FsckKind.STREAM_DIGEST_MISMATCH.value,
+    FsckKind.MISSING_STREAM_NAME.value,
+    FsckKind.IMAGE_DIGEST_MISMATCH.value,
+}
 
 
 @attrs.frozen
@@ -181,9 +258,45 @@ class FsckReport:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        """Counters (camelCase, as composefs-rs), ``errors`` and ``strayTmpfiles``."""
+        """The report as ``cfsctl fsck --json`` prints it, plus our fields.
+
+        cfsctl's keys (its ``FsckReply``, snake_case): ``ok``, ``has_metadata``,
+        ``objects_checked``, ``objects_corrupted``, ``streams_checked``,
+        ``streams_corrupted``, ``images_checked``, ``images_corrupted``,
+        ``broken_links``, ``missing_objects`` and ``errors``, a list of
+        :meth:`FsckProblem.cfsctl_message` strings. Ours, added: ``problems``
+        (structured: ``type``, ``path``, camelCase details),
+        ``contents_checked``, ``refs_checked``, ``bytes_hashed``,
+        ``stray_tmpfiles``, and the camelCase counters of composefs-rs's library
+        ``FsckResult`` serialisation (``objectsChecked``...) as earlier
+        releases printed them.
+        """
+        has_metadata = not any(
+            p.kind is FsckKind.METADATA_PARSE_FAILED and p.detail == "not found"
+            for p in self.problems
+        )
         return {
             "ok": self.ok,
+            "has_metadata": has_metadata,
+            "objects_checked": self.objects_checked,
+            "objects_corrupted": self.objects_corrupted,
+            "streams_checked": self.streams_checked,
+            "streams_corrupted": self.streams_corrupted,
+            "images_checked": self.images_checked,
+            "images_corrupted": self.images_corrupted,
+            "broken_links": self.broken_links,
+            "missing_objects": self.missing_objects,
+            "errors": [p.cfsctl_message() for p in self.problems],
+            "problems": [p.to_json() for p in self.problems],
+            "contents_checked": self.contents_checked,
+            "refs_checked": self.refs_checked,
+            "bytes_hashed": self.bytes_hashed,
+            "stray_tmpfiles": list(self.stray_tmpfiles),
+            **self._camel_counters(),
+        }
+
+    def _camel_counters(self) -> dict[str, Any]:
+        return {
             "objectsChecked": self.objects_checked,
             "objectsCorrupted": self.objects_corrupted,
             "streamsChecked": self.streams_checked,
@@ -195,9 +308,31 @@ class FsckReport:
             "brokenLinks": self.broken_links,
             "missingObjects": self.missing_objects,
             "bytesHashed": self.bytes_hashed,
-            "errors": [p.to_json() for p in self.problems],
-            "strayTmpfiles": list(self.stray_tmpfiles),
         }
+
+    def cfsctl_lines(self) -> list[str]:
+        """The lines ``cfsctl fsck`` prints (``meta.json: ok``, ``objects: N/M ok``,
+        ..., ``status: ok`` or ``status: N error(s)`` then ``  - fsck: ...`` per problem).
+        """
+        meta = "ok"
+        if any(p.path == META_JSON for p in self.problems):
+            meta = "error"
+        lines = [
+            f"meta.json: {meta}",
+            f"objects: {self.objects_checked - self.objects_corrupted}/{self.objects_checked} ok",
+            f"streams: {self.streams_checked - self.streams_corrupted}/{self.streams_checked} ok",
+            f"images: {self.images_checked - self.images_corrupted}/{self.images_checked} ok",
+        ]
+        if self.broken_links:
+            lines.append(f"broken symlinks: {self.broken_links}")
+        if self.missing_objects:
+            lines.append(f"missing objects: {self.missing_objects}")
+        if self.ok:
+            lines.append("status: ok")
+        else:
+            lines.append(f"status: {len(self.problems)} error(s)")
+            lines += [f"  - {p.cfsctl_message()}" for p in self.problems]
+        return lines
 
     def summary(self) -> list[str]:
         """Human-readable lines: the counters, then one line per problem."""
@@ -212,7 +347,8 @@ class FsckReport:
         ]
         lines += [f"stray temporary file: {name}" for name in self.stray_tmpfiles]
         lines += [f"fsck: {p}" for p in self.problems]
-        lines.append("ok" if self.ok else f"{len(self.problems)} problem(s) found")
+        n = len(self.problems)
+        lines.append("ok" if self.ok else f"{n} {'problem' if n == 1 else 'problems'} found")
         return lines
 
 

@@ -132,6 +132,7 @@ def gc(
     *,
     dry_run: bool = False,
     on_wait: Callable[[], object] | None = None,
+    lock_timeout: float | None = None,
 ) -> GcResult:
     """Remove every object, temporary file and link that no root reaches.
 
@@ -148,8 +149,12 @@ def gc(
         repo: an open, writable repository.
         roots: extra roots: first-level stream or image names.
         dry_run: only report what would be removed.
+        on_wait: called once if the exclusive lock is busy, before waiting.
+        lock_timeout: give up waiting for the exclusive lock after this many
+            seconds (default: wait as long as it takes).
 
     Raises:
+        LockTimeoutError: the exclusive lock stayed busy for ``lock_timeout`` seconds.
         RepositoryError: a root names no stream or image, or a root stream
             cannot be parsed (nothing is deleted then: run ``fsck``).
     """
@@ -157,7 +162,7 @@ def gc(
     if dry_run:
         return _collect(repo, roots, dry_run=True)
     repo.ensure_writable()
-    with repo.exclusive_lock(on_wait=on_wait):
+    with repo.exclusive_lock(on_wait=on_wait, timeout=lock_timeout):
         return _collect(repo, roots, dry_run=False)
 
 
@@ -257,7 +262,8 @@ def _collect(repo: Repository, extra: list[str], *, dry_run: bool) -> GcResult:
     root_images = _roots(repo, "images", damaged)
     if damaged:
         raise RepositoryError(
-            "gc stopped, nothing was deleted: damaged root(s) "
+            "gc stopped, nothing was deleted: damaged "
+            + ("root " if len(damaged) == 1 else "roots ")
             + "; ".join(damaged)
             + " (repair the ref or remove it, then run gc again)"
         )

@@ -38,7 +38,7 @@ from ..repository._repository import Repository
 from ._image_tree import layers_filesystem
 
 if TYPE_CHECKING:
-    from ._pull import StoredImage
+    from ._stored import StoredImage
 
 __all__ = [
     "IMAGE_REFS",

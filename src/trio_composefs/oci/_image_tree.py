@@ -22,7 +22,7 @@ from ..fs import FileSystem, TreeBuilder, transform_for_oci
 from ..repository._repository import Repository
 
 if TYPE_CHECKING:
-    from ._pull import StoredImage
+    from ._stored import StoredImage
 
 __all__ = ["image_filesystem", "layer_entries", "layers_filesystem"]
 

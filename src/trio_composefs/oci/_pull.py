@@ -22,10 +22,9 @@ uncompressed tar's sha256 against the config's ``rootfs.diff_ids``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, cast
 
 import attrs
@@ -35,8 +34,6 @@ from .._errors import (
     ComposefsError,
     DigestMismatchError,
     FormatError,
-    InvalidNameError,
-    ObjectNotFoundError,
 )
 from ..formats._chunks import ExternalChunk
 from ..formats._fsverity import Digest
@@ -61,33 +58,20 @@ from ._build import (
     manifest_content_id,
     read_external,
 )
-from ._index import parse_json
+from ._manifest import _IMAGE_CONFIG_TYPES, _check_bytes, _diff_ids, _parse_manifest
 from ._model import MEDIA_TYPES, Descriptor, ImageSource, Platform, SourceRef
+from ._names import _check_tag
 from .sources._docker import DockerArchiveSource
 from .sources._layout import OciLayoutSource
 from .sources._oci_archive import OciArchiveSource
 from .sources._skopeo import SkopeoProxySource
 
 __all__ = [
-    "ImageInfo",
     "ImageProgress",
     "ImageStats",
-    "StoredImage",
-    "config_content_id",
-    "decode_tag",
-    "encode_tag",
-    "list_images",
-    "list_tags",
-    "manifest_content_id",
-    "open_image",
     "open_source",
     "pull_image",
-    "resolve_tag",
-    "tag_image",
-    "untag_image",
 ]
-
-OCI_REF_PREFIX: Final = "oci/"
 
 _TAR_TYPES: Final[Mapping[str, Compression]] = {
     MEDIA_TYPES.OCI_LAYER: None,
@@ -102,63 +86,7 @@ _TAR_TYPES: Final[Mapping[str, Compression]] = {
 }
 """Media types of tar layers and their compression; any other layer is stored raw."""
 
-_IMAGE_CONFIG_TYPES: Final = (MEDIA_TYPES.OCI_CONFIG, MEDIA_TYPES.DOCKER_CONFIG)
 _MAX_JSON: Final = 64 << 20
-
-
-# --------------------------------------------------------------------------- names
-
-
-def encode_tag(name: str) -> str:
-    """A tag as a file name under ``streams/refs/oci/``: ``%`` -> ``%25``, then ``/`` -> ``%2F``."""
-    return name.replace("%", "%25").replace("/", "%2F")
-
-
-def decode_tag(encoded: str) -> str:
-    """Undo :func:`encode_tag` in one pass (so ``%252F`` is ``%2F``, not ``/``)."""
-    out: list[str] = []
-    i = 0
-    while i < len(encoded):
-        if encoded.startswith("%2F", i):
-            out.append("/")
-            i += 3
-        elif encoded.startswith("%25", i):
-            out.append("%")
-            i += 3
-        else:
-            out.append(encoded[i])
-            i += 1
-    return "".join(out)
-
-
-def _check_tag(name: str) -> str:
-    """The ref path of a valid tag; a user error for names that cannot be one."""
-    if not name:
-        raise InvalidNameError("an image tag cannot be empty")
-    if name.startswith("@"):
-        raise InvalidNameError(
-            f"invalid tag {name!r}: a leading '@' is reserved for digest references"
-        )
-    encoded = encode_tag(name)
-    if encoded in (".", "..") or "\0" in name:
-        raise InvalidNameError(f"invalid tag {name!r}")
-    if encoded.startswith("."):
-        raise InvalidNameError(
-            f"invalid tag {name!r}: a tag cannot start with '.'"
-            " (reserved for the repository's temporary files)"
-        )
-    if len(encoded.encode("utf-8", "surrogateescape")) > 255:
-        raise InvalidNameError(
-            f"invalid tag {name!r}: longer than 255 bytes once encoded; give a shorter TAG"
-        )
-    return OCI_REF_PREFIX + encoded
-
-
-def _check_digest(digest: str) -> str:
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or len(hexd) != 64 or hexd.strip("0123456789abcdef"):
-        raise ComposefsError(f"not a sha256 digest: {digest!r} (expected sha256:<64 hex digits>)")
-    return digest
 
 
 # --------------------------------------------------------------------------- values
@@ -217,9 +145,23 @@ class ImageStats:
 class ImageProgress:
     """A snapshot handed to :func:`pull_image`'s ``progress`` callback (on the trio thread).
 
-    Sent when a layer starts, whenever its :class:`LayerProgress` moves (about
-    every 64 MiB), when it ends or is skipped, and with a ``message`` for
-    image-level steps (config, manifest, tag).
+    Sent when a layer starts, while its compressed blob is read (at most every
+    0.1 s per layer), whenever its :class:`LayerProgress` moves, when it ends or
+    is skipped, and with a ``message`` for image-level steps (config, manifest,
+    tag). Sizes come from the manifest, so a display can show totals and an ETA
+    from the first event on.
+
+    Attributes:
+        layers_total: layers in the manifest.
+        layers_done: layers finished (imported or skipped).
+        layers_skipped: layers found already present (not read).
+        layer: the layer this event is about, if any.
+        message: an image-level step, if this event is one.
+        bytes_total: compressed bytes of all layers (sum of the manifest's sizes).
+        bytes_done: compressed bytes read so far, plus the sizes of skipped layers.
+        layer_size: compressed size of ``layer``'s blob (from the manifest).
+        layer_read: compressed bytes of ``layer``'s blob read so far.
+        skipped: ``layer`` is already present and is not read.
     """
 
     layers_total: int
@@ -227,6 +169,11 @@ class ImageProgress:
     layers_skipped: int
     layer: LayerProgress | None = None
     message: str | None = None
+    bytes_total: int = 0
+    bytes_done: int = 0
+    layer_size: int | None = None
+    layer_read: int = 0
+    skipped: bool = False
 
 
 ProgressCallback = Callable[[ImageProgress], object]
@@ -252,61 +199,6 @@ def open_source(ref: SourceRef) -> ImageSource:
     # while they are imported, nothing waits for a whole copy of the image.
     # (SkopeoSource, which copies to a directory first, remains for callers.)
     return SkopeoProxySource(str(ref))
-
-
-# --------------------------------------------------------------------------- JSON
-
-
-def _json(data: bytes, what: str) -> dict[str, Any]:
-    return parse_json(data, where=what)
-
-
-def _parse_manifest(data: bytes, where: str) -> tuple[Descriptor, list[Descriptor]]:
-    obj = _json(data, f"{where}: the manifest")
-    media_type = obj.get("mediaType")
-    if media_type is not None and media_type not in (
-        MEDIA_TYPES.OCI_MANIFEST,
-        MEDIA_TYPES.DOCKER_MANIFEST,
-    ):
-        raise FormatError(f"{where}: not an image manifest (mediaType {media_type!r})")
-    if "config" not in obj or not isinstance(obj.get("layers", []), list):
-        raise FormatError(f"{where}: the manifest has no config or no layers list")
-    config = Descriptor.from_json(obj["config"], where=f"{where}: manifest config")
-    layers = [
-        Descriptor.from_json(layer, where=f"{where}: manifest layer {i}")
-        for i, layer in enumerate(obj.get("layers", []))
-    ]
-    return config, layers
-
-
-def _diff_ids(
-    config: Descriptor, data: bytes, layers: Sequence[Descriptor], where: str
-) -> list[str]:
-    """The config's ``rootfs.diff_ids`` (an artifact's layers use their blob digests)."""
-    if config.media_type not in _IMAGE_CONFIG_TYPES:
-        return [layer.digest for layer in layers]
-    obj = _json(data, f"{where}: config {config.digest}")
-    rootfs = obj.get("rootfs")
-    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids):
-        raise FormatError(f"{where}: config {config.digest} has no rootfs.diff_ids list")
-    for d in ids:
-        try:
-            _check_digest(d)
-        except ComposefsError:
-            raise FormatError(f"{where}: config {config.digest}: bad diff_id {d!r}") from None
-    if len(ids) != len(layers):
-        raise FormatError(
-            f"{where}: the manifest has {len(layers)} layers but config {config.digest}"
-            f" lists {len(ids)} diff_ids"
-        )
-    return list(ids)
-
-
-def _check_bytes(data: bytes, digest: str, what: str) -> None:
-    actual = "sha256:" + hashlib.sha256(data).hexdigest()
-    if actual != digest:
-        raise DigestMismatchError(f"{what}: its sha256 is {actual}, expected {digest}")
 
 
 # --------------------------------------------------------------------------- blocking repo work
@@ -358,18 +250,42 @@ class _Pull:
     layers_total: int = 0
     layers_done: int = 0
     layers_skipped: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    sizes: dict[str, int] = attrs.Factory(dict)
+    read: dict[str, int] = attrs.Factory(dict)
+    last: dict[str, LayerProgress] = attrs.Factory(dict)
 
     @property
     def repo(self) -> Repository:
         return cast(Repository, self.importer.repo)
 
-    def report(self, layer: LayerProgress | None = None, message: str | None = None) -> None:
-        if self.progress is not None:
-            self.progress(
-                ImageProgress(
-                    self.layers_total, self.layers_done, self.layers_skipped, layer, message
-                )
+    def report(
+        self, layer: LayerProgress | None = None, message: str | None = None, skipped: bool = False
+    ) -> None:
+        if self.progress is None:
+            return
+        if layer is not None:
+            self.last[layer.diff_id] = layer
+        key = layer.diff_id if layer is not None else ""
+        self.progress(
+            ImageProgress(
+                self.layers_total,
+                self.layers_done,
+                self.layers_skipped,
+                layer,
+                message,
+                bytes_total=self.bytes_total,
+                bytes_done=self.bytes_done,
+                layer_size=self.sizes.get(key),
+                layer_read=self.read.get(key, 0),
+                skipped=skipped,
             )
+        )
+
+    def counted(self, pieces: AsyncIterator[bytes], diff_id: str) -> AsyncIterator[bytes]:
+        """``pieces``, counting the compressed bytes read for the progress events."""
+        return _Counted(pieces, self, diff_id)
 
     async def thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.importer.metadata_limiter)
@@ -379,6 +295,7 @@ class _Pull:
         repo = self.repo
         compression = _TAR_TYPES.get(desc.media_type, "raw")
         cid = layer_content_id(diff_id)  # also for raw blobs, as upstream (their digest, usually)
+        self.sizes[diff_id] = desc.size
         while True:
             # Not just the name: a stream whose object, header or files are lost is
             # imported again (which repairs it), never skipped.
@@ -392,7 +309,8 @@ class _Pull:
             if existing is not None:
                 self.layers_skipped += 1
                 self.layers_done += 1
-                self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True))
+                self.bytes_done += desc.size
+                self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True), skipped=True)
                 return LayerStats(diff_id=diff_id, splitstream=existing, skipped=True)
             event = self.importer.in_flight(cid)
             if event is None:
@@ -424,7 +342,7 @@ class _Pull:
         async with (
             self.source.open_blob(desc) as pieces,
             open_verified_stream(
-                pieces,
+                self.counted(pieces, diff_id),
                 compression=compression,
                 digest=desc.digest,
                 size=desc.size,
@@ -441,7 +359,11 @@ class _Pull:
         async with (
             self.source.open_blob(desc) as pieces,
             open_verified_stream(
-                pieces, compression=None, digest=desc.digest, size=desc.size, where=where
+                self.counted(pieces, diff_id),
+                compression=None,
+                digest=desc.digest,
+                size=desc.size,
+                where=where,
             ) as stream,
         ):
             obj, size, written = await trio.to_thread.run_sync(
@@ -461,6 +383,31 @@ class _Pull:
             objects_deduplicated=int(not written),
             object_bytes=size,
         )
+
+
+@attrs.define(eq=False)
+class _Counted:
+    """An async iterator over a blob's pieces that counts them for :class:`_Pull`'s events."""
+
+    pieces: AsyncIterator[bytes]
+    state: _Pull
+    diff_id: str
+    last_report: float = -1.0
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = await self.pieces.__anext__()
+        state = self.state
+        state.read[self.diff_id] = state.read.get(self.diff_id, 0) + len(piece)
+        state.bytes_done += len(piece)
+        now = trio.current_time()
+        if now - self.last_report >= 0.1:
+            self.last_report = now
+            layer = state.last.get(self.diff_id) or LayerProgress(self.diff_id, 0, 0, 0, 0)
+            state.report(layer)
+        return piece
 
 
 async def pull_image(
@@ -528,6 +475,7 @@ async def _pull(
     manifest_digest = resolved.digest
     config_desc, layer_descs = _parse_manifest(resolved.manifest, where)
     state.layers_total = len(layer_descs)
+    state.bytes_total = sum(d.size for d in layer_descs)
     config_digest = config_desc.digest
 
     # Fast path: the manifest is stored already.
@@ -568,6 +516,7 @@ async def _pull(
                 repo.publish_stream, manifest_content_id(manifest_digest), existing, ref
             )
         state.layers_done = state.layers_skipped = len(layer_descs)
+        state.bytes_done = state.bytes_total
         state.report(message=f"already have manifest {manifest_digest}")
         return ImageStats(
             source=where,
@@ -598,6 +547,7 @@ async def _pull(
         if complete:
             layers = tuple(LayerStats(d, named[d], skipped=True) for d in diff_ids)
             state.layers_done = state.layers_skipped = len(layers)
+            state.bytes_done = state.bytes_total
             config_bytes = None
         else:  # a damaged layer: import what is missing, then rewrite the config stream
             config_existing = None
@@ -665,192 +615,4 @@ async def _import_layers(
     out = tuple(r for r in results if r is not None)
     if len(out) != len(descs):  # pragma: no cover - the nursery raised otherwise
         raise ComposefsError("a layer task finished without a result")
-    return out
-
-
-# --------------------------------------------------------------------------- reading images back
-
-
-@attrs.frozen
-class StoredImage:
-    """An image as stored in the repository: raw manifest and config, their streams, layers."""
-
-    manifest_digest: str
-    manifest_stream: Digest
-    manifest: bytes
-    config_digest: str
-    config_stream: Digest
-    config: bytes
-    config_media_type: str
-    layers: tuple[tuple[str, Digest], ...]
-    """``(diff_id, layer stream)`` in config order."""
-    images: tuple[tuple[str, Digest], ...] = ()
-    """The config's ``composefs.image…`` named refs: ``(name, image ID)``."""
-
-    @property
-    def image(self) -> Digest | None:
-        """The image ID of the default (V1) composefs image, if the config names one."""
-        return dict(self.images).get(DEFAULT_IMAGE_REF)
-
-    @property
-    def is_container(self) -> bool:
-        """A container image (not an artifact): its config is an image config."""
-        return self.config_media_type in _IMAGE_CONFIG_TYPES
-
-    def config_json(self) -> dict[str, Any]:
-        """The parsed config (empty for an artifact whose config is not JSON)."""
-        try:
-            return _json(self.config, "config")
-        except FormatError:
-            return {}
-
-
-def open_image(repo: Repository, image: str) -> StoredImage:
-    """Open a stored image by tag, ``@sha256:...`` or ``sha256:...`` (manifest digest).
-
-    Raises:
-        ObjectNotFoundError: no such tag or image.
-        DigestMismatchError: a manifest opened by digest that does not match it.
-    """
-    if image.startswith("@"):
-        return _open_by_digest(repo, _check_digest(image[1:]))
-    try:
-        digest = resolve_tag(repo, image)
-    except ObjectNotFoundError:
-        if image.startswith("sha256:"):
-            return _open_by_digest(repo, _check_digest(image))
-        raise
-    return _open_by_digest(repo, digest, verified=True)
-
-
-def _open_by_digest(repo: Repository, digest: str, *, verified: bool = False) -> StoredImage:
-    cid = manifest_content_id(digest)
-    stream = repo.has_stream(cid)
-    if stream is None:
-        raise ObjectNotFoundError(f"image {digest} is not in {repo.path}")
-    manifest, named = read_external(repo, cid, ContentType.OCI_MANIFEST)
-    if not verified:
-        _check_bytes(manifest, digest, f"stored manifest {digest}")
-    config_desc, layer_descs = _parse_manifest(manifest, f"stored manifest {digest}")
-    config_stream = named.get(f"config:{config_desc.digest}")
-    if config_stream is None:
-        raise FormatError(f"stored manifest {digest} has no config reference")
-    config, config_named = read_external(
-        repo, config_content_id(config_desc.digest), ContentType.OCI_CONFIG
-    )
-    if config_desc.media_type in _IMAGE_CONFIG_TYPES:
-        ids = _diff_ids(config_desc, config, layer_descs, f"stored image {digest}")
-        layers = tuple((d, config_named[d]) for d in ids if d in config_named)
-    else:
-        layers = tuple((d.digest, named[d.digest]) for d in layer_descs if d.digest in named)
-    return StoredImage(
-        manifest_digest=digest,
-        manifest_stream=stream,
-        manifest=manifest,
-        config_digest=config_desc.digest,
-        config_stream=config_stream,
-        config=config,
-        config_media_type=config_desc.media_type,
-        layers=layers,
-        images=tuple(image_refs(config_named)),
-    )
-
-
-def resolve_tag(repo: Repository, name: str) -> str:
-    """The manifest digest a tag points at.
-
-    Raises:
-        ObjectNotFoundError: no such tag.
-    """
-    ref = _check_tag(name)
-    try:
-        target = os.readlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
-    base = target.rsplit("/", 1)[-1]
-    if not base.startswith("oci-manifest-"):
-        raise FormatError(f"tag {name!r} points at {target!r}, not a manifest stream")
-    return _check_digest(base[len("oci-manifest-") :])
-
-
-def list_tags(repo: Repository) -> list[tuple[str, str]]:
-    """``(tag, manifest digest)`` for every tag, sorted by tag."""
-    out = []
-    for ref, target in repo.list_stream_refs().items():
-        if not ref.startswith(OCI_REF_PREFIX) or "/" in ref[len(OCI_REF_PREFIX) :]:
-            continue
-        if target.startswith("oci-manifest-"):
-            out.append((decode_tag(ref[len(OCI_REF_PREFIX) :]), target[len("oci-manifest-") :]))
-    return sorted(out)
-
-
-def tag_image(repo: Repository, manifest_digest: str, name: str) -> None:
-    """Point tag ``name`` at a stored manifest (replacing the tag if it exists).
-
-    Raises:
-        ObjectNotFoundError: the manifest is not stored.
-    """
-    ref = _check_tag(name)
-    digest = _check_digest(manifest_digest.removeprefix("@"))
-    cid = manifest_content_id(digest)
-    stream = repo.has_stream(cid)
-    if stream is None:
-        raise ObjectNotFoundError(f"image {digest} is not in {repo.path}")
-    repo.publish_stream(cid, stream, ref, sync=False)
-
-
-def untag_image(repo: Repository, name: str) -> None:
-    """Remove a tag (the image stays until gc finds it unreferenced).
-
-    Raises:
-        ObjectNotFoundError: no such tag.
-    """
-    ref = _check_tag(name)
-    repo.ensure_writable()
-    try:
-        os.unlink(f"streams/refs/{ref}", dir_fd=repo.dirfd)
-    except FileNotFoundError:
-        raise ObjectNotFoundError(f"no image tagged {name!r} in {repo.path}") from None
-
-
-@attrs.frozen
-class ImageInfo:
-    """One line of ``oci images`` (the fields of cfsctl's JSON)."""
-
-    name: str
-    manifest_digest: str
-    is_container: bool
-    architecture: str
-    os: str
-    created: str | None
-    layer_count: int
-    referrer_count: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """As cfsctl's ``oci images --json`` spells it."""
-        return attrs.asdict(self)
-
-
-def list_images(repo: Repository) -> list[ImageInfo]:
-    """Every tagged image (unreadable ones are skipped)."""
-    out = []
-    for name, digest in list_tags(repo):
-        try:
-            image = _open_by_digest(repo, digest, verified=True)
-        except ComposefsError:
-            continue
-        config = image.config_json() if image.is_container else {}
-        created = config.get("created")
-        _, layer_descs = _parse_manifest(image.manifest, digest)
-        out.append(
-            ImageInfo(
-                name=name,
-                manifest_digest=digest,
-                is_container=image.is_container,
-                architecture=str(config.get("architecture", "")) if image.is_container else "",
-                os=str(config.get("os", "")) if image.is_container else "",
-                created=created if isinstance(created, str) else None,
-                layer_count=len(layer_descs),
-            )
-        )
     return out

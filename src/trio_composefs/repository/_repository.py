@@ -33,6 +33,7 @@ import secrets
 import stat
 import string
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 
@@ -44,6 +45,7 @@ from .._errors import (
     DigestMismatchError,
     InternalError,
     InvalidNameError,
+    LockTimeoutError,
     ObjectNotFoundError,
     RepositoryError,
     UnsafeLayoutError,
@@ -190,6 +192,40 @@ def check_ref_name(name: str) -> None:
     _check_name("ref", name)
 
 
+def _flock(
+    fd: int,
+    op: int,
+    path: str,
+    what: str,
+    on_wait: Callable[[], object] | None,
+    timeout: float | None,
+) -> None:
+    """``flock(fd, op)``; if busy, call ``on_wait`` once, then wait (polling every
+    50 ms when there is a ``timeout``, raising :class:`LockTimeoutError` after it)."""
+    try:
+        fcntl.flock(fd, op | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        if on_wait is not None:
+            on_wait()
+    if timeout is None:
+        fcntl.flock(fd, op)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeoutError(
+                    f"{path}: the repository's {what} lock is still held by another process"
+                    f" after {timeout:g} s (--lock-timeout)"
+                ) from None
+            time.sleep(min(0.05, left))
+
+
 @attrs.define(eq=False)
 class Repository:
     """An open composefs repository. Close it (or use ``with``) to release the lock.
@@ -317,16 +353,24 @@ class Repository:
         *,
         insecure: bool | None = None,
         verity_ops: VerityOps | None = None,
+        on_wait: Callable[[], object] | None = None,
+        lock_timeout: float | None = None,
     ) -> Repository:
         """Open an existing repository, taking a shared lock.
+
+        The shared lock waits while garbage collection holds the exclusive one.
 
         Args:
             path: the repository directory.
             insecure: ``None`` infers the mode (``meta.json`` with fs-verity →
                 secure); ``True`` forces insecure; ``False`` forces secure.
             verity_ops: the fs-verity ioctl layer (tests inject a simulation).
+            on_wait: called once, before waiting, if the shared lock is busy.
+            lock_timeout: give up waiting for the shared lock after this many
+                seconds (default: wait as long as it takes).
 
         Raises:
+            LockTimeoutError: the lock stayed busy for ``lock_timeout`` seconds.
             RepositoryError: not a repository, a newer format, or unknown
                 incompatible features.
             FormatError: ``meta.json`` is not a composefs metadata file.
@@ -338,7 +382,7 @@ class Repository:
         except OSError as e:
             raise RepositoryError(f"cannot open repository {spath}: {e}") from e
         try:
-            fcntl.flock(dirfd, fcntl.LOCK_SH)
+            _flock(dirfd, fcntl.LOCK_SH, spath, "shared", on_wait, lock_timeout)
             meta_fd = _open_meta(dirfd, spath)
             if meta_fd is None:
                 if _exists(dirfd, "objects"):
@@ -414,7 +458,9 @@ class Repository:
         return self._closed
 
     @contextlib.contextmanager
-    def exclusive_lock(self, *, on_wait: Callable[[], object] | None = None) -> Iterator[None]:
+    def exclusive_lock(
+        self, *, on_wait: Callable[[], object] | None = None, timeout: float | None = None
+    ) -> Iterator[None]:
         """Hold the repository's ``flock`` exclusively, then go back to shared.
 
         Blocks while any other open repository (in this process or another)
@@ -424,14 +470,16 @@ class Repository:
 
         Args:
             on_wait: called once, before blocking, if the lock is busy.
+            timeout: give up after this many seconds (``None``: wait as long
+                as it takes; ``0``: do not wait). The lock is polled every
+                50 ms while a timeout runs.
+
+        Raises:
+            LockTimeoutError: the lock was still busy after ``timeout`` seconds
+                (the shared lock is held again).
         """
         try:
-            try:
-                fcntl.flock(self.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait is not None:
-                    on_wait()
-                fcntl.flock(self.dirfd, fcntl.LOCK_EX)
+            _flock(self.dirfd, fcntl.LOCK_EX, self.path, "exclusive", on_wait, timeout)
         except BaseException:
             fcntl.flock(self.dirfd, fcntl.LOCK_SH)  # a failed conversion dropped it
             raise
@@ -829,6 +877,82 @@ class Repository:
         fd = self.open_object(digest)
         try:
             return _read_all(fd)
+        finally:
+            os.close(fd)
+
+    def add_object_from(self, source: Repository, digest: Digest) -> str:
+        """Add object ``digest`` of repository ``source`` to this one, verified first.
+
+        The source object is opened (measured, where ``source`` checks fs-verity)
+        and hashed again in userspace; only if its content has the digest ``digest``
+        is anything linked. Where both repositories are on one filesystem, the very
+        inode that was hashed is hard-linked (through ``/proc/self/fd``); across
+        filesystems (``EXDEV``), where the kernel refuses the link (``EPERM``:
+        ``protected_hardlinks``; ``EMLINK``), or where this repository would need
+        fs-verity the source file lacks, the bytes are copied into a new object (with
+        fs-verity enabled where supported), hashed again as they are copied. Not
+        synced: :meth:`sync` before naming anything that relies on it.
+
+        Returns:
+            ``"present"`` (already here: nothing done), ``"linked"`` or ``"copied"``.
+
+        Raises:
+            ObjectNotFoundError: ``source`` has no such object.
+            DigestMismatchError: its content does not match ``digest`` (nothing is
+                added), naming the source file.
+        """
+        self._check_algorithm(digest)
+        source._check_algorithm(digest)
+        self.ensure_writable()
+        objects = self._objects_fd(create=True)
+        assert objects is not None
+        path = digest.object_path()
+        if _exists(objects, path):
+            return "present"
+        where = f"{source.path}/objects/{path}"
+        fd = source.open_object(digest)
+        try:
+            actual, _ = _hash_fd(fd, self.algorithm)
+            if actual != digest:
+                raise DigestMismatchError(
+                    f"object {where} is corrupt: its content has fs-verity digest {actual};"
+                    f" not copied to {self.path}"
+                )
+            linkable = True
+            if self.verity_supported or not self.insecure:
+                try:
+                    linkable = self.verity_ops.measure(fd, self.algorithm) == digest
+                except ComposefsError:
+                    linkable = False
+            if linkable:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(path[:2], 0o755, dir_fd=objects)
+                try:
+                    os.link(_proc_fd(fd), path, dst_dir_fd=objects, follow_symlinks=True)
+                except FileExistsError:
+                    return "present"
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                        raise RepositoryError(
+                            f"cannot link {where} into {self.path}/objects: {e.strerror}"
+                        ) from e
+                else:
+                    return "linked"
+            with self.begin_object() as tmp:
+                hasher = FsVerityHasher(self.algorithm)
+                offset = 0
+                while chunk := os.pread(fd, _READ_CHUNK, offset):
+                    hasher.update(chunk)
+                    tmp.write(chunk)
+                    offset += len(chunk)
+                copied = hasher.digest()
+                if copied != digest:
+                    raise DigestMismatchError(
+                        f"object {where} changed while it was copied: the copy has fs-verity"
+                        f" digest {copied}; not copied to {self.path}"
+                    )
+                _, present = tmp.finish(digest)
+            return "present" if present else "copied"
         finally:
             os.close(fd)
 

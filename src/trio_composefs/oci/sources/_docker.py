@@ -2,35 +2,55 @@
 
 The archive's ``manifest.json`` lists images, each with a ``Config`` member,
 ``RepoTags`` and ``Layers`` members. Such an archive holds no image manifest,
-so one is synthesized, as skopeo does for this transport: a Docker v2 schema 2
-manifest whose config descriptor is the config member's sha256 and size, and
-whose layer descriptors give each layer member's sha256, size and a media
-type found from its first bytes (plain tar, gzip, or zstd). The JSON is
-compact with a fixed key order, so the same archive always gives the same
-manifest digest.
+so one is synthesized exactly as skopeo (containers/image,
+``docker/internal/tarfile``) synthesizes it, so that an image pulled from a
+docker-archive gets the manifest digest ``skopeo inspect --raw`` shows, which
+is also the digest skopeo's image proxy reports and so the name cfsctl stores
+the image under (``oci-manifest-<digest>``):
 
-A layer's sha256 is not computed when it is already known: a member called
-``blobs/sha256/HEX`` (docker 25+) is named by it, and a plain tar layer's
-digest is its diff_id from the config. Other layers (gzip in a legacy layout)
-are hashed once, when the manifest is resolved. The importer checks every
-layer's digest as it streams anyway.
+- a Docker v2 schema 2 manifest, Go ``json.Marshal`` layout: compact, keys in
+  the order ``schemaVersion, mediaType, config, layers`` and
+  ``mediaType, size, digest`` in each descriptor;
+- the config descriptor: the config member's bytes as they are, its sha256
+  and length, media type ``application/vnd.docker.container.image.v1+json``;
+- one layer descriptor per entry of the config's ``rootfs.diff_ids`` (a
+  repeated diff_id repeats its descriptor), each naming the **uncompressed**
+  layer: digest = the diff_id, size = the uncompressed length, and media type
+  ``application/vnd.docker.image.rootfs.diff.tar.gzip`` whatever the layer's
+  compression (plain, gzip, bzip2, xz or zstd, told by the same magic numbers
+  skopeo uses). So the manifest does not depend on how the layers are
+  compressed, and a layer blob is served decompressed (as skopeo's
+  ``GetBlob`` does): the importer's digest check is then a check of the
+  diff_id.
+
+Finding a compressed layer's uncompressed length means decompressing it once
+when the manifest is resolved (skopeo does the same); plain layers (what
+``docker save``, ``podman save`` and ``skopeo copy`` write) cost nothing.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import io
 import json
-from typing import Any
+import lzma
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final, cast
 
 import attrs
 import trio
+import zstandard
 
 from ..._errors import FormatError
 from ...formats._json import load_json
-from .._index import parse_json
+from .._index import parse_json, verify_blob
 from .._model import MEDIA_TYPES, Descriptor, ImageSourceError, Platform, ResolvedImage
 from ._archive import ArchiveSource
-from ._tarindex import TarMember
+from ._tarindex import CHUNK, TarArchive, TarMember
 
 __all__ = ["DockerArchiveSource", "normalize_repo_tag"]
 
@@ -45,14 +65,95 @@ def normalize_repo_tag(name: str) -> str:
     return name
 
 
-def _layer_media_type(head: bytes) -> str:
-    if head[:2] == b"\x1f\x8b":
-        return MEDIA_TYPES.DOCKER_LAYER_GZIP
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        return (
-            MEDIA_TYPES.OCI_LAYER_ZSTD
-        )  # Docker's schema has no zstd type: OCI's is the usual one
-    return MEDIA_TYPES.DOCKER_LAYER
+#: containers/image's compression magic numbers (``pkg/compression``), tried in turn.
+_MAGIC: Final = (
+    ("gzip", b"\x1f\x8b\x08"),
+    ("bzip2", b"BZh"),
+    ("xz", b"\xfd7zXZ\x00"),
+    ("zstd", b"\x28\xb5\x2f\xfd"),
+)
+
+
+def layer_compression(head: bytes) -> str | None:
+    """The compression a layer's first bytes announce, as skopeo detects it; ``None``: plain."""
+    for name, magic in _MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
+
+
+class _MemberFile(io.RawIOBase):
+    """A member's bytes as a blocking file (reads are ``pread`` calls: use it in a thread)."""
+
+    def __init__(self, archive: TarArchive, member: TarMember) -> None:
+        self._archive = archive
+        self._member = member
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._member.size - self._pos)
+        if n <= 0:
+            return 0
+        data = self._archive.pread(self._member, self._pos, n)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+
+_DECOMPRESS_ERRORS: Final = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+
+
+def _decompressor(archive: TarArchive, member: TarMember, compression: str) -> io.BufferedIOBase:
+    """A blocking reader of a member's decompressed bytes (all frames or members, in turn)."""
+    raw = _MemberFile(archive, member)
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=io.BufferedReader(raw, CHUNK), mode="rb")
+    if compression == "bzip2":
+        return bz2.BZ2File(io.BufferedReader(raw, CHUNK))
+    if compression == "xz":
+        return lzma.LZMAFile(io.BufferedReader(raw, CHUNK))
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        cast(Any, raw), read_size=CHUNK, read_across_frames=True
+    )
+    return cast(io.BufferedIOBase, reader)
+
+
+@attrs.frozen
+class _Layer:
+    """A layer member, how it is compressed and its uncompressed length."""
+
+    member: TarMember
+    compression: str | None
+    size: int
+
+
+@attrs.define(eq=False)
+class _DecompressedStream:
+    """Async iterator over a compressed member's decompressed bytes, one thread hop a chunk."""
+
+    reader: io.BufferedIOBase
+    where: str
+    done: bool = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            raise StopAsyncIteration
+        try:
+            data = await trio.to_thread.run_sync(self.reader.read, CHUNK)
+        except _DECOMPRESS_ERRORS as exc:
+            self.done = True
+            raise FormatError(f"{self.where}: cannot decompress: {exc}") from None
+        if not data:
+            self.done = True
+            raise StopAsyncIteration
+        return data
 
 
 def _repo_tags(entry: dict[str, Any]) -> list[str]:
@@ -74,6 +175,7 @@ class DockerArchiveSource(ArchiveSource):
 
     ref: str | None = None
     _blobs: dict[str, TarMember] = attrs.field(factory=dict, init=False)
+    _layers: dict[str, _Layer] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.description = f"docker-archive:{self.path}" + (f":{self.ref}" if self.ref else "")
@@ -136,28 +238,40 @@ class DockerArchiveSource(ArchiveSource):
     def _all_tags(entries: list[Any]) -> list[str]:
         return [t for e in entries for t in _repo_tags(e)]
 
-    async def _layer_digest(self, member: TarMember, media_type: str, diff_id: str | None) -> str:
-        name = member.name
-        if name.startswith("blobs/sha256/") and len(name) == 13 + 64:
-            return "sha256:" + name[13:]
-        if media_type == MEDIA_TYPES.DOCKER_LAYER and diff_id is not None:
-            return diff_id
+    def _uncompressed_size(self, member: TarMember, compression: str) -> int:
+        """Decompress a member to count its bytes (blocking: call it in a thread)."""
+        reader = _decompressor(self.archive, member, compression)
+        total = 0
+        try:
+            while True:
+                trio.from_thread.check_cancelled()
+                n = len(reader.read(CHUNK))
+                if not n:
+                    return total
+                total += n
+        except _DECOMPRESS_ERRORS as exc:
+            raise FormatError(
+                f"{self.path}: member {member.name!r} ({compression}) does not decompress: {exc}"
+            ) from None
 
-        def work() -> str:
-            h = hashlib.sha256()
-            pos = 0
-            while pos < member.size:
-                n = min(1 << 20, member.size - pos)
-                h.update(self.archive.pread(member, pos, n))
-                pos += n
-            return "sha256:" + h.hexdigest()
-
-        return await trio.to_thread.run_sync(work)
+    async def _layer(self, name: str) -> _Layer:
+        member = self.archive.get(name)
+        compression = layer_compression(await self.archive.read_head(member, 8))
+        if compression is None:
+            return _Layer(member, None, member.size)
+        size = await trio.to_thread.run_sync(self._uncompressed_size, member, compression)
+        return _Layer(member, compression, size)
 
     async def resolve(self, platform: Platform | None = None) -> ResolvedImage:
-        """Synthesize the selected image's Docker v2 schema 2 manifest.
+        """Synthesize the selected image's Docker v2 schema 2 manifest, as skopeo does.
 
         ``platform`` is not used: an archive entry is a single image.
+
+        Raises:
+            FormatError: the archive's JSON or a compressed layer is broken, the
+                config lists another number of diff_ids than there are layers,
+                or one layer member stands for two different diff_ids.
+            ImageSourceError: a member is missing, or the image asked for is not there.
         """
         entries = await self._read_json("manifest.json")
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -182,18 +296,32 @@ class DockerArchiveSource(ArchiveSource):
                 f" for {len(layer_names)} layers"
             )
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
-        blobs = {config_digest: config_member}
-        layers = []
-        for name, diff_id in zip(layer_names, diff_ids, strict=True):
+        layers: dict[str, _Layer] = {}
+        members: dict[str, str] = {}  # member name -> the diff_id it stands for
+        descriptors = []
+        for i, (name, diff_id) in enumerate(zip(layer_names, diff_ids, strict=True)):
             if not isinstance(name, str):
                 raise FormatError(f"{self.path}: manifest.json: a layer path is not a string")
-            member = archive.get(name)
-            media_type = _layer_media_type(await archive.read_head(member, 4))
-            digest = await self._layer_digest(
-                member, media_type, diff_id if isinstance(diff_id, str) else None
+            where = f"{self.path}: config {config_name!r} diff_ids[{i}]"
+            if not isinstance(diff_id, str):
+                raise FormatError(f"{where} is not a string")
+            Descriptor.from_json({"mediaType": "", "digest": diff_id, "size": 0}, where=where)
+            if diff_id not in layers:  # a repeated diff_id reuses the first layer's member
+                layer = await self._layer(name)
+                other = members.setdefault(layer.member.name, diff_id)
+                if other != diff_id:
+                    raise FormatError(
+                        f"{self.path}: layer member {name!r} stands for two diff_ids,"
+                        f" {other} and {diff_id}"
+                    )
+                layers[diff_id] = layer
+            descriptors.append(
+                {
+                    "mediaType": MEDIA_TYPES.DOCKER_LAYER_GZIP,  # whatever the compression
+                    "size": layers[diff_id].size,
+                    "digest": diff_id,
+                }
             )
-            blobs[digest] = member
-            layers.append({"mediaType": media_type, "size": member.size, "digest": digest})
         manifest = {
             "schemaVersion": 2,
             "mediaType": MEDIA_TYPES.DOCKER_MANIFEST,
@@ -202,16 +330,58 @@ class DockerArchiveSource(ArchiveSource):
                 "size": len(config_bytes),
                 "digest": config_digest,
             },
-            "layers": layers,
+            "layers": descriptors,
         }
         data = json.dumps(manifest, separators=(",", ":")).encode()
-        self._blobs = blobs
+        self._blobs = {config_digest: config_member}
+        self._layers = layers
         return ResolvedImage(
             data, "sha256:" + hashlib.sha256(data).hexdigest(), MEDIA_TYPES.DOCKER_MANIFEST
         )
 
+    async def read_blob(self, descriptor: Descriptor, *, max_size: int = 64 << 20) -> bytes:
+        """A small blob (the config, or a layer, decompressed), whole and checked."""
+        layer = self._layers.get(descriptor.digest)
+        if layer is None or layer.compression is None:
+            return await super().read_blob(descriptor, max_size=max_size)
+        if descriptor.size > max_size:
+            raise ImageSourceError(
+                f"{self.path}: blob {descriptor.digest} is {descriptor.size} bytes"
+                f" (more than {max_size})"
+            )
+        async with self.open_blob(descriptor) as stream:
+            data = b"".join([piece async for piece in stream])
+        return verify_blob(data, descriptor, where=f"{self.path}: member {layer.member.name!r}")
+
+    @asynccontextmanager
+    async def open_blob(self, descriptor: Descriptor) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Stream a blob in chunks of at most 1 MiB; a layer comes decompressed.
+
+        Not checked here: the importer checks the bytes against the descriptor's
+        digest, which for a layer is its diff_id.
+        """
+        layer = self._layers.get(descriptor.digest)
+        if layer is None or layer.compression is None:
+            async with super().open_blob(descriptor) as stream:
+                yield stream
+            return
+        if layer.size != descriptor.size:
+            raise FormatError(
+                f"{self.path}: member {layer.member.name!r} decompresses to {layer.size}"
+                f" bytes, the descriptor says {descriptor.size}"
+            )
+        where = f"{self.path}: member {layer.member.name!r} ({layer.compression})"
+        reader = await trio.to_thread.run_sync(
+            _decompressor, self.archive, layer.member, layer.compression
+        )
+        try:
+            yield _DecompressedStream(reader, where)
+        finally:
+            reader.close()
+
     def _find_member(self, descriptor: Descriptor) -> TarMember:
-        member = self._blobs.get(descriptor.digest)
+        layer = self._layers.get(descriptor.digest)
+        member = layer.member if layer is not None else self._blobs.get(descriptor.digest)
         if member is None:
             raise ImageSourceError(
                 f"{self.description}: no blob {descriptor.digest}"
