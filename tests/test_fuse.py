@@ -147,6 +147,12 @@ async def test_c_image_shows_the_source_tree(
     assert stats.verifier.refused == 0
 
 
+def _read_ahead_kb(mnt: Path) -> int:
+    dev = os.stat(mnt).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    return int(bdi.read_text())
+
+
 def _statfs_and_writes(mnt: Path) -> tuple[os.statvfs_result, list[int]]:
     codes = []
     for attempt in (
@@ -175,6 +181,8 @@ async def test_statfs_and_read_only(built: Built, c_image: Path, mnt: Path, lazy
         async with serve_image(image, DirectoryObjects(objects_fd), mnt, lazy=lazy) as mount:
             st, codes = await trio.to_thread.run_sync(_statfs_and_writes, mnt)
             inodes = mount.statistics().inodes
+            # raised from FUSE's 128 KiB (as root): 1 MiB read requests
+            assert await trio.to_thread.run_sync(_read_ahead_kb, mnt) == 1024
     finally:
         os.close(objects_fd)
     entries = {os.lstat(p).st_ino for p in [built.source, *built.source.rglob("*")]}
@@ -708,7 +716,7 @@ def _unprivileged_reason() -> str | None:
             "--",
             UNPRIVILEGED_PYTHON,
             "-c",
-            "import pyfuse3, trio_composefs",
+            "import pyfuse3, trio_composefs.cli",
         ],
         capture_output=True,
         text=True,
@@ -717,7 +725,7 @@ def _unprivileged_reason() -> str | None:
     )
     if probe.returncode != 0:
         return (
-            f"{UNPRIVILEGED} cannot run {UNPRIVILEGED_PYTHON} with pyfuse3 and trio_composefs"
+            f"{UNPRIVILEGED} cannot run {UNPRIVILEGED_PYTHON} with pyfuse3 and trio_composefs.cli"
             " (set TRIO_COMPOSEFS_TEST_UNPRIVILEGED_PYTHON to a venv it can use):"
             f" {probe.stderr.strip().splitlines()[-1:]}"
         )

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
+import re
 from collections.abc import AsyncIterator
 
 import attrs
@@ -42,7 +44,13 @@ __all__ = ["FuseMount", "FuseStatistics", "mounted_fuse", "serve_image"]
 
 PathArg = str | os.PathLike[str]
 
+log = logging.getLogger("trio_composefs.fuse")
+
 _busy = False  # pyfuse3 keeps one session per process
+
+#: The read-ahead window asked for the mount (the kernel's default for FUSE is 128 KiB;
+#: 1 MiB is the largest request FUSE sends): 2-3 times the sequential throughput.
+READ_AHEAD_KB = 1024
 
 
 @attrs.frozen
@@ -132,12 +140,15 @@ async def serve_image(
     max_tasks: int = 64,
     lazy: bool = True,
     check_reads: bool = True,
+    read_ahead_kb: int | None = READ_AHEAD_KB,
 ) -> AsyncIterator[FuseMount]:
     """Serve the composefs EROFS ``image`` at ``mountpoint`` for an ``async with`` block.
 
     The lower-level form of :func:`mounted_fuse`, for an image outside a repository:
     ``objects`` opens the objects (:class:`DirectoryObjects` for an objects
-    directory). See :func:`mounted_fuse` for the other arguments.
+    directory). See :func:`mounted_fuse` for the other arguments; ``read_ahead_kb``
+    sets the mount's read-ahead window where this process may (root: in
+    ``/sys/class/bdi``; ``None`` leaves the kernel's 128 KiB).
 
     Raises:
         ErofsError: ``image`` is not a composefs image.
@@ -153,6 +164,7 @@ async def serve_image(
     mountpoint = os.fspath(mountpoint)
     if not await trio.Path(mountpoint).is_dir():
         raise MountError(f"cannot mount FUSE at {mountpoint}: not a directory")
+    real_mountpoint = await trio.to_thread.run_sync(os.path.realpath, mountpoint)
     opts = _options(allow_other, options)
     with contextlib.ExitStack() as stack:
         if hash_pool is None:
@@ -176,6 +188,10 @@ async def serve_image(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_run_session, mount, max_tasks)
             try:
+                if read_ahead_kb:
+                    await trio.to_thread.run_sync(
+                        _raise_read_ahead, real_mountpoint, read_ahead_kb, limiter=limiter
+                    )
                 yield mount
             finally:
                 pyfuse3.terminate()
@@ -192,6 +208,35 @@ def _init(ops: ComposefsOperations, mountpoint: str, options: set[str]) -> None:
             f"cannot mount FUSE at {mountpoint}: {e} (is /dev/fuse usable, is fusermount3"
             " installed, is the mountpoint already in use?)"
         ) from None
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _raise_read_ahead(target: str, kib: int) -> None:
+    """Best effort: set the FUSE mount's ``read_ahead_kb`` (its bdi in /sys, root only).
+
+    ``target`` is the mountpoint's real path, resolved before the mount. Called once
+    the session runs: the ``stat`` first waits for the FUSE handshake (INIT), which
+    would otherwise lower the window again. The device number comes from
+    ``/proc/self/mountinfo`` (a ``realpath`` now would ask the server too).
+    """
+    try:
+        os.stat(target)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+        devs = [
+            line.split()[2]
+            for line in lines
+            if _unescape_mountinfo(line.split()[4]) == target
+            and line.split(" - ", 1)[1].startswith("fuse")
+        ]
+        if devs:
+            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+                f.write(str(kib))
+    except (OSError, IndexError) as e:
+        log.debug("cannot raise the read-ahead of %s: %s", target, e)
 
 
 def _set_idle() -> None:
