@@ -19,6 +19,7 @@ import trio
 
 from trio_composefs import ComposefsError
 from trio_composefs.formats import BLOCK_SIZE, Algorithm, fsverity_digest, level1_group_size
+from trio_composefs.formats._fsverity import digest_from_level1, level1_digests
 from trio_composefs.hashing._pool import HashPool, HashPoolStatistics, _split, digest_fd
 
 MIB = 1 << 20
@@ -548,3 +549,35 @@ def test_digest_fds_hashes_a_batch_of_files_concurrently(
     finally:
         for fd in fds:
             os.close(fd)
+
+
+LEVEL1_CASES = [(alg, n) for alg, n in CASES if n > BLOCK_SIZE]
+
+
+@pytest.mark.parametrize(
+    ("alg", "size"), LEVEL1_CASES, ids=[f"{a.hash_name}-{n}" for a, n in LEVEL1_CASES]
+)
+@pytest.mark.parametrize("threshold", [0, 1 << 20], ids=["split", "default"])
+def test_level1_fd_gives_each_group_digest(
+    data_fd: int,
+    expected: dict[tuple[Algorithm, int], str],
+    alg: Algorithm,
+    size: int,
+    threshold: int,
+) -> None:
+    """``level1_fd``: one digest per group, each that of the group hashed alone, and
+    together they finish into the file's digest (checked against the oracle)."""
+    with HashPool(2, threshold=threshold) as pool:
+        level1 = pool.level1_fd(data_fd, size, alg)
+    group = level1_group_size(alg)
+    assert len(level1) == -(-size // group) * alg.digest_size
+    assert digest_from_level1(alg, size, level1).hex() == expected[(alg, size)]
+    last = (size - 1) // group
+    for i in sorted({0, last // 2, last}):
+        one = level1_digests(DATA[i * group : min(size, (i + 1) * group)], alg)
+        assert level1[i * alg.digest_size : (i + 1) * alg.digest_size] == one
+
+
+def test_level1_fd_refuses_one_block(data_fd: int) -> None:
+    with HashPool(1) as pool, pytest.raises(ValueError, match="no level-1 digests"):
+        pool.level1_fd(data_fd, BLOCK_SIZE)

@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "maintenance": 2,
     "mount": 2,
     "images": 2,
+    "fuse": 2,
     "cli": 3,
     "__main__": 3,
     "testing": 3,
@@ -294,6 +295,7 @@ def _type_checking_names(path: Path) -> set[str]:
         "trio_composefs.formats",
         "trio_composefs.hashing",
         "trio_composefs.testing",
+        "trio_composefs.fuse",
     ],
 )
 def test_lazy_init_is_consistent(package: str) -> None:

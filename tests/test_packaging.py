@@ -120,6 +120,7 @@ def test_metadata(wheel: zipfile.ZipFile) -> None:
     requires = [r.replace(" ", "") for r in meta.get_all("Requires-Dist") or []]
     # the README's example uses pytest.RaisesGroup, new in pytest 8.4
     assert "pytest>=8.4;extra=='test'" in requires
+    assert "pyfuse3>=3.5;extra=='fuse'" in requires  # mount --fuse
     assert "zstandard<0.26,>=0.25" in requires  # the pin: see tests/test_zstd_pin.py
     assert meta["Description-Content-Type"] == "text/markdown"
 

@@ -216,6 +216,14 @@ class MountError(ComposefsError):
         super().__init__(message)
 
 
+class FuseUnavailableError(MountError):
+    """A FUSE mount was asked for, but ``pyfuse3`` (or libfuse3) is not installed.
+
+    The message says how to install it: ``apt-get install fuse3 libfuse3-dev``, then
+    ``pip install 'trio-composefs[fuse]'``.
+    """
+
+
 class InternalError(ComposefsError):
     """An invariant of this library was broken. This is a bug: please report it."""
 

@@ -19,9 +19,10 @@ from typing import TextIO
 
 import trio
 
-from .._errors import ComposefsError, ObjectNotFoundError
+from .._errors import ComposefsError, MountError, ObjectNotFoundError
 from ..repository import Repository
 from ._commands import PROG, _open_repo, _repo_path
+from ._fuse_cmds import add_fuse_options, fuse_mount_command
 
 __all__ = ["add_mount_parsers", "cmd_mount", "cmd_oci_mount", "cmd_transaction"]
 
@@ -57,6 +58,7 @@ def add_mount_parsers(
 def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upperdir", metavar="DIR", help="writable layer (needs --workdir)")
     parser.add_argument("--workdir", metavar="DIR", help="overlayfs work directory")
+    add_fuse_options(parser)
 
 
 @contextlib.contextmanager
@@ -89,6 +91,10 @@ def _mount_command(
     """
     from ..mount import mount_image, unmount
 
+    if args.fuse:
+        return fuse_mount_command(args, out, name_of)
+    if args.background:
+        raise MountError("--background applies to --fuse mounts only")
     mountpoints: list[str] = []
     try:
         with _open_repo(args) as repo:

@@ -52,11 +52,12 @@ from ..formats._fsverity import (
     Algorithm,
     Digest,
     digest_from_level1,
+    level1_digests,
     level1_group_size,
 )
 from . import _worker
 from ._fd import digest_fd
-from ._worker import DIE_MID_JOB, JOB, OK, REPLY_MAX, WHOLE_FILE
+from ._worker import DIE_MID_JOB, JOB, OK, REPLY_MAX, WHOLE_FILE, pread_exactly
 
 __all__ = [
     "DEFAULT_INLINE_BELOW",
@@ -264,6 +265,40 @@ class HashPool:
                 result = digest_from_level1(algorithm, size, level1)
                 self._count(files_split=1, jobs=len(ranges), bytes_hashed=size)
             return result
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def level1_fd(self, fd: int, size: int, algorithm: Algorithm = Algorithm.SHA256) -> bytes:
+        """The level-1 digests of the first ``size`` bytes of ``fd``, concatenated.
+
+        One digest per :func:`~trio_composefs.formats._fsverity.level1_group_size`
+        bytes (512 KiB for SHA-256): what a reader needs to check any group of the
+        file later by hashing that group alone; ``digest_from_level1`` turns them
+        into the file's fs-verity digest. Split over the workers as
+        :meth:`digest_fd` does (below ``threshold``, hashed in the calling thread).
+        Blocking and thread-safe.
+
+        Raises:
+            ValueError: ``size`` is at most one block (such a file has no level 1).
+            RuntimeError, ComposefsError, OSError: as :meth:`digest_fd`.
+        """
+        if self._closed:
+            raise RuntimeError("HashPool is closed")
+        if size <= BLOCK_SIZE:
+            raise ValueError(f"a file of {size} bytes has no level-1 digests")
+        if size < self.threshold:
+            buf = memoryview(bytearray(size))
+            pread_exactly(fd, buf, 0)
+            self._count(files_inline=1, bytes_hashed=size)
+            return level1_digests(buf, algorithm)
+        with self._lock:
+            self._active += 1
+        try:
+            ranges = _split(size, algorithm, self.workers)
+            level1 = b"".join(self._run_jobs(algorithm, [(fd, off, n) for off, n in ranges], 0))
+            self._count(files_split=1, jobs=len(ranges), bytes_hashed=size)
+            return level1
         finally:
             with self._lock:
                 self._active -= 1
