@@ -21,6 +21,7 @@ import hashlib
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import ModuleType
 from typing import Any, Final, Literal, Protocol, cast
 
 import attrs
@@ -29,7 +30,34 @@ import zstandard
 
 from .._errors import DigestMismatchError, FormatError, InternalError
 
-__all__ = ["OUTPUT_PIECE", "Compression", "open_verified_stream"]
+_GZIP: ModuleType
+"""The gzip implementation: ISA-L's ``isal.igzip`` when importable, else :mod:`gzip` (zlib).
+
+Both decode the same format to the same bytes (ISA-L only decodes faster: 2x zlib's speed
+on a real Debian layer on the benchmark machine, and it releases the GIL), and both read
+concatenated members and skip zero padding after the last one; they differ only in the
+wording of their errors. Tests force the fallback by replacing this attribute.
+"""
+_ISAL_ERRORS: tuple[type[BaseException], ...]
+try:
+    from isal import igzip, isal_zlib
+except ImportError:  # pragma: no cover - isal is a dependency; the fallback is tested
+    _GZIP, _ISAL_ERRORS = gzip, ()
+else:
+    _GZIP, _ISAL_ERRORS = igzip, (cast("type[BaseException]", isal_zlib.error),)
+
+__all__ = ["GZIP_BACKEND", "OUTPUT_PIECE", "Compression", "open_verified_stream"]
+
+GZIP_BACKEND: Final = "zlib" if _GZIP is gzip else "isal"
+"""Which gzip implementation decompresses layers: ``"isal"`` or ``"zlib"``."""
+
+_DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    zlib.error,
+    zstandard.ZstdError,
+    *_ISAL_ERRORS,
+)
 
 Compression = Literal["gzip", "zstd"] | None
 
@@ -144,6 +172,13 @@ class _PullReader:
         self._buffer = self._buffer[size:]
         return out
 
+    def readinto(self, buffer: Any, /) -> int:
+        """Fill ``buffer`` from what is unread (ISA-L's reader reads this way)."""
+        data = self.read(len(buffer))
+        n = len(data)
+        memoryview(buffer).cast("B")[:n] = data
+        return n
+
     def peek(self, n: int) -> bytes:
         """``n`` bytes from the start of what is unread (fewer only at EOF), not consumed."""
         while len(self._buffer) < n and not self.eof:
@@ -186,12 +221,13 @@ def _decompressing_reader(raw: _PullReader, compression: Compression) -> _Readab
     if compression is None:
         return raw
     if compression == "gzip":
-        return gzip.GzipFile(fileobj=cast(Any, raw), mode="rb")
+        reader: _Readable = _GZIP.GzipFile(fileobj=cast(Any, raw), mode="rb")
+        return reader
     if compression == "zstd":
-        reader: _Readable = zstandard.ZstdDecompressor().stream_reader(
+        zreader: _Readable = zstandard.ZstdDecompressor().stream_reader(
             cast(Any, raw), read_size=OUTPUT_PIECE, read_across_frames=True
         )
-        return reader
+        return zreader
     raise InternalError(f"unknown compression {compression!r}")  # pragma: no cover
 
 
@@ -215,7 +251,7 @@ def _worker(
             if not out:
                 break
             trio.from_thread.run(send.send, out)
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+    except _DECOMPRESS_ERRORS as e:
         if raw.source_error is not None:
             # The source failed (e.g. ConnectionResetError): its own error, never a
             # digest verdict on bytes that did not all arrive.
