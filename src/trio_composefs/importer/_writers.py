@@ -7,7 +7,6 @@ and talks to the repository through :class:`RepositoryLike`, so a test wrapper
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -83,17 +82,8 @@ def many_digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> ManyD
     return lambda files: pool.digest_fds(files, alg)
 
 
-def store_parts(
-    repo: RepositoryLike, parts: list[bytes], size: int, digester: Digester | None
-) -> tuple[Digest, bool]:
-    with repo.begin_object() as tmp:
-        for part in parts:
-            tmp.write(part)
-        if tmp.size != size:
-            raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
-        digest = digester(tmp.fd, size) if digester is not None else None
-        result: tuple[Digest, bool] = tmp.finish(digest)
-        return result
+def _no_release() -> None:
+    pass
 
 
 def store_batch(
@@ -101,29 +91,50 @@ def store_batch(
     batch: list[tuple[list[bytes], int]],
     digester: Digester | None,
     many: ManyDigester | None = None,
+    release: Callable[[], None] = _no_release,
 ) -> list[tuple[Digest, bool]]:
     """Store several small objects, in order, in one thread hop.
 
-    With ``many``, every object of the batch is written first and their digests
-    are computed together (in the hash processes, concurrently), then each is
-    linked; an object not linked when something fails is discarded.
+    Every object of the batch is written to its own temporary file first (their
+    bytes are dropped from ``batch`` as they are written); then ``release`` is
+    called (the caller gives its writer token back, so that the next batch is
+    written while this one waits for its digests); then the digests are computed,
+    with ``many`` together in the hash processes, else one at a time, and each
+    object is linked.
+
+    **Cancellation:** checked between objects (``trio.from_thread.check_cancelled``),
+    so a slow disk delays a cancellation by one object's write, not a batch's.
+    Every object not linked when it stops, by cancellation or error, is discarded
+    (its temporary file was never visible); those linked are complete.
     """
-    if many is None or len(batch) < 2:
-        return [store_parts(repo, parts, size, digester) for parts, size in batch]
-    with contextlib.ExitStack() as stack:
-        tmps = []
+    tmps: list[ObjectTmpfileLike] = []
+    try:
         for parts, size in batch:
-            tmp = stack.enter_context(repo.begin_object())
+            trio.from_thread.check_cancelled()
+            tmp = repo.begin_object()
+            tmps.append(tmp)
             for part in parts:
                 tmp.write(part)
             if tmp.size != size:
                 raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
-            tmps.append(tmp)
-        digests = many([(tmp.fd, tmp.size) for tmp in tmps])
-        results: list[tuple[Digest, bool]] = [
-            tmp.finish(digest) for tmp, digest in zip(tmps, digests, strict=True)
-        ]
+            parts.clear()
+        release()
+        results: list[tuple[Digest, bool]] = []
+        if many is not None and len(tmps) > 1:
+            trio.from_thread.check_cancelled()
+            digests: list[Digest | None] = list(many([(tmp.fd, tmp.size) for tmp in tmps]))
+            for tmp, digest in zip(tmps, digests, strict=True):
+                trio.from_thread.check_cancelled()
+                results.append(tmp.finish(digest))
+        else:
+            for tmp in tmps:
+                trio.from_thread.check_cancelled()
+                digest = digester(tmp.fd, tmp.size) if digester is not None else None
+                results.append(tmp.finish(digest))
         return results
+    finally:
+        for tmp in tmps:
+            tmp.abort()  # idempotent: a no-op for those linked
 
 
 async def _receive_piece(receive: trio.MemoryReceiveChannel[bytes]) -> bytes | None:
@@ -138,7 +149,13 @@ def store_streamed(
     receive: trio.MemoryReceiveChannel[bytes],
     size: int,
     digester: Digester | None,
+    release: Callable[[], None] = _no_release,
 ) -> tuple[Digest, bool]:
+    """Store one object from pieces received one per hop, then digest and link it.
+
+    ``release`` is called once every byte is written, before the digest (as in
+    :func:`store_batch`).
+    """
     with repo.begin_object() as tmp:
         while True:
             trio.from_thread.check_cancelled()
@@ -148,6 +165,7 @@ def store_streamed(
             tmp.write(piece)
         if tmp.size != size:
             raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
+        release()
         trio.from_thread.check_cancelled()
         digest = digester(tmp.fd, size) if digester is not None else None
         result: tuple[Digest, bool] = tmp.finish(digest)
