@@ -13,8 +13,8 @@ from typing import Any, Protocol
 import trio
 
 from .._errors import InternalError
-from ..formats._fsverity import Algorithm, Digest
-from ..hashing._pool import HashPool, digest_fd
+from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
+from ..hashing._pool import DEFAULT_INLINE_BELOW, HashPool, digest_fd
 from ._builder import Digester
 
 
@@ -82,6 +82,13 @@ def many_digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> ManyD
     return lambda files: pool.digest_fds(files, alg)
 
 
+HASH_FROM_MEMORY_BELOW = DEFAULT_INLINE_BELOW
+"""Objects smaller than this are hashed from the bytes in memory, in the writer thread.
+
+(The hash pool hashes those in the calling thread anyway: a round trip to a worker
+costs as much as the hashing; reading the file back costs a syscall more.)"""
+
+
 def _no_release() -> None:
     pass
 
@@ -95,12 +102,12 @@ def store_batch(
 ) -> list[tuple[Digest, bool]]:
     """Store several small objects, in order, in one thread hop.
 
-    Every object of the batch is written to its own temporary file first (their
-    bytes are dropped from ``batch`` as they are written); then ``release`` is
-    called (the caller gives its writer token back, so that the next batch is
-    written while this one waits for its digests); then the digests are computed,
-    with ``many`` together in the hash processes, else one at a time, and each
-    object is linked.
+    Every object of the batch is written to its own temporary file first; then
+    ``release`` is called (the caller gives its writer token back, so that the next
+    batch is written while this one waits for its digests); then the digests are
+    computed (objects under :data:`HASH_FROM_MEMORY_BELOW` from their bytes in
+    memory, the others with ``many`` together in the hash processes, else one at a
+    time) and each object is linked. The bytes are dropped from ``batch`` once hashed.
 
     **Cancellation:** checked between objects (``trio.from_thread.check_cancelled``),
     so a slow disk delays a cancellation by one object's write, not a batch's.
@@ -117,20 +124,36 @@ def store_batch(
                 tmp.write(part)
             if tmp.size != size:
                 raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
-            parts.clear()
         release()
-        results: list[tuple[Digest, bool]] = []
-        if many is not None and len(tmps) > 1:
+        digests: list[Digest | None] = [None] * len(tmps)
+        if digester is not None:
+            # Small objects are hashed from the bytes still in memory (no read back);
+            # bigger ones from their files, together in the hash processes if there are any.
+            algorithm = repo.algorithm
+            big = []
+            for i, (parts, size) in enumerate(batch):
+                if size < HASH_FROM_MEMORY_BELOW:
+                    hasher = FsVerityHasher(algorithm)
+                    for part in parts:
+                        hasher.update(part)
+                    digests[i] = hasher.digest()
+                else:
+                    big.append(i)
+                parts.clear()
             trio.from_thread.check_cancelled()
-            digests: list[Digest | None] = list(many([(tmp.fd, tmp.size) for tmp in tmps]))
-            for tmp, digest in zip(tmps, digests, strict=True):
-                trio.from_thread.check_cancelled()
-                results.append(tmp.finish(digest))
-        else:
-            for tmp in tmps:
-                trio.from_thread.check_cancelled()
-                digest = digester(tmp.fd, tmp.size) if digester is not None else None
-                results.append(tmp.finish(digest))
+            if many is not None and len(big) > 1:
+                for i, computed in zip(
+                    big, many([(tmps[i].fd, tmps[i].size) for i in big]), strict=True
+                ):
+                    digests[i] = computed
+            else:
+                for i in big:
+                    trio.from_thread.check_cancelled()
+                    digests[i] = digester(tmps[i].fd, tmps[i].size)
+        results: list[tuple[Digest, bool]] = []
+        for tmp, digest in zip(tmps, digests, strict=True):
+            trio.from_thread.check_cancelled()
+            results.append(tmp.finish(digest))
         return results
     finally:
         for tmp in tmps:
