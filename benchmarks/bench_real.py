@@ -61,6 +61,9 @@ LAYOUT = CACHE / "oci-bookworm-4layers"
 TAG = "bookworm"
 WORK = Path("/var/tmp/trio-composefs-bench-real")
 MODES = ("ours", "ours-seq", "umoci", "skopeo", "podman", "ostree", "shell")
+#: ``--baseline SRC``: also run ``base`` and ``base-seq``, ours with the package in ``SRC``
+#: (e.g. ``git archive <commit> src | tar -x -C /tmp/base``, then ``/tmp/base/src``).
+BASELINE: str | None = None
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -278,7 +281,7 @@ def child_ours(mode: str, repo_dir: Path) -> None:
     _build.store_oci_images = timed_store
 
     repo = Repository.init(repo_dir, insecure=True)
-    seq = mode == "ours-seq"
+    seq = mode.endswith("-seq")
 
     async def main() -> Any:
         async with (
@@ -352,10 +355,13 @@ def _wait_measured(proc: subprocess.Popen[bytes]) -> float:
 
 def run_mode(mode: str, mnt: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"cpu": 0.0}
-    if mode.startswith("ours"):
+    if mode.startswith(("ours", "base")):
         cmd = [sys.executable, __file__, "--child", mode, "--repo", str(mnt / "repo")]
+        env = dict(os.environ)
+        if mode.startswith("base"):
+            env["PYTHONPATH"] = str(BASELINE)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
         with Sampler(proc.pid) as sampler:
             out = proc.stdout.read() if proc.stdout else b""
             result["cpu"] = _wait_measured(proc)
@@ -441,7 +447,7 @@ def report(results: dict[str, list[dict[str, Any]]], files: int) -> str:
         if not rows:
             continue
         wall = _med(rows, "wall")
-        ours = mode.startswith("ours")
+        ours = mode.startswith(("ours", "base"))
         lines.append(
             f"| {mode} | {len(rows)} | {wall:.2f} | {_med(rows, 'cpu'):.2f} |"
             f" {wall / files * 1e6:.0f} | {_med(rows, 'busy_cpus'):.2f} |"
@@ -460,7 +466,7 @@ def report(results: dict[str, list[dict[str, Any]]], files: int) -> str:
         cpu = statistics.median(rows[i]["cpu"] / base[i]["cpu"] for i in range(n))
         lines.append(f"| {mode} wall / ours wall | {wall:.2f}x |")
         lines.append(f"| {mode} CPU / ours CPU | {cpu:.2f}x |")
-    for mode in ("ours", "ours-seq"):
+    for mode in ("ours", "ours-seq", "base", "base-seq"):
         rows = results.get(mode) or []
         if not rows:
             continue
@@ -484,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument("--baseline", help="also run base, base-seq: ours from this src dir")
     args = parser.parse_args(argv)
     if args.child:
         child_ours(args.child, args.repo)
@@ -495,6 +502,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     files = count_files()
     modes = [m for m in args.modes.split(",") if m]
+    if args.baseline:
+        global BASELINE
+        BASELINE = args.baseline
+        modes[1:1] = ["base", "base-seq"]
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for mode in modes:
         why = _available(mode)
