@@ -56,14 +56,25 @@ from pathlib import Path
 from typing import Any
 
 CACHE = Path("/var/cache/trio-composefs/bench")
-ROOTFS = CACHE / "rootfs"
-LAYOUT = CACHE / "oci-bookworm-4layers"
+#: name: (debootstrap --include packages, rootfs, layout, split into 4 layers)
+IMAGES = {
+    "debian": ("", CACHE / "rootfs", CACHE / "oci-bookworm-4layers", True),
+    "big": (
+        "build-essential,python3,python3-dev,golang-go,git",
+        CACHE / "rootfs-big",
+        CACHE / "oci-bookworm-big",
+        False,
+    ),
+}
+ROOTFS = IMAGES["debian"][1]
+LAYOUT = IMAGES["debian"][2]
 TAG = "bookworm"
 WORK = Path("/var/tmp/trio-composefs-bench-real")
 MODES = ("ours", "ours-seq", "umoci", "skopeo", "podman", "ostree", "shell")
 #: ``--baseline SRC``: also run ``base`` and ``base-seq``, ours with the package in ``SRC``
 #: (e.g. ``git archive <commit> src | tar -x -C /tmp/base``, then ``/tmp/base/src``).
 BASELINE: str | None = None
+IMAGE = "debian"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -74,30 +85,40 @@ def _run(*cmd: str | Path, **kw: Any) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def prepare() -> None:
-    """debootstrap the rootfs and build the 4-layer OCI layout, unless cached."""
+def prepare(image: str) -> None:
+    """debootstrap the rootfs and build the OCI layout, unless cached."""
+    include, rootfs, layout, split = IMAGES[image]
     CACHE.mkdir(parents=True, exist_ok=True)
-    if not ROOTFS.exists():
-        partial = CACHE / "rootfs.partial"
+    if not rootfs.exists():
+        partial = rootfs.with_name(rootfs.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
+        extra = [f"--include={include}"] if include else []
         _run(
-            "debootstrap", "--variant=minbase", "bookworm", partial, "http://deb.debian.org/debian"
-        )
-        partial.rename(ROOTFS)
-    if LAYOUT.exists():
+            "debootstrap", "--variant=minbase", *extra, "bookworm", partial,
+            "http://deb.debian.org/debian",
+        )  # fmt: skip
+        partial.rename(rootfs)
+    if layout.exists():
         return
-    partial = CACHE / "oci-bookworm-4layers.partial"
+    partial = layout.with_name(layout.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     # ``umoci insert`` of /etc wrote a truncated tar here (umoci 0.4.7), so the layers are
     # made with GNU tar and gzip, as image builders do, and the layout is written directly.
     blobs = partial / "blobs/sha256"
     blobs.mkdir(parents=True)
-    groups = [["usr"], ["var"], ["etc"]]
-    groups.append(sorted(e.name for e in ROOTFS.iterdir() if e.name not in ("usr", "var", "etc")))
+    everything = sorted(e.name for e in rootfs.iterdir())
+    groups = [everything]
+    if split:
+        groups = [
+            ["usr"],
+            ["var"],
+            ["etc"],
+            [n for n in everything if n not in ("usr", "var", "etc")],
+        ]
     layers, diff_ids = [], []
     for group in groups:
         tar = subprocess.run(
-            ["tar", "-C", str(ROOTFS), "--numeric-owner", "--sort=name", "--xattrs",
+            ["tar", "-C", str(rootfs), "--numeric-owner", "--sort=name", "--xattrs",
              "--exclude=dev/?*", "-cf", "-", *group],
             check=True, capture_output=True,
         ).stdout  # fmt: skip
@@ -122,7 +143,7 @@ def prepare() -> None:
     desc["annotations"] = {"org.opencontainers.image.ref.name": TAG}
     (partial / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (partial / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
-    partial.rename(LAYOUT)
+    partial.rename(layout)
 
 
 def _blob(blobs: Path, data: bytes, media_type: str) -> dict[str, Any]:
@@ -357,6 +378,7 @@ def run_mode(mode: str, mnt: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"cpu": 0.0}
     if mode.startswith(("ours", "base")):
         cmd = [sys.executable, __file__, "--child", mode, "--repo", str(mnt / "repo")]
+        cmd += ["--image", IMAGE]
         env = dict(os.environ)
         if mode.startswith("base"):
             env["PYTHONPATH"] = str(BASELINE)
@@ -386,7 +408,7 @@ def run_mode(mode: str, mnt: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def fresh_ext4(size: int = 4 << 30) -> Iterator[Path]:
+def fresh_ext4(size: int = 8 << 30) -> Iterator[Path]:
     WORK.mkdir(parents=True, exist_ok=True)
     mnt, image = WORK / "mnt", WORK / "scratch.img"
     mnt.mkdir(exist_ok=True)
@@ -490,14 +512,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument("--image", choices=sorted(IMAGES), default="debian")
     parser.add_argument("--baseline", help="also run base, base-seq: ours from this src dir")
     args = parser.parse_args(argv)
+    global ROOTFS, LAYOUT
+    global IMAGE
+    IMAGE = args.image
+    ROOTFS, LAYOUT = IMAGES[args.image][1], IMAGES[args.image][2]
     if args.child:
         child_ours(args.child, args.repo)
         return
     if os.geteuid() != 0:
         sys.exit("needs root (debootstrap, mkfs, mount)")
-    prepare()
+    prepare(args.image)
     if args.prepare_only:
         return
     files = count_files()
