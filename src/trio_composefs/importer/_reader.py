@@ -23,6 +23,7 @@ from ..formats._tarsplit import (
 )
 from ._builder import Digester, Item, PendingObject
 from ._bytesource import ByteSource, iter_source
+from ._handoff import Handoff, HandoffClosed
 from ._writers import NO_LIMIT, ManyDigester, RepositoryLike, store_batch, store_streamed
 
 SMALL_OBJECT_MAX = 1 << 20
@@ -42,8 +43,8 @@ A job gives its writer token back once its bytes are in temporary files, so the
 reader can start the next batch while the hash processes digest this one; this
 bounds how many such jobs (and their open temporary files) a layer has."""
 
-_OBJECT_CHANNEL_ITEMS = 4
-"""Pieces (each at most READ_SIZE) buffered between the reader and a large object's writer."""
+_OBJECT_CHANNEL_ITEMS = 8
+"""Pieces (each at most READ_SIZE) queued between the reader and a large object's writer."""
 
 _INLINE_BATCH = 1 << 20
 """The reader sends inline bytes to the builder in batches of about this size."""
@@ -104,7 +105,7 @@ class LayerReader:
     # The file being read: gathered in memory (small) or streamed to its writer (large).
     _pending: PendingObject | None = attrs.field(default=None, init=False)
     _parts: list[bytes] | None = attrs.field(default=None, init=False)
-    _stream: trio.MemorySendChannel[bytes] | None = attrs.field(default=None, init=False)
+    _stream: Handoff[bytes] | None = attrs.field(default=None, init=False)
     # Small objects read completely, waiting to be stored together.
     _batch: list[tuple[PendingObject, list[bytes]]] = attrs.field(factory=list, init=False)
     _batch_bytes: int = attrs.field(default=0, init=False)
@@ -113,6 +114,19 @@ class LayerReader:
     _outbox_bytes: int = attrs.field(default=0, init=False)
 
     async def run(
+        self,
+        source: ByteSource,
+        on_data: Callable[[bytes], object] | None,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        try:
+            await self._run(source, on_data, limiter)
+        finally:
+            if self._stream is not None:
+                # wake the large object's writer thread: it discards the object
+                self._stream.abort()
+
+    async def _run(
         self,
         source: ByteSource,
         on_data: Callable[[bytes], object] | None,
@@ -145,7 +159,7 @@ class LayerReader:
                 await self._flush_inline()
         elif isinstance(event, FileData):
             if self._stream is not None:
-                await self._stream.send(event.data)
+                await self._stream.put(event.data)
             elif self._parts is not None:
                 self._parts.append(event.data)
             else:  # pragma: no cover - the splitter's contract
@@ -165,7 +179,7 @@ class LayerReader:
             if self._pending is None:  # pragma: no cover - the splitter's contract
                 raise InternalError("end of a file that never started")
             if self._stream is not None:
-                await self._stream.aclose()
+                self._stream.close()
                 self._stream = None
             elif self._parts is not None:
                 self._batch.append((self._pending, self._parts))
@@ -276,24 +290,29 @@ class LayerReader:
                 counters.written += 1
             pending.set_result(digest, present)
 
-    async def _start_job(self, pending: PendingObject) -> trio.MemorySendChannel[bytes]:
+    async def _start_job(self, pending: PendingObject) -> Handoff[bytes]:
         """Take a writer token (the backpressure point), then start a streamed object's job."""
         borrower, release_writer, release_from_thread = await self._take_tokens()
         self.counters.in_flight += 1
         repo, digester, size = self.repo, self.digester, pending.size
-        send, receive = trio.open_memory_channel[bytes](_OBJECT_CHANNEL_ITEMS)
+        pieces = Handoff[bytes](_OBJECT_CHANNEL_ITEMS)
 
         async def job() -> list[tuple[Digest, bool]]:
-            result = await trio.to_thread.run_sync(
-                store_streamed,
-                repo,
-                receive,
-                size,
-                digester,
-                release_from_thread,
-                limiter=NO_LIMIT,
-            )
+            try:
+                result = await trio.to_thread.run_sync(
+                    store_streamed,
+                    repo,
+                    pieces.get_blocking,
+                    size,
+                    digester,
+                    release_from_thread,
+                    limiter=NO_LIMIT,
+                )
+            except HandoffClosed:
+                # The reader is unwinding (cancelled or failed), so the layer's nursery
+                # is about to cancel us: wait for it rather than raise a second error.
+                await trio.sleep_forever()
             return [result]
 
         self.nursery.start_soon(self._run_batch, job, [pending], borrower, release_writer)
-        return send
+        return pieces

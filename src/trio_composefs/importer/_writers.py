@@ -160,21 +160,16 @@ def store_batch(
             tmp.abort()  # idempotent: a no-op for those linked
 
 
-async def _receive_piece(receive: trio.MemoryReceiveChannel[bytes]) -> bytes | None:
-    try:
-        return await receive.receive()
-    except trio.EndOfChannel:
-        return None
-
-
 def store_streamed(
     repo: RepositoryLike,
-    receive: trio.MemoryReceiveChannel[bytes],
+    next_piece: Callable[[], bytes | None],
     size: int,
     digester: Digester | None,
     release: Callable[[], None] = _no_release,
 ) -> tuple[Digest, bool]:
-    """Store one object from pieces received one per hop, then digest and link it.
+    """Store one object from pieces taken with ``next_piece`` (None at the end), then digest
+    and link it. ``next_piece`` is a :meth:`Handoff.get_blocking`: no trip through the
+    event loop per piece.
 
     ``release`` is called once every byte is written, before the digest (as in
     :func:`store_batch`).
@@ -182,7 +177,7 @@ def store_streamed(
     with repo.begin_object() as tmp:
         while True:
             trio.from_thread.check_cancelled()
-            piece = trio.from_thread.run(_receive_piece, receive)
+            piece = next_piece()
             if piece is None:
                 break
             tmp.write(piece)
