@@ -28,9 +28,9 @@ Columns: wall (ours: until ``pull_image`` returns, syncfs included; peers: their
 ``syncfs`` that is counted in ``wall`` too, as ours syncs), CPU (user + sys of the process and
 every descendant, from ``wait4``), per-object µs (wall / regular files of the image), busy CPUs
 (mean over 100 ms samples of ``/proc/stat``, all processes of the machine, so it includes other
-users' load), both-busy (share of samples with both CPUs ≥ 90 % busy), and for ours the phases
-(layers imported, image built, total of the ``syncfs`` calls) and the CPU of each thread (sampled
-from ``/proc/PID/task/*/stat``, hash workers summed).
+users' load; CPU / wall is the run's own), both-busy (share of samples with both CPUs ≥ 90 %
+busy), and for ours the phases (layers imported, image built, total of the ``syncfs`` calls)
+and the CPU of each thread (sampled from ``/proc/PID/task/*/stat``, hash workers summed).
 
 Usage (root)::
 
@@ -461,9 +461,9 @@ def report(results: dict[str, list[dict[str, Any]]], files: int) -> str:
         f"image: {LAYOUT} ({len(layer_blobs())} gzip layers, "
         f"{sum(b.stat().st_size for b in layer_blobs()) / 2**20:.0f} MiB), {files} regular files",
         "",
-        "| mode | runs | wall s | CPU s | µs/file | busy CPUs | both busy | layers s"
-        " | image s | syncfs s |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| mode | runs | wall s | CPU s | CPU / wall | µs/file | busy CPUs (machine) | both busy"
+        " | layers s | image s | syncfs s |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for mode, rows in results.items():
         if not rows:
@@ -472,6 +472,7 @@ def report(results: dict[str, list[dict[str, Any]]], files: int) -> str:
         ours = mode.startswith(("ours", "base"))
         lines.append(
             f"| {mode} | {len(rows)} | {wall:.2f} | {_med(rows, 'cpu'):.2f} |"
+            f" {statistics.median(r['cpu'] / r['wall'] for r in rows):.2f} |"
             f" {wall / files * 1e6:.0f} | {_med(rows, 'busy_cpus'):.2f} |"
             f" {100 * _med(rows, 'both_busy'):.0f} % |"
             f" {_med(rows, 'layers_phase') if ours else float('nan'):.2f} |"
