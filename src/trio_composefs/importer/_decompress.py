@@ -66,7 +66,7 @@ Compression = Literal["gzip", "zstd"] | None
 OUTPUT_PIECE: Final = 1 << 20
 """The largest decompressed piece handed to the consumer."""
 
-_CHANNEL_SLOTS: Final = 4
+_CHANNEL_SLOTS: Final = 8
 """Pieces queued each way (stored pieces in, decompressed pieces out)."""
 
 _READ_SIZE: Final = 1 << 20
