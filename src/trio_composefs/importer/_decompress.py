@@ -1,12 +1,14 @@
 """Check a blob's digest and decompress it off the trio thread, overlapping with splitting.
 
-:func:`open_verified_stream` starts one worker thread per blob. The thread pulls
-the stored (compressed) pieces from the trio side, hashes them (sha256, for the
-manifest's digest), decompresses them (gzip or zstd, or passes them through)
-and sends pieces of at most :data:`OUTPUT_PIECE` bytes through a small memory
-channel. Meanwhile the consumer (the layer import) splits the previous pieces
-on the trio thread: decompression and splitting overlap, and the channel's few
-slots bound the memory.
+:func:`open_verified_stream` starts one worker thread per blob. The thread reads
+the stored (compressed) blob (from the source's fd itself when it has one, else
+from pieces a trio task queues), hashes it (sha256, for the manifest's digest),
+decompresses it (gzip with ISA-L or zlib, zstd, or passes it through), hashes the
+output (sha256, the tar's diff_id) and queues pieces of at most :data:`OUTPUT_PIECE`
+bytes in a :class:`~trio_composefs.importer._handoff.Handoff` (no round trip
+through the event loop per piece). Meanwhile the consumer (the layer import)
+splits the previous pieces on the trio thread: decompression and splitting
+overlap, and the queue's few slots bound the memory.
 
 The consumer's iterator ends only after the worker has checked the blob's size
 and digest; if anything is wrong it raises instead, so a layer import that reads
@@ -338,8 +340,9 @@ async def open_verified_stream(
         DigestMismatchError: wrong size or digest.
         FormatError: corrupt compressed data or trailing bytes after it.
 
-    **Cancellation:** leaving the block early cancels the worker thread, which
-    notices at its next piece (it owns no resources).
+    **Cancellation:** leaving the block early cancels the worker thread and wakes it
+    if it waits on either queue (:meth:`Handoff.abort`); it owns no resources (a
+    layout's fd, which it reads directly, stays the source's to close).
     """
     out = Handoff[bytes | _Finished](_CHANNEL_SLOTS)
     stream = VerifiedStream(out, where)
