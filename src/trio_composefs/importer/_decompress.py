@@ -190,10 +190,18 @@ class _PullReader:
         return out
 
     def readinto(self, buffer: Any, /) -> int:
-        """Fill ``buffer`` from what is unread (ISA-L's reader reads this way)."""
-        data = self.read(len(buffer))
-        n = len(data)
-        memoryview(buffer).cast("B")[:n] = data
+        """Fill ``buffer`` from what is unread (ISA-L's reader reads this way), copying once."""
+        if not self._buffer:
+            if self.eof:
+                return 0
+            piece = self._next_piece()
+            if piece is None:
+                return 0
+            self._buffer = memoryview(piece)
+        out = memoryview(buffer).cast("B")
+        n = min(len(out), len(self._buffer))
+        out[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
         return n
 
     def peek(self, n: int) -> bytes:
