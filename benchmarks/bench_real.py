@@ -21,7 +21,7 @@ podman     ``podman --root … pull oci:…`` (overlay driver, graph root on the
 ostree     ``ostree commit --tree=tar=LAYER …`` of the four gzip layers into a ``bare-user``
            repository (libarchive decompresses; whiteouts are not applied)
 shell      per layer ``gzip -dc | tee >(openssl dgst -sha256) | tar -x``, then ``fsverity digest``
-           over every file in two processes at once (the C tools doing our work)
+           ``--hash-alg=sha512`` (our default, as cfsctl) over every file in two processes at once
 ========== ==================================================================================
 
 Columns: wall (ours: until ``pull_image`` returns, syncfs included; peers: their command, then a
@@ -357,9 +357,11 @@ def _peer_cmds(mode: str, mnt: Path) -> list[list[str]]:
             f"gzip -dc {blob} | tee >(openssl dgst -sha256 >/dev/null) | tar -x -C {dest}"
             for blob in layer_blobs()
         ]
-        # fsverity digest over every regular file, in two processes at once
+        # fsverity digest over every regular file, in two processes at once, with SHA-512
+        # as our repositories (and cfsctl's) use by default
         script.append(
-            f"find {dest} -type f -print0 | xargs -0 -P 2 -n 500 fsverity digest > /dev/null"
+            f"find {dest} -type f -print0 | xargs -0 -P 2 -n 500"
+            " fsverity digest --hash-alg=sha512 > /dev/null"
         )
         return [["bash", "-c", " && ".join(script)]]
     raise ValueError(mode)
