@@ -347,3 +347,45 @@ async def test_streamed_splitstream_equals_one_shot_encoding(repo: Repository, k
     stats = await import_layer(repo, [tar], diff_id_of(tar))
     assert stats.splitstream.hex() == one_shot_splitstream_digest(tar)
     assert cat_bytes(repo, layer_content_id(diff_id_of(tar))) == tar
+
+
+# --- cancellation within a batch of small objects ---------------------------------------------
+
+#: Seconds each object write sleeps: a batch of 32 small objects takes 1.6 s to write.
+_SLOW_WRITE = 0.05
+#: Worst overshoot of a deadline allowed: the write in progress (50 ms), the digests of a
+#: batch already written, thread wake-ups, and a wide margin for a loaded 2-core machine.
+#: Checking only between batches overshot by up to 32 writes (1.6 s here).
+_OVERSHOOT_MAX = 0.6
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["O_TMPFILE", "named tmpfiles"])
+async def test_deadline_holds_within_a_batch_of_small_objects(
+    repo: Repository, named: bool
+) -> None:
+    rng = random.Random(7)
+    tar = make_tar([(f"small/{i:04}", rng.randbytes(1000)) for i in range(400)])
+    did = diff_id_of(tar)
+    repo.force_named_tmpfile = named
+    faulty = FaultyRepository(repo, write_delay=_SLOW_WRITE)
+    fds = open_fds()
+    overshoots = []
+    for deadline in (0.3, 0.45, 0.7, 1.1):
+        async with open_importer(faulty, hash_processes=0) as importer:
+            start = trio.current_time()
+            with trio.move_on_after(deadline) as scope:
+                await importer.import_layer([tar], did)
+            overshoots.append(trio.current_time() - start - deadline)
+        assert scope.cancelled_caught
+        assert faulty.count("write") < 400  # it really was cut short
+    print(f"deadline overshoots (s): {', '.join(f'{o:.3f}' for o in overshoots)}")
+    assert max(overshoots) < _OVERSHOOT_MAX, overshoots
+    # nothing half-written is visible: every object is complete, no stream or stray tmpfile
+    assert open_fds() == fds
+    assert busy_threads() == []
+    assert repo.has_stream(layer_content_id(did)) is None
+    assert repo.find_stray_tmpfiles() == []
+    assert_consistent(Path(repo.path), repo.algorithm)
+    repo.force_named_tmpfile = False
+    await import_layer(repo, [tar], did)
+    assert cat_bytes(repo, layer_content_id(did)) == tar

@@ -7,15 +7,24 @@ over 64 bytes becomes an object job:
 
 * files of at most :data:`SMALL_OBJECT_MAX` bytes are gathered in memory and
   stored in batches (up to 32 files or 4 MiB), one thread hop per batch;
-* a bigger one streams through a memory channel of a few
-  :data:`~trio_composefs.importer._bytesource.READ_SIZE` pieces to one thread that writes
-  it, pulling one piece per hop and checking for cancellation between pieces.
+* a bigger one streams through a :class:`~trio_composefs.importer._handoff.Handoff` of a
+  few :data:`~trio_composefs.importer._bytesource.READ_SIZE` pieces to one thread that
+  writes it, taking the pieces without a trip through the event loop and checking for
+  cancellation between them.
 
 Every job first takes a token, on its own behalf, from the import's shared
 :class:`trio.CapacityLimiter`; the reader waits for that token before it reads
-on, which is the backpressure that bounds memory. Readers and the builder use
-their own limiters, so writers holding every token can never starve the reader
-that feeds them.
+on, which is the backpressure that bounds memory. A job gives its token back as
+soon as its bytes are in temporary files; its digests (in the hash processes) and
+links follow while the next job writes, at most
+:data:`~trio_composefs.importer._reader.FINISHING_JOBS` such jobs per layer.
+Readers and the builder use their own limiters, so writers holding every token can
+never starve the reader that feeds them.
+
+A gzip or zstd layer of an image arrives through
+:func:`~trio_composefs.importer._decompress.open_verified_stream`, whose worker thread
+reads the blob, decompresses it (ISA-L for gzip) and computes the tar's sha256 ahead
+of the reader; the reader then does not hash the tar again.
 
 After the tar ends, the sha256 is compared with the diff_id, the builder stores
 the splitstream, one ``syncfs`` makes everything durable and only then is
@@ -264,10 +273,13 @@ class Importer:
                         report,
                         many_digester=many_digester_for(repo, self.hash_pool),
                     )
-                    await reader.run(source, sha.update, own)
-                    if sha.digest() != expected:
+                    # A decompressing stream hashes its output in its own thread.
+                    own_sha = getattr(source, "sha256_of_output", None)
+                    await reader.run(source, sha.update if own_sha is None else None, own)
+                    actual = sha.digest() if own_sha is None else own_sha()
+                    if actual != expected:
                         raise DigestMismatchError(
-                            f"layer {diff_id}: the tar's sha256 is sha256:{sha.hexdigest()},"
+                            f"layer {diff_id}: the tar's sha256 is sha256:{actual.hex()},"
                             f" not the diff_id; nothing was published"
                         )
             digest = builder.digest

@@ -23,6 +23,7 @@ from ..formats._tarsplit import (
 )
 from ._builder import Digester, Item, PendingObject
 from ._bytesource import ByteSource, iter_source
+from ._handoff import Handoff, HandoffClosed
 from ._writers import NO_LIMIT, ManyDigester, RepositoryLike, store_batch, store_streamed
 
 SMALL_OBJECT_MAX = 1 << 20
@@ -35,8 +36,15 @@ BATCH_OBJECTS = 32
 A hop costs ~100 µs of CPU on a small VM, more than writing a 64 KiB file: the
 benchmarks showed per-object hops, not bytes, bounding the import."""
 
-_OBJECT_CHANNEL_ITEMS = 4
-"""Pieces (each at most READ_SIZE) buffered between the reader and a large object's writer."""
+FINISHING_JOBS = 4
+"""Jobs of one layer whose bytes are written and whose digests are still being computed.
+
+A job gives its writer token back once its bytes are in temporary files, so the
+reader can start the next batch while the hash processes digest this one; this
+bounds how many such jobs (and their open temporary files) a layer has."""
+
+_OBJECT_CHANNEL_ITEMS = 8
+"""Pieces (each at most READ_SIZE) queued between the reader and a large object's writer."""
 
 _INLINE_BATCH = 1 << 20
 """The reader sends inline bytes to the builder in batches of about this size."""
@@ -88,12 +96,16 @@ class LayerReader:
     counters: Counters
     report: Callable[[], None]
     many_digester: ManyDigester | None = None
+    finishing: trio.CapacityLimiter = attrs.field(
+        factory=lambda: trio.CapacityLimiter(FINISHING_JOBS)
+    )
+    """Jobs written but not yet digested and linked (their writer tokens are back)."""
     _splitter: TarSplitter = attrs.field(factory=TarSplitter, init=False)
     _inline: bytearray = attrs.field(factory=bytearray, init=False)
     # The file being read: gathered in memory (small) or streamed to its writer (large).
     _pending: PendingObject | None = attrs.field(default=None, init=False)
     _parts: list[bytes] | None = attrs.field(default=None, init=False)
-    _stream: trio.MemorySendChannel[bytes] | None = attrs.field(default=None, init=False)
+    _stream: Handoff[bytes] | None = attrs.field(default=None, init=False)
     # Small objects read completely, waiting to be stored together.
     _batch: list[tuple[PendingObject, list[bytes]]] = attrs.field(factory=list, init=False)
     _batch_bytes: int = attrs.field(default=0, init=False)
@@ -102,7 +114,23 @@ class LayerReader:
     _outbox_bytes: int = attrs.field(default=0, init=False)
 
     async def run(
-        self, source: ByteSource, on_data: Callable[[bytes], object], limiter: trio.CapacityLimiter
+        self,
+        source: ByteSource,
+        on_data: Callable[[bytes], object] | None,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        try:
+            await self._run(source, on_data, limiter)
+        finally:
+            if self._stream is not None:
+                # wake the large object's writer thread: it discards the object
+                self._stream.abort()
+
+    async def _run(
+        self,
+        source: ByteSource,
+        on_data: Callable[[bytes], object] | None,
+        limiter: trio.CapacityLimiter,
     ) -> None:
         next_report = _REPORT_EVERY
         splitter = self._splitter
@@ -131,7 +159,7 @@ class LayerReader:
                 await self._flush_inline()
         elif isinstance(event, FileData):
             if self._stream is not None:
-                await self._stream.send(event.data)
+                await self._stream.put(event.data)
             elif self._parts is not None:
                 self._parts.append(event.data)
             else:  # pragma: no cover - the splitter's contract
@@ -151,7 +179,7 @@ class LayerReader:
             if self._pending is None:  # pragma: no cover - the splitter's contract
                 raise InternalError("end of a file that never started")
             if self._stream is not None:
-                await self._stream.aclose()
+                self._stream.close()
                 self._stream = None
             elif self._parts is not None:
                 self._batch.append((self._pending, self._parts))
@@ -193,39 +221,67 @@ class LayerReader:
             await self._flush_batch()
             await self.to_builder.send(items)
 
+    async def _take_tokens(self) -> tuple[object, Callable[[], None], Callable[[], None]]:
+        """A writer token and a finishing slot for one job (the backpressure point).
+
+        Returns the borrower and two functions: ``release_writer`` (idempotent, trio
+        thread) and ``release_from_thread`` (for the job's worker thread: schedules
+        ``release_writer`` without waiting for the event loop). A job gives its writer
+        token back as soon as its bytes are written, and keeps its finishing slot
+        until its objects are digested and linked.
+        """
+        borrower = object()
+        await self.finishing.acquire_on_behalf_of(borrower)
+        try:
+            await self.limiter.acquire_on_behalf_of(borrower)
+        except BaseException:
+            self.finishing.release_on_behalf_of(borrower)
+            raise
+        held = [True]
+        limiter, trio_token = self.limiter, trio.lowlevel.current_trio_token()
+
+        def release_writer() -> None:
+            if held[0]:
+                held[0] = False
+                limiter.release_on_behalf_of(borrower)
+
+        def release_from_thread() -> None:
+            trio_token.run_sync_soon(release_writer)
+
+        return borrower, release_writer, release_from_thread
+
     async def _flush_batch(self) -> None:
         """Store the batched small objects: one writer token and one thread hop for all."""
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
-        token = object()
-        await self.limiter.acquire_on_behalf_of(token)
+        borrower, release_writer, release_from_thread = await self._take_tokens()
         self.counters.in_flight += len(batch)
         repo, digester, many = self.repo, self.digester, self.many_digester
+        jobs = [(parts, p.size) for p, parts in batch]
 
         async def job() -> list[tuple[Digest, bool]]:
             return await trio.to_thread.run_sync(
-                store_batch,
-                repo,
-                [(parts, p.size) for p, parts in batch],
-                digester,
-                many,
-                limiter=NO_LIMIT,
+                store_batch, repo, jobs, digester, many, release_from_thread, limiter=NO_LIMIT
             )
 
-        self.nursery.start_soon(self._run_batch, job, [p for p, _ in batch], token)
+        self.nursery.start_soon(
+            self._run_batch, job, [p for p, _ in batch], borrower, release_writer
+        )
 
     async def _run_batch(
         self,
         job: Callable[[], Awaitable[list[tuple[Digest, bool]]]],
         pendings: list[PendingObject],
-        token: object,
+        borrower: object,
+        release_writer: Callable[[], None],
     ) -> None:
         counters = self.counters
         try:
             results = await job()
         finally:
-            self.limiter.release_on_behalf_of(token)
+            release_writer()
+            self.finishing.release_on_behalf_of(borrower)
             counters.in_flight -= len(pendings)
         for pending, (digest, present) in zip(pendings, results, strict=True):
             if present:
@@ -234,19 +290,29 @@ class LayerReader:
                 counters.written += 1
             pending.set_result(digest, present)
 
-    async def _start_job(self, pending: PendingObject) -> trio.MemorySendChannel[bytes]:
+    async def _start_job(self, pending: PendingObject) -> Handoff[bytes]:
         """Take a writer token (the backpressure point), then start a streamed object's job."""
-        token = object()
-        await self.limiter.acquire_on_behalf_of(token)
+        borrower, release_writer, release_from_thread = await self._take_tokens()
         self.counters.in_flight += 1
         repo, digester, size = self.repo, self.digester, pending.size
-        send, receive = trio.open_memory_channel[bytes](_OBJECT_CHANNEL_ITEMS)
+        pieces = Handoff[bytes](_OBJECT_CHANNEL_ITEMS)
 
         async def job() -> list[tuple[Digest, bool]]:
-            result = await trio.to_thread.run_sync(
-                store_streamed, repo, receive, size, digester, limiter=NO_LIMIT
-            )
+            try:
+                result = await trio.to_thread.run_sync(
+                    store_streamed,
+                    repo,
+                    pieces.get_blocking,
+                    size,
+                    digester,
+                    release_from_thread,
+                    limiter=NO_LIMIT,
+                )
+            except HandoffClosed:
+                # The reader is unwinding (cancelled or failed), so the layer's nursery
+                # is about to cancel us: wait for it rather than raise a second error.
+                await trio.sleep_forever()
             return [result]
 
-        self.nursery.start_soon(self._run_batch, job, [pending], token)
-        return send
+        self.nursery.start_soon(self._run_batch, job, [pending], borrower, release_writer)
+        return pieces

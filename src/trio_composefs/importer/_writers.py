@@ -7,15 +7,14 @@ and talks to the repository through :class:`RepositoryLike`, so a test wrapper
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
 
 from .._errors import InternalError
-from ..formats._fsverity import Algorithm, Digest
-from ..hashing._pool import HashPool, digest_fd
+from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
+from ..hashing._pool import DEFAULT_INLINE_BELOW, HashPool, digest_fd
 from ..repository._writing import StreamName, publish_after_sync
 from ._builder import Digester
 
@@ -84,17 +83,15 @@ def many_digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> ManyD
     return lambda files: pool.digest_fds(files, alg)
 
 
-def store_parts(
-    repo: RepositoryLike, parts: list[bytes], size: int, digester: Digester | None
-) -> tuple[Digest, bool]:
-    with repo.begin_object() as tmp:
-        for part in parts:
-            tmp.write(part)
-        if tmp.size != size:
-            raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
-        digest = digester(tmp.fd, size) if digester is not None else None
-        result: tuple[Digest, bool] = tmp.finish(digest)
-        return result
+HASH_FROM_MEMORY_BELOW = DEFAULT_INLINE_BELOW
+"""Objects smaller than this are hashed from the bytes in memory, in the writer thread.
+
+(The hash pool hashes those in the calling thread anyway: a round trip to a worker
+costs as much as the hashing; reading the file back costs a syscall more.)"""
+
+
+def _no_release() -> None:
+    pass
 
 
 def store_batch(
@@ -102,53 +99,92 @@ def store_batch(
     batch: list[tuple[list[bytes], int]],
     digester: Digester | None,
     many: ManyDigester | None = None,
+    release: Callable[[], None] = _no_release,
 ) -> list[tuple[Digest, bool]]:
     """Store several small objects, in order, in one thread hop.
 
-    With ``many``, every object of the batch is written first and their digests
-    are computed together (in the hash processes, concurrently), then each is
-    linked; an object not linked when something fails is discarded.
+    Every object of the batch is written to its own temporary file first; then
+    ``release`` is called (the caller gives its writer token back, so that the next
+    batch is written while this one waits for its digests); then the digests are
+    computed (objects under :data:`HASH_FROM_MEMORY_BELOW` from their bytes in
+    memory, the others with ``many`` together in the hash processes, else one at a
+    time) and each object is linked. The bytes are dropped from ``batch`` once hashed.
+
+    **Cancellation:** checked between objects (``trio.from_thread.check_cancelled``),
+    so a slow disk delays a cancellation by one object's write, not a batch's.
+    Every object not linked when it stops, by cancellation or error, is discarded
+    (its temporary file was never visible); those linked are complete.
     """
-    if many is None or len(batch) < 2:
-        return [store_parts(repo, parts, size, digester) for parts, size in batch]
-    with contextlib.ExitStack() as stack:
-        tmps = []
+    tmps: list[ObjectTmpfileLike] = []
+    try:
         for parts, size in batch:
-            tmp = stack.enter_context(repo.begin_object())
+            trio.from_thread.check_cancelled()
+            tmp = repo.begin_object()
+            tmps.append(tmp)
             for part in parts:
                 tmp.write(part)
             if tmp.size != size:
                 raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
-            tmps.append(tmp)
-        digests = many([(tmp.fd, tmp.size) for tmp in tmps])
-        results: list[tuple[Digest, bool]] = [
-            tmp.finish(digest) for tmp, digest in zip(tmps, digests, strict=True)
-        ]
+        release()
+        digests: list[Digest | None] = [None] * len(tmps)
+        if digester is not None:
+            # Small objects are hashed from the bytes still in memory (no read back);
+            # bigger ones from their files, together in the hash processes if there are any.
+            algorithm = repo.algorithm
+            big = []
+            for i, (parts, size) in enumerate(batch):
+                if size < HASH_FROM_MEMORY_BELOW:
+                    hasher = FsVerityHasher(algorithm)
+                    for part in parts:
+                        hasher.update(part)
+                    digests[i] = hasher.digest()
+                else:
+                    big.append(i)
+                parts.clear()
+            trio.from_thread.check_cancelled()
+            if many is not None and len(big) > 1:
+                for i, computed in zip(
+                    big, many([(tmps[i].fd, tmps[i].size) for i in big]), strict=True
+                ):
+                    digests[i] = computed
+            else:
+                for i in big:
+                    trio.from_thread.check_cancelled()
+                    digests[i] = digester(tmps[i].fd, tmps[i].size)
+        results: list[tuple[Digest, bool]] = []
+        for tmp, digest in zip(tmps, digests, strict=True):
+            trio.from_thread.check_cancelled()
+            results.append(tmp.finish(digest))
         return results
-
-
-async def _receive_piece(receive: trio.MemoryReceiveChannel[bytes]) -> bytes | None:
-    try:
-        return await receive.receive()
-    except trio.EndOfChannel:
-        return None
+    finally:
+        for tmp in tmps:
+            tmp.abort()  # idempotent: a no-op for those linked
 
 
 def store_streamed(
     repo: RepositoryLike,
-    receive: trio.MemoryReceiveChannel[bytes],
+    next_piece: Callable[[], bytes | None],
     size: int,
     digester: Digester | None,
+    release: Callable[[], None] = _no_release,
 ) -> tuple[Digest, bool]:
+    """Store one object from pieces taken with ``next_piece`` (None at the end), then digest
+    and link it. ``next_piece`` is a :meth:`Handoff.get_blocking`: no trip through the
+    event loop per piece.
+
+    ``release`` is called once every byte is written, before the digest (as in
+    :func:`store_batch`).
+    """
     with repo.begin_object() as tmp:
         while True:
             trio.from_thread.check_cancelled()
-            piece = trio.from_thread.run(_receive_piece, receive)
+            piece = next_piece()
             if piece is None:
                 break
             tmp.write(piece)
         if tmp.size != size:
             raise InternalError(f"object job got {tmp.size} bytes, expected {size}")
+        release()
         trio.from_thread.check_cancelled()
         digest = digester(tmp.fd, size) if digester is not None else None
         result: tuple[Digest, bool] = tmp.finish(digest)

@@ -226,6 +226,10 @@ class _FdPieces:
         self._fd = fd
         self._limiter = limiter
 
+    def fileno(self) -> int:
+        """The fd, for a reader in a worker thread that reads it directly (no hop per piece)."""
+        return self._fd
+
     def __aiter__(self) -> _FdPieces:
         return self
 
