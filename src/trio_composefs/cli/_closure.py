@@ -23,8 +23,22 @@ from ..formats import Digest
 from ..formats._splitstream import SplitStreamInfo, parse_splitstream
 from ..importer import layer_content_id
 from ..maintenance import FsckProblem
-from ..oci import config_content_id, encode_tag, list_tags, manifest_content_id
-from ..repository import Repository, referenced_objects
+from ..oci import (
+    OCI_REF_PREFIX,
+    config_content_id,
+    encode_tag,
+    list_tags,
+    manifest_content_id,
+)
+from ..repository import (
+    Repository,
+    image_path,
+    object_entry_path,
+    object_path,
+    referenced_objects,
+    stream_path,
+    stream_ref_path,
+)
 
 __all__ = ["ImageClosure", "affected_tags", "image_closure", "tag_closures"]
 
@@ -39,7 +53,7 @@ class ImageClosure:
 
 
 def _object_key(digest: Digest) -> str:
-    return f"objects/{digest.object_path()}"
+    return object_path(digest)
 
 
 def _read_info(repo: Repository, digest: Digest) -> SplitStreamInfo | None:
@@ -62,10 +76,10 @@ def image_closure(
     repo: Repository, tag: str, manifest_digest: str, streams: Mapping[str, Digest]
 ) -> ImageClosure:
     """Walk one tagged image (``streams`` is :meth:`Repository.list_streams`)."""
-    parts: dict[str, str] = {f"streams/refs/oci/{encode_tag(tag)}": "tag"}
+    parts: dict[str, str] = {stream_ref_path(OCI_REF_PREFIX + encode_tag(tag)): "tag"}
 
     def stream(name: str, part: str, digest: Digest | None) -> SplitStreamInfo | None:
-        parts.setdefault(f"streams/{name}", part)
+        parts.setdefault(stream_path(name), part)
         digest = digest or streams.get(name)
         if digest is None:
             return None
@@ -78,7 +92,7 @@ def image_closure(
 
     def image(digest: Digest) -> None:
         part = f"composefs image {digest.hex()}"
-        parts.setdefault(f"images/{digest.hex()}", part)
+        parts.setdefault(image_path(digest.hex()), part)
         parts.setdefault(_object_key(digest), part)
         try:
             objects = referenced_objects(repo, digest)
@@ -128,7 +142,7 @@ def problem_keys(problem: FsckProblem) -> list[str]:
     """The repository paths a problem is about: its path, and the object it names."""
     keys = [problem.path.rstrip("/")]
     if problem.object_id:
-        keys.append(f"objects/{problem.object_id[:2]}/{problem.object_id[2:]}")
+        keys.append(object_entry_path(f"{problem.object_id[:2]}/{problem.object_id[2:]}"))
     return keys
 
 

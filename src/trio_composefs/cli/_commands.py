@@ -22,7 +22,7 @@ from ..importer import (
     layer_content_id,
     open_importer,
 )
-from ..repository import Repository
+from ..repository import META_JSON, Repository
 from ._progress import PullProgress, Renderer, human_bytes, plural
 
 PROG = "trio-cfsctl"
@@ -91,7 +91,7 @@ def _refuse_terminal(what: str) -> None:
 def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     path = args.path or _repo_path(args)
     insecure = bool(args.init_insecure or args.insecure)
-    existed = os.path.lexists(os.path.join(path, "meta.json"))
+    existed = os.path.lexists(os.path.join(path, META_JSON))
     try:
         repo = Repository.init(path, algorithm=Algorithm(args.algorithm), insecure=insecure)
     except VerityUnsupportedError:
@@ -323,7 +323,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from ._format import format_entry
 
     path = _repo_path(args)
-    if not os.path.exists(os.path.join(path, "meta.json")):
+    if not os.path.exists(os.path.join(path, META_JSON)):
         try:
             Repository.init(path, algorithm=Algorithm.SHA256, insecure=args.insecure).close()
             print(f"created repository {path}", file=out)

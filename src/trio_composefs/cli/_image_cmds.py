@@ -28,7 +28,7 @@ from ..fs._dumpfile import _leaf_line, _line, escape_optional
 from ..fs.erofs import iter_erofs, read_erofs
 from ..fs.erofs._info import info_dump, info_ls, info_objects
 from ..hashing import digest_fd
-from ..repository import Repository, VerityOps
+from ..repository import META_JSON, Repository, VerityOps
 from ..repository import read_image as read_image_bytes
 from ._commands import UsageError, _open_repo, _repo_path, _stdout_writer
 
@@ -193,7 +193,7 @@ def cmd_dump_files(args: argparse.Namespace, out: TextIO) -> int:
 def _path_algorithm(args: argparse.Namespace) -> Algorithm:
     """cfsctl: the repository's algorithm when there is one, else SHA-512."""
     path = _repo_path(args)
-    if os.path.exists(os.path.join(path, "meta.json")):
+    if os.path.exists(os.path.join(path, META_JSON)):
         with Repository.open(path, insecure=True if args.insecure else None) as repo:
             return repo.algorithm
     return Algorithm.SHA512

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import trio
 
 from ..maintenance import FsckKind, FsckProblem, FsckProgress, FsckReport
-from ..repository import Repository
+from ..repository import IMAGES, META_JSON, OBJECTS, STREAMS, Repository
 from ._closure import ImageClosure, affected_tags, tag_closures
 from ._commands import PROG, UsageError, _open_repo
 from ._progress import Renderer, plural
@@ -67,7 +67,7 @@ _BAD_CONTENT = frozenset(
 def _advice(problem: FsckProblem, closures: list[ImageClosure]) -> str:
     """Which tags the problem affects, and how to repair it."""
     hits = affected_tags(problem, closures)
-    if problem.path == "meta.json":
+    if problem.path == META_JSON:
         return "repair: restore meta.json (the repository's format; `init` writes a new one)"
     if hits:
         tags = sorted({tag for tag, _ in hits})
@@ -75,7 +75,7 @@ def _advice(problem: FsckProblem, closures: list[ImageClosure]) -> str:
         again = (
             f"pull {'it' if len(tags) == 1 else 'them'} again ({PROG} oci pull SOURCE {tags[0]})"
         )
-        if problem.path.startswith("objects/") and problem.kind in _BAD_CONTENT:
+        if problem.path.startswith(f"{OBJECTS}/") and problem.kind in _BAD_CONTENT:
             # a pull re-imports what is missing; an object with wrong bytes must go first
             return f"affects {parts}; repair: remove {problem.path}, then {again}"
         return f"affects {parts}; repair: {again}, which imports what is missing again"
@@ -246,8 +246,8 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     print(
         f"Objects: {len(result.objects_removed)} removed ({result.objects_bytes} bytes)", file=out
     )
-    images = sum(1 for p in result.links_pruned if p.startswith("images/"))
-    streams = sum(1 for p in result.links_pruned if p.startswith("streams/"))
+    images = sum(1 for p in result.links_pruned if p.startswith(f"{IMAGES}/"))
+    streams = sum(1 for p in result.links_pruned if p.startswith(f"{STREAMS}/"))
     if images or streams:
         print(f"Pruned symlinks: {images} images, {streams} streams", file=out)
     verb = "would remove" if result.dry_run else "removed"

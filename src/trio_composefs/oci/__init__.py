@@ -17,6 +17,7 @@ from ._model import Platform as Platform
 from ._model import ResolvedImage as ResolvedImage
 from ._model import SourceRef as SourceRef
 from ._model import parse_source as parse_source
+from ._names import OCI_REF_PREFIX as OCI_REF_PREFIX
 from ._names import decode_tag as decode_tag
 from ._names import encode_tag as encode_tag
 from ._pull import ImageProgress as ImageProgress
