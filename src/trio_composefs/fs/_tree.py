@@ -96,7 +96,19 @@ class InlineFile:
         return len(self.data)
 
 
-@attrs.frozen
+class _DigestPath:
+    """The default of :attr:`ExternalFile.payload`: the digest's object path."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DIGEST_PATH"
+
+
+_DIGEST_PATH = _DigestPath()
+
+
+@attrs.frozen(eq=False)
 class ExternalFile:
     """A regular file whose bytes are a repository object.
 
@@ -105,16 +117,36 @@ class ExternalFile:
         digest: the object's fs-verity digest (``None`` only for dumpfile input that
             gives none: the image then carries an empty metacopy xattr).
         payload: the backing path (``XX/REST``) for the redirect xattr; defaults to the
-            digest's object path.
+            digest's object path (computed when asked for, not stored: a tree of a
+            million files would otherwise hold a million such strings).
     """
 
     size: int
     digest: Digest | None
-    payload: str | None = attrs.field()
+    _payload: str | None | _DigestPath = attrs.field(default=_DIGEST_PATH, alias="payload")
 
-    @payload.default
-    def _payload_from_digest(self) -> str | None:
-        return self.digest.object_path() if self.digest is not None else None
+    @property
+    def payload(self) -> str | None:
+        payload = self._payload
+        if isinstance(payload, _DigestPath):
+            return self.digest.object_path() if self.digest is not None else None
+        return payload
+
+    @property
+    def default_payload(self) -> bool:
+        """Whether :attr:`payload` is the digest's object path because none was given."""
+        return isinstance(self._payload, _DigestPath)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExternalFile):
+            return NotImplemented
+        return (self.size, self.digest, self.payload) == (other.size, other.digest, other.payload)
+
+    def __hash__(self) -> int:
+        return hash((self.size, self.digest, self.payload))
+
+    def __repr__(self) -> str:
+        return f"ExternalFile(size={self.size!r}, digest={self.digest!r}, payload={self.payload!r})"
 
 
 @attrs.frozen
