@@ -157,11 +157,12 @@ def compare(names: list[str], sources: list[str], quick: bool, rounds: int) -> N
                 return float(statistics.median(r[key] for r in rs))
 
             label = src[-20:]
+            each = ", ".join(f"{r['tree']:.2f}+{r['erofs']:.2f}" for r in rs)
             print(
                 f"{name:9} {label:20} {med('tree'):7.2f} {med('erofs'):8.2f}"
                 f" {med('tree') + med('erofs'):11.2f}"
                 f" {med('image_bytes') / 2**20:10.1f} {max(r['rss_peak_mib'] for r in rs):13.0f}"
-                f"   (runs: {', '.join('%.2f+%.2f' % (r['tree'], r['erofs']) for r in rs)})"
+                f"   (runs: {each})"
             )
     print(f"load average at end: {os.getloadavg()}")
 

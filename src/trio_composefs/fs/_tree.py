@@ -123,7 +123,7 @@ class ExternalFile:
 
     size: int
     digest: Digest | None
-    _payload: str | None | _DigestPath = attrs.field(default=_DIGEST_PATH, alias="payload")
+    _payload: str | _DigestPath | None = attrs.field(default=_DIGEST_PATH, alias="payload")
 
     @property
     def payload(self) -> str | None:
