@@ -11,7 +11,7 @@ medians of ``--rounds`` runs.
     python benchmarks/bench_image.py --quick small million
     python benchmarks/bench_image.py upstream small million --rounds 3
 
-``--compare OLD_SRC NEW_SRC ...`` measures only the image build (tree + EROFS) of several
+``--compare OLD_SRC,NEW_SRC,...`` measures only the image build (tree + EROFS) of several
 versions of the code: each argument is a ``src`` directory (e.g. ``git archive`` of an
 older commit), put first on ``PYTHONPATH`` of the child. Each dataset is imported once
 into a kept repository (``WORK_DIR/image-repos``, reused by later runs); the rounds
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("datasets", nargs="*", default=["upstream", "small", "million"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compare", nargs="+", metavar="SRC", help="src directories to compare")
+    parser.add_argument("--compare", metavar="SRC,SRC,...", help="src directories to compare")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--import-only", help=argparse.SUPPRESS)
     parser.add_argument("--build-only", help=argparse.SUPPRESS)
@@ -197,7 +197,12 @@ def main() -> None:
         return
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     if args.compare:
-        compare(args.datasets, [os.path.abspath(s) for s in args.compare], args.quick, args.rounds)
+        compare(
+            args.datasets,
+            [os.path.abspath(s) for s in args.compare.split(",")],
+            args.quick,
+            args.rounds,
+        )
         return
     print("dataset   files     import s  tree s  erofs s  image/pull  image MiB  peak RSS MiB")
     for name in args.datasets:

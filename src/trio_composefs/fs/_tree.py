@@ -85,15 +85,46 @@ class Stat:
         return Stat(self.mode, self.uid, self.gid, self.mtime, self.mtime_nsec, dict(self.xattrs))
 
 
-@attrs.frozen
-class InlineFile:
-    """A regular file whose bytes are stored in the image itself."""
+class InlineFile(bytes):
+    """A regular file whose bytes are stored in the image itself.
 
-    data: bytes
+    A frozen value: ``InlineFile(data)``, its bytes in :attr:`data`. It *is* those
+    bytes (a ``bytes`` subclass without a ``__dict__``), so that a tree of a million
+    small files holds one object per file, not a wrapper and its bytes; compare it with
+    another ``InlineFile`` (it never equals plain ``bytes``).
+    """
+
+    __slots__ = ()
+    __match_args__ = ("data",)
+
+    def __new__(cls, data: bytes) -> InlineFile:
+        return super().__new__(cls, data)
+
+    @property
+    def data(self) -> bytes:
+        """The file's bytes (a plain ``bytes`` copy)."""
+        return bytes(self)
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return len(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, InlineFile):
+            return bytes.__eq__(self, other)
+        return False if isinstance(other, bytes | bytearray | memoryview) else NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    def __hash__(self) -> int:
+        return hash((InlineFile, bytes(self)))
+
+    def __repr__(self) -> str:
+        return f"InlineFile(data={bytes(self)!r})"
+
+    __str__ = __repr__
 
 
 class _DigestPath:
@@ -207,7 +238,9 @@ class Leaf:
     def size(self) -> int:
         """``st_size``: file length, symlink target length, else 0."""
         content = self.content
-        if isinstance(content, InlineFile | ExternalFile):
+        if isinstance(content, InlineFile):
+            return len(content)
+        if isinstance(content, ExternalFile):
             return content.size
         if isinstance(content, Symlink):
             return len(content.target)

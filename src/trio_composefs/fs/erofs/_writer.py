@@ -199,7 +199,17 @@ def _filter_bit(name: bytes) -> int:
 _FILE_XATTR_BITS = {name: _filter_bit(name) for name in (_METACOPY, _REDIRECT)}
 # The metacopy entry's size, by digest size (0: no digest, an empty value).
 _METACOPY_ENTRY = {n: _entry_size((_METACOPY, bytes(4 + n if n else 0))) for n in (0, 32, 64)}
-_REDIRECT_SUFFIX = len(xattr_prefix(_REDIRECT)[1])
+_TRUSTED, _REDIRECT_SUFFIX = xattr_prefix(_REDIRECT)
+_REDIRECT_SUFFIX_LEN = len(_REDIRECT_SUFFIX)
+# The head (entry header and name suffix) of a metacopy entry, by value length.
+_METACOPY_HEAD = {
+    n: XATTR_ENTRY.pack(len(xattr_prefix(_METACOPY)[1]), _TRUSTED, n) + xattr_prefix(_METACOPY)[1]
+    for n in (0, 36, 68)
+}
+_FILE_HEADER_METACOPY = XATTR_IBODY_HEADER.pack(_U32 & ~_FILE_XATTR_BITS[_METACOPY], 0)
+_FILE_HEADER_BOTH = XATTR_IBODY_HEADER.pack(
+    _U32 & ~(_FILE_XATTR_BITS[_METACOPY] | _FILE_XATTR_BITS[_REDIRECT]), 0
+)
 
 
 def _check_xattr_size(size: int, pairs: Sequence[tuple[bytes, bytes]]) -> None:
@@ -522,7 +532,7 @@ class _Writer:
                 if ctype is InlineFile:
                     assert isinstance(content, InlineFile)
                     kind = reg_kind
-                    size = len(content.data)
+                    size = len(content)
                     if size:
                         blocks, tail = divmod(size, BLOCK_SIZE)
                         if tail > BLOCK_SIZE // 2:
@@ -644,6 +654,27 @@ class _Writer:
         refs, inline = self._split(pairs)
         return _U32 & ~bits, refs, inline
 
+    def _file_body(self, xs: _Xattrs | None, content: ExternalFile) -> bytes:
+        """An external file's xattr area (header, refs, entries)."""
+        if xs is None and not self._file_shared(content):  # the usual case: 2 entries
+            digest = content.digest
+            meta = metacopy_xattr(digest)
+            parts = [b"", _METACOPY_HEAD[len(meta)], meta, bytes(-len(meta) % 4)]
+            if content.default_payload:
+                payload = b"/" + digest.object_path().encode() if digest is not None else b""
+            else:
+                payload = b"/" + content.payload.encode() if content.payload else b""
+            if payload:
+                parts[0] = _FILE_HEADER_BOTH
+                parts.append(XATTR_ENTRY.pack(_REDIRECT_SUFFIX_LEN, _TRUSTED, len(payload)))
+                parts.append(_REDIRECT_SUFFIX)
+                parts.append(payload)
+                parts.append(bytes(-(_REDIRECT_SUFFIX_LEN + len(payload)) % 4))
+            else:
+                parts[0] = _FILE_HEADER_METACOPY
+            return b"".join(parts)
+        return self._body(*self._file_xattrs(xs, content))
+
     def _file_xattr_size(self, xs: _Xattrs | None, content: ExternalFile) -> int:
         if xs is None and not self._file_shared(content):  # the usual case
             digest = content.digest
@@ -655,7 +686,7 @@ class _Writer:
             else:
                 payload_len = len(content.payload.encode()) if content.payload else 0
             if payload_len:
-                size += (XATTR_ENTRY.size + _REDIRECT_SUFFIX + 1 + payload_len + 3) & ~3
+                size += (XATTR_ENTRY.size + _REDIRECT_SUFFIX_LEN + 1 + payload_len + 3) & ~3
             return XATTR_IBODY_HEADER.size + size
         _filter, refs, inline = self._file_xattrs(xs, content)
         return XATTR_IBODY_HEADER.size + 4 * len(refs) + sum(_entry_size(p) for p in inline)
@@ -725,6 +756,8 @@ class _Writer:
         ipads = self.ipad
         nids = self.nid
         dir_kind = S_IFDIR >> 12
+        last_stat: Stat | None = None
+        stat_compact = False
         for index, inode in enumerate(self.inodes):
             kind = kinds[index]
             if kind == dir_kind:
@@ -733,14 +766,15 @@ class _Writer:
             else:
                 size = sizes[index]
             stat = inode.stat
-            compact = (
-                stat.mtime == min_mtime[0]
-                and stat.mtime_nsec == min_mtime[1]
-                and nlinks[index] <= _U16
-                and stat.uid <= _U16
-                and stat.gid <= _U16
-                and size <= _U32
-            )
+            if stat is not last_stat:  # stats are often shared: check each once
+                last_stat = stat
+                stat_compact = (
+                    stat.mtime == min_mtime[0]
+                    and stat.mtime_nsec == min_mtime[1]
+                    and stat.uid <= _U16
+                    and stat.gid <= _U16
+                )
+            compact = stat_compact and nlinks[index] <= _U16 and size <= _U32
             compacts.append(compact)
             inode_size = COMPACT_INODE.size if compact else EXTENDED_INODE.size
             xs = xattrs[index]
@@ -755,7 +789,8 @@ class _Writer:
             xattr_sizes.append(xattr_size)
             start = pos
             pos = (pos + SLOT_SIZE - 1) & ~(SLOT_SIZE - 1)
-            pos += self._tail_padding(index, pos, inode_size + xattr_size)
+            if tails[index]:
+                pos += self._tail_padding(index, pos, inode_size + xattr_size)
             ipads.append(pos - start)
             nids.append(pos // SLOT_SIZE)
             n_data_blocks += blocks[index]
@@ -927,7 +962,7 @@ class _Writer:
         if isinstance(content, Symlink):
             return content.target
         assert isinstance(content, InlineFile)
-        return content.data
+        return content  # an InlineFile is its bytes
 
     def header(self) -> bytes:
         """The composefs header and the EROFS superblock: the first 1152 bytes."""
@@ -976,7 +1011,7 @@ class _Writer:
             if tail_kinds[index] == _T_CHUNKS:
                 content = inodes[index].content  # type: ignore[union-attr]
                 assert isinstance(content, ExternalFile)
-                buf += self._body(*self._file_xattrs(xs, content))
+                buf += self._file_body(xs, content)
             elif xs is not None:
                 buf += self._xattr_body(xs)
             if tails[index]:
