@@ -147,8 +147,9 @@ def compare(names: list[str], sources: list[str], quick: bool, rounds: int) -> N
                     meta["diff_id"],
                 ]
                 done = subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
-                runs[src].append(json.loads(done.stdout.splitlines()[-1]))
-                print(f"  {name} {src}: {done.stdout.splitlines()[-1]}", file=sys.stderr, flush=True)
+                last = done.stdout.splitlines()[-1]
+                runs[src].append(json.loads(last))
+                print(f"  {name} {src}: {last}", file=sys.stderr, flush=True)
         images = {r["image"] for rs in runs.values() for r in rs}
         if len(images) != 1:
             raise SystemExit(f"{name}: the versions built different images: {images}")
