@@ -151,7 +151,13 @@ def leaf_contents(draw: st.DrawFn) -> Leaf:
             return Leaf(s, InlineFile(draw(st.binary(min_size=n, max_size=n))))
         return Leaf(s, InlineFile(draw(st.binary(max_size=64))))
     if kind <= 3:
-        return Leaf(s, ExternalFile(draw(_SIZES), _digest(draw)))
+        size, digest = draw(_SIZES), _digest(draw)
+        if draw(st.integers(0, 4)) == 0:  # a dumpfile's own payload (or none)
+            other = _digest(draw)
+            path = other.object_path() if other is not None else None
+            payload = draw(st.sampled_from([None, "ab/cdef", path]))
+            return Leaf(s, ExternalFile(size, digest, payload))
+        return Leaf(s, ExternalFile(size, digest))
     if kind <= 5:
         length = draw(st.one_of(st.integers(1, 60), st.integers(3900, 4095), st.integers(1, 4095)))
         target = draw(st.binary(min_size=length, max_size=length)).replace(b"\0", b"x")
