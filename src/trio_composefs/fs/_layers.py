@@ -346,7 +346,7 @@ def _content(entry: TarEntry, layer: str | None) -> LeafContent:
                 path=entry.path,
                 layer=layer,
             )
-        return InlineFile(bytes(content)) if content else _EMPTY_FILE
+        return InlineFile(content) if content else _EMPTY_FILE
     if kind is EntryType.SYMLINK:
         return Symlink(_encode(entry.link_target or ""))
     if kind is EntryType.CHAR:
