@@ -9,7 +9,10 @@ Pure data, no I/O (layer L0: imports no ``os``, no trio). Modelled on composefs-
   several names: identity is the inode, ``nlink`` is counted, never stored.
 * :class:`Stat` holds what every inode has: permission bits (``mode & 0o7777``, the file
   type lives in the content), owner, mtime with nanoseconds, and the xattrs as raw
-  ``bytes`` names and values.
+  ``bytes`` names and values. Several inodes may share one ``Stat`` (the trees
+  :class:`~trio_composefs.fs.TreeBuilder` makes do, to save memory): to change one
+  inode's metadata, give it a new ``Stat`` (``inode.stat = inode.stat.copy()``) rather
+  than assigning to the fields of one it may share.
 
 Regular files are :class:`InlineFile` (the bytes are in the image) or
 :class:`ExternalFile` (an object of the repository, named by its fs-verity digest).
