@@ -142,7 +142,9 @@ def _digest(draw: st.DrawFn) -> Digest | None:
 
 
 @st.composite
-def leaf_contents(draw: st.DrawFn) -> Leaf:
+def leaf_contents(draw: st.DrawFn, *, payloads: bool = False) -> Leaf:
+    """Any kind of leaf; with ``payloads``, some external files carry a dumpfile's own
+    payload (or none), which C's reader does not give back as such."""
     kind = draw(st.integers(0, 9))
     s = draw(stats())
     if kind <= 1:
@@ -151,7 +153,13 @@ def leaf_contents(draw: st.DrawFn) -> Leaf:
             return Leaf(s, InlineFile(draw(st.binary(min_size=n, max_size=n))))
         return Leaf(s, InlineFile(draw(st.binary(max_size=64))))
     if kind <= 3:
-        return Leaf(s, ExternalFile(draw(_SIZES), _digest(draw)))
+        size, digest = draw(_SIZES), _digest(draw)
+        if payloads and draw(st.integers(0, 4)) == 0:
+            other = _digest(draw)
+            path = other.object_path() if other is not None else None
+            payload = draw(st.sampled_from([None, "ab/cdef", path]))
+            return Leaf(s, ExternalFile(size, digest, payload))
+        return Leaf(s, ExternalFile(size, digest))
     if kind <= 5:
         length = draw(st.one_of(st.integers(1, 60), st.integers(3900, 4095), st.integers(1, 4095)))
         target = draw(st.binary(min_size=length, max_size=length)).replace(b"\0", b"x")
@@ -167,7 +175,7 @@ def leaf_contents(draw: st.DrawFn) -> Leaf:
 
 
 @st.composite
-def filesystems(draw: st.DrawFn) -> FileSystem:
+def filesystems(draw: st.DrawFn, *, payloads: bool = False) -> FileSystem:
     """A tree with every entry kind, hard links, big directories and shared xattrs."""
     root = Directory(draw(stats()))
     dirs = [root]
@@ -182,7 +190,7 @@ def filesystems(draw: st.DrawFn) -> FileSystem:
             child = Directory(draw(stats()))
             dirs.append(child)
         else:
-            child = draw(leaf_contents())
+            child = draw(leaf_contents(payloads=payloads))
             leaves.append(child)
         parent.entries[name] = child
     # Hard links: more names for some leaves.

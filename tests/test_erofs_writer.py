@@ -147,7 +147,7 @@ COMPARED: dict[str, int] = {"hypothesis": 0, "host": 0}
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(filesystems())
+@given(filesystems(payloads=True))
 def test_hypothesis_trees_identical_to_c(fs: FileSystem) -> None:
     need_c_tool("mkcomposefs")
     dump = dumpfile_bytes(fs)

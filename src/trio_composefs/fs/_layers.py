@@ -21,6 +21,13 @@ and so the same image ID:
 * Regular files of at most 64 bytes are :class:`InlineFile`; larger ones, stored as
   objects, are :class:`ExternalFile` ``(size, digest)``. Upstream's consistency check is
   kept: inline content over 64 bytes or an external one of 64 or less is an error.
+* **Shared metadata**: inodes whose metadata (mode, owner, mtime, xattrs) is equal
+  share one :class:`Stat` object (and entries without xattrs one empty xattr dict), and
+  empty files one :class:`InlineFile`: a layer of a million files costs a few hundred
+  bytes per entry, not a kilobyte. So a tree from this module must not be changed by
+  assigning to a stat's fields or its xattr dict: give the inode a new ``Stat``
+  (``inode.stat = stat.copy()`` first), as :func:`transform_for_oci` does. The root's
+  stat is never shared.
 * Names are bytes: ``path.encode("utf-8", "surrogateescape")`` gives back the archive's
   raw bytes. Permission bits are ``mode & 0o7777``. Upstream keeps the raw header
   mode and ORs the type into it when writing: the same result whenever the mode
@@ -97,6 +104,12 @@ IMPLICIT_DIR_MODE = 0o755
 #: The xattrs :func:`transform_for_oci` keeps by default (upstream's allowlist).
 CONTAINER_XATTR_ALLOWLIST = frozenset({b"security.capability"})
 
+#: How many distinct stats :class:`TreeBuilder` remembers for sharing; past this it
+#: starts over (layers list a directory's entries together, and those mostly share
+#: their metadata, so a small memory catches almost every repeat).
+STAT_CACHE_SIZE = 16384
+_EMPTY_FILE = InlineFile(b"")
+
 _WHITEOUT = b".wh."
 _OPAQUE = b".wh..opq"  # after the ".wh." prefix: the name is ".wh..wh..opq"
 
@@ -120,6 +133,9 @@ class TreeBuilder:
         # replacement of a directory forgets it.
         self._cached_key: bytes | None = None
         self._cached_dir = self.filesystem.root
+        # Shared stats, by (mode, uid, gid, mtime, mtime_nsec[, xattr items]).
+        self._stats: dict[tuple[object, ...], Stat] = {}
+        self._no_xattrs: dict[bytes, bytes] = {}  # the one empty dict of shared stats
 
     def add_layer(self, entries: Iterable[TarEntry], *, name: str | None = None) -> None:
         """Apply every entry of one layer, in order.
@@ -156,12 +172,36 @@ class TreeBuilder:
             name = parts[-1]
 
         inode: Inode
-        if entry.type is EntryType.HARDLINK:
+        kind = entry.type
+        if kind is EntryType.HARDLINK:
             inode = self._link_target(entry, layer)
-        elif entry.type is EntryType.DIRECTORY:
-            inode = Directory(_stat(entry))
         else:
-            inode = Leaf(_stat(entry), _content(entry, layer))
+            # _stat(), shared with every earlier entry of the same metadata.
+            xattrs = entry.xattrs
+            mode = entry.mode & 0o7777
+            if xattrs:
+                key: tuple[object, ...] = (
+                    mode,
+                    entry.uid,
+                    entry.gid,
+                    entry.mtime,
+                    entry.mtime_nsec,
+                    *xattrs.items(),
+                )
+            else:
+                key = (mode, entry.uid, entry.gid, entry.mtime, entry.mtime_nsec)
+            stat = self._stats.get(key)
+            if stat is None:
+                if len(self._stats) >= STAT_CACHE_SIZE:
+                    self._stats.clear()
+                stat = _stat(entry)
+                if not xattrs:
+                    stat.xattrs = self._no_xattrs
+                self._stats[key] = stat
+            if kind is EntryType.DIRECTORY:
+                inode = Directory(stat)
+            else:
+                inode = Leaf(stat, _content(entry, layer))
 
         whiteout = name.startswith(_WHITEOUT)
         if parts is None:
@@ -306,7 +346,7 @@ def _content(entry: TarEntry, layer: str | None) -> LeafContent:
                 path=entry.path,
                 layer=layer,
             )
-        return InlineFile(bytes(content))
+        return InlineFile(content) if content else _EMPTY_FILE
     if kind is EntryType.SYMLINK:
         return Symlink(_encode(entry.link_target or ""))
     if kind is EntryType.CHAR:
@@ -346,6 +386,7 @@ def transform_for_oci(fs: FileSystem, *, keep_user_xattrs: bool = False) -> None
         run = root.entries.get(b"run")
         if isinstance(run, Directory):
             run.entries.clear()
+            run.stat = run.stat.copy()  # it may be shared (see the module doc)
             run.stat.mtime = src.mtime
             run.stat.mtime_nsec = src.mtime_nsec
     elif root.stat.mode == 0:
@@ -356,14 +397,32 @@ def transform_for_oci(fs: FileSystem, *, keep_user_xattrs: bool = False) -> None
     def keep(name: bytes) -> bool:
         return name in CONTAINER_XATTR_ALLOWLIST or (keep_user_xattrs and name.startswith(b"user."))
 
-    seen: set[int] = set()
-    for _path, inode in fs.walk():
-        if id(inode) in seen:
-            continue
-        seen.add(id(inode))
-        xattrs = inode.stat.xattrs
-        if xattrs and not all(keep(name) for name in xattrs):
-            inode.stat.xattrs = {k: v for k, v in xattrs.items() if keep(k)}
+    # Stats are shared (see the module doc): each one is filtered once, into a new
+    # Stat given to every inode that had it (the old one is kept alive meanwhile, so
+    # that its id is not reused).
+    filtered: dict[int, tuple[Stat, Stat]] = {}
+
+    def filter_stat(inode: Inode) -> None:
+        stat = inode.stat
+        done = filtered.get(id(stat))
+        if done is None:
+            new = stat
+            if not all(keep(name) for name in stat.xattrs):
+                new = stat.copy()
+                new.xattrs = {k: v for k, v in stat.xattrs.items() if keep(k)}
+            done = filtered[id(stat)] = (stat, new)
+        inode.stat = done[1]
+
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        if directory.stat.xattrs:
+            filter_stat(directory)
+        for inode in directory.entries.values():
+            if isinstance(inode, Directory):
+                stack.append(inode)
+            elif inode.stat.xattrs:
+                filter_stat(inode)
 
 
 def tree_from_layers(

@@ -9,7 +9,10 @@ Pure data, no I/O (layer L0: imports no ``os``, no trio). Modelled on composefs-
   several names: identity is the inode, ``nlink`` is counted, never stored.
 * :class:`Stat` holds what every inode has: permission bits (``mode & 0o7777``, the file
   type lives in the content), owner, mtime with nanoseconds, and the xattrs as raw
-  ``bytes`` names and values.
+  ``bytes`` names and values. Several inodes may share one ``Stat`` (the trees
+  :class:`~trio_composefs.fs.TreeBuilder` makes do, to save memory): to change one
+  inode's metadata, give it a new ``Stat`` (``inode.stat = inode.stat.copy()``) rather
+  than assigning to the fields of one it may share.
 
 Regular files are :class:`InlineFile` (the bytes are in the image) or
 :class:`ExternalFile` (an object of the repository, named by its fs-verity digest).
@@ -85,18 +88,61 @@ class Stat:
         return Stat(self.mode, self.uid, self.gid, self.mtime, self.mtime_nsec, dict(self.xattrs))
 
 
-@attrs.frozen
-class InlineFile:
-    """A regular file whose bytes are stored in the image itself."""
+class InlineFile(bytes):
+    """A regular file whose bytes are stored in the image itself.
 
-    data: bytes
+    A frozen value: ``InlineFile(data)``, its bytes in :attr:`data`. It *is* those
+    bytes (a ``bytes`` subclass without a ``__dict__``), so that a tree of a million
+    small files holds one object per file, not a wrapper and its bytes; compare it with
+    another ``InlineFile`` (it never equals plain ``bytes``).
+    """
+
+    __slots__ = ()
+    __match_args__ = ("data",)
+
+    def __new__(cls, data: bytes) -> InlineFile:
+        return super().__new__(cls, data)
+
+    @property
+    def data(self) -> bytes:
+        """The file's bytes (a plain ``bytes`` copy)."""
+        return bytes(self)
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return len(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, InlineFile):
+            return bytes.__eq__(self, other)
+        return False if isinstance(other, bytes | bytearray | memoryview) else NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    def __hash__(self) -> int:
+        return hash((InlineFile, bytes(self)))
+
+    def __repr__(self) -> str:
+        return f"InlineFile(data={bytes(self)!r})"
+
+    __str__ = __repr__
 
 
-@attrs.frozen
+class _DigestPath:
+    """The default of :attr:`ExternalFile.payload`: the digest's object path."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DIGEST_PATH"
+
+
+_DIGEST_PATH = _DigestPath()
+
+
+@attrs.frozen(eq=False)
 class ExternalFile:
     """A regular file whose bytes are a repository object.
 
@@ -105,16 +151,36 @@ class ExternalFile:
         digest: the object's fs-verity digest (``None`` only for dumpfile input that
             gives none: the image then carries an empty metacopy xattr).
         payload: the backing path (``XX/REST``) for the redirect xattr; defaults to the
-            digest's object path.
+            digest's object path (computed when asked for, not stored: a tree of a
+            million files would otherwise hold a million such strings).
     """
 
     size: int
     digest: Digest | None
-    payload: str | None = attrs.field()
+    _payload: str | _DigestPath | None = attrs.field(default=_DIGEST_PATH, alias="payload")
 
-    @payload.default
-    def _payload_from_digest(self) -> str | None:
-        return self.digest.object_path() if self.digest is not None else None
+    @property
+    def payload(self) -> str | None:
+        payload = self._payload
+        if isinstance(payload, _DigestPath):
+            return self.digest.object_path() if self.digest is not None else None
+        return payload
+
+    @property
+    def default_payload(self) -> bool:
+        """Whether :attr:`payload` is the digest's object path because none was given."""
+        return isinstance(self._payload, _DigestPath)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExternalFile):
+            return NotImplemented
+        return (self.size, self.digest, self.payload) == (other.size, other.digest, other.payload)
+
+    def __hash__(self) -> int:
+        return hash((self.size, self.digest, self.payload))
+
+    def __repr__(self) -> str:
+        return f"ExternalFile(size={self.size!r}, digest={self.digest!r}, payload={self.payload!r})"
 
 
 @attrs.frozen
@@ -175,7 +241,9 @@ class Leaf:
     def size(self) -> int:
         """``st_size``: file length, symlink target length, else 0."""
         content = self.content
-        if isinstance(content, InlineFile | ExternalFile):
+        if isinstance(content, InlineFile):
+            return len(content)
+        if isinstance(content, ExternalFile):
             return content.size
         if isinstance(content, Symlink):
             return len(content.target)
