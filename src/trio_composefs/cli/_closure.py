@@ -12,15 +12,13 @@ missing: fsck reports that; here it only has to be attributed.
 
 from __future__ import annotations
 
-import mmap
-import os
 from collections.abc import Mapping, Sequence
 
 import attrs
 
 from .._errors import ComposefsError
 from ..formats import Digest
-from ..formats._splitstream import SplitStreamInfo, parse_splitstream
+from ..formats._splitstream import SplitStreamInfo
 from ..importer import layer_content_id
 from ..maintenance import FsckProblem
 from ..oci import (
@@ -35,6 +33,7 @@ from ..repository import (
     image_path,
     object_entry_path,
     object_path,
+    read_stream_info,
     referenced_objects,
     stream_path,
     stream_ref_path,
@@ -52,26 +51,6 @@ class ImageClosure:
     parts: Mapping[str, str]
 
 
-def _object_key(digest: Digest) -> str:
-    return object_path(digest)
-
-
-def _read_info(repo: Repository, digest: Digest) -> SplitStreamInfo | None:
-    try:
-        fd = repo.open_object(digest)
-    except (ComposefsError, OSError):
-        return None
-    try:
-        if os.fstat(fd).st_size == 0:
-            return None
-        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
-            return parse_splitstream(data, algorithm=repo.algorithm)
-    except (ComposefsError, OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
-
-
 def image_closure(
     repo: Repository, tag: str, manifest_digest: str, streams: Mapping[str, Digest]
 ) -> ImageClosure:
@@ -83,23 +62,23 @@ def image_closure(
         digest = digest or streams.get(name)
         if digest is None:
             return None
-        parts.setdefault(_object_key(digest), part)
-        info = _read_info(repo, digest)
+        parts.setdefault(object_path(digest), part)
+        info = read_stream_info(repo, digest)
         if info is not None:
             for obj in info.object_refs:
-                parts.setdefault(_object_key(obj), part)
+                parts.setdefault(object_path(obj), part)
         return info
 
     def image(digest: Digest) -> None:
         part = f"composefs image {digest.hex()}"
         parts.setdefault(image_path(digest.hex()), part)
-        parts.setdefault(_object_key(digest), part)
+        parts.setdefault(object_path(digest), part)
         try:
             objects = referenced_objects(repo, digest)
         except (ComposefsError, OSError, ValueError):
             return
         for obj in objects:
-            parts.setdefault(_object_key(obj), part)
+            parts.setdefault(object_path(obj), part)
 
     # Layers first, then the images built from them: an object both use is named by its layer.
     images: list[Digest] = []

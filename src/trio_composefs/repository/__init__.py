@@ -28,6 +28,7 @@ from ._meta import RepoMetadata as RepoMetadata
 from ._reading import copy_stream as copy_stream
 from ._reading import iter_layer_entries as iter_layer_entries
 from ._reading import open_splitstream as open_splitstream
+from ._reading import read_stream_info as read_stream_info
 from ._reading import stream_chunks as stream_chunks
 from ._reading import stream_is_complete as stream_is_complete
 from ._reading import usable_stream as usable_stream

@@ -23,6 +23,7 @@ __all__ = [
     "copy_stream",
     "iter_layer_entries",
     "open_splitstream",
+    "read_stream_info",
     "stream_chunks",
     "stream_is_complete",
     "usable_stream",
@@ -96,6 +97,26 @@ def object_digests(repo: Repository, name: str) -> list[Digest]:
         return list(info.object_refs)
 
 
+def read_stream_info(
+    repo: Repository, digest: Digest, *, content_type: int | None = None
+) -> SplitStreamInfo | None:
+    """The parsed header of the splitstream object ``digest``, or None if it is missing,
+    empty or does not parse (for checks that report damage themselves)."""
+    try:
+        fd = repo.open_object(digest)
+    except (OSError, ComposefsError):
+        return None
+    try:
+        if os.fstat(fd).st_size == 0:
+            return None
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
+            return parse_splitstream(data, algorithm=repo.algorithm, content_type=content_type)
+    except (OSError, ComposefsError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def stream_is_complete(
     repo: Repository, digest: Digest, *, content_type: int | None = None
 ) -> bool:
@@ -104,21 +125,8 @@ def stream_is_complete(
     What a pull asks before it skips a layer (or an image) as already stored: a stream
     whose object, header or file objects were lost is imported again, which repairs it.
     """
-    try:
-        fd = repo.open_object(digest)
-    except (OSError, ComposefsError):
-        return False
-    try:
-        if os.fstat(fd).st_size == 0:
-            return False
-        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
-            info = parse_splitstream(data, algorithm=repo.algorithm, content_type=content_type)
-            refs = list(info.object_refs)
-    except (OSError, ComposefsError, ValueError):
-        return False
-    finally:
-        os.close(fd)
-    return all(repo.has_object(ref) for ref in refs)
+    info = read_stream_info(repo, digest, content_type=content_type)
+    return info is not None and all(repo.has_object(ref) for ref in info.object_refs)
 
 
 def usable_stream(repo: Repository, name: str, *, content_type: int | None = None) -> Digest | None:
