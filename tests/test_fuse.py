@@ -639,9 +639,10 @@ def test_cli_without_pyfuse3_says_how_to_install_it(tmp_path: Path, mnt: Path) -
 # --- as an unprivileged user ----------------------------------------------------------------------
 
 UNPRIVILEGED = "nobody"
-#: An interpreter the unprivileged user can run, with trio_composefs and pyfuse3
-#: (sys.executable may live under /root, which other users cannot enter).
-UNPRIVILEGED_PYTHON = os.environ.get("TRIO_COMPOSEFS_TEST_UNPRIVILEGED_PYTHON", sys.executable)
+#: An interpreter the unprivileged user can run, with trio_composefs and pyfuse3, when the
+#: environment names one; otherwise the ``unprivileged_python`` fixture makes one.
+UNPRIVILEGED_PYTHON_ENV = "TRIO_COMPOSEFS_TEST_UNPRIVILEGED_PYTHON"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 #: A tree snapshot made by the unprivileged user (json on stdout): what it may see.
 SNAPSHOT_SCRIPT = r"""
@@ -697,39 +698,70 @@ def _as_user(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]
     return done
 
 
-def _unprivileged_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to switch to an unprivileged user"
-    if shutil.which("runuser") is None:
-        return "runuser is not installed"
-    if not os.stat("/dev/fuse").st_mode & 0o006:
-        # libfuse opens /dev/fuse itself before it falls back to fusermount3
-        return (
-            f"/dev/fuse is mode {os.stat('/dev/fuse').st_mode & 0o777:o}: other users cannot"
-            " open it (distributions make it 0666)"
-        )
+def _runs_for_user(python: str) -> str | None:
+    """None if the unprivileged user can import pyfuse3 and our CLI with ``python``."""
     probe = subprocess.run(
-        [
-            "runuser",
-            "-u",
-            UNPRIVILEGED,
-            "--",
-            UNPRIVILEGED_PYTHON,
-            "-c",
-            "import pyfuse3, trio_composefs.cli",
-        ],
+        ["runuser", "-u", UNPRIVILEGED, "--", python, "-c", "import pyfuse3, trio_composefs.cli"],
         capture_output=True,
         text=True,
         check=False,
         cwd="/",
     )
-    if probe.returncode != 0:
-        return (
-            f"{UNPRIVILEGED} cannot run {UNPRIVILEGED_PYTHON} with pyfuse3 and trio_composefs.cli"
-            " (set TRIO_COMPOSEFS_TEST_UNPRIVILEGED_PYTHON to a venv it can use):"
-            f" {probe.stderr.strip().splitlines()[-1:]}"
+    if probe.returncode == 0:
+        return None
+    return f"{python}: {probe.stderr.strip().splitlines()[-1:]}"
+
+
+@pytest.fixture(scope="module")
+def unprivileged_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An interpreter ``nobody`` can run with trio_composefs and pyfuse3, and a /dev/fuse it
+    can open (mode 0666, as distributions make it; restored afterwards).
+
+    ``sys.executable`` usually lives under /root, which other users cannot enter: then a
+    virtual environment of Debian's ``/usr/bin/python3`` is made under /tmp with this
+    checkout installed (not editable: the checkout may be unreadable too) and the extra.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    if shutil.which("runuser") is None:
+        pytest.skip("runuser is not installed")
+    python = os.environ.get(UNPRIVILEGED_PYTHON_ENV)
+    venv: str | None = None
+    if python is None and _runs_for_user(sys.executable) is None:
+        python = sys.executable
+    if python is None:
+        base = shutil.which("python3", path="/usr/bin")
+        if base is None:
+            pytest.skip(
+                f"{UNPRIVILEGED} cannot run {sys.executable} and there is no /usr/bin/python3"
+            )
+        venv = tempfile.mkdtemp(prefix="trio-composefs-unpriv-venv-")
+        os.chmod(venv, 0o755)
+        subprocess.run([base, "-m", "venv", venv], check=True)
+        done = subprocess.run(
+            [f"{venv}/bin/pip", "install", "-q", f"{PROJECT_ROOT}[fuse]"],
+            capture_output=True,
+            text=True,
+            check=False,
         )
-    return None
+        if done.returncode != 0:
+            shutil.rmtree(venv, ignore_errors=True)
+            pytest.skip(f"cannot install this checkout for {UNPRIVILEGED}: {done.stderr[-300:]}")
+        python = f"{venv}/bin/python"
+    reason = _runs_for_user(python)
+    if reason is not None:
+        if venv is not None:
+            shutil.rmtree(venv, ignore_errors=True)
+        pytest.skip(f"{UNPRIVILEGED} cannot use {reason} (set {UNPRIVILEGED_PYTHON_ENV})")
+    mode = os.stat("/dev/fuse").st_mode & 0o777
+    try:
+        # libfuse opens /dev/fuse itself before it falls back to fusermount3
+        os.chmod("/dev/fuse", mode | 0o666)
+        yield python
+    finally:
+        os.chmod("/dev/fuse", mode)
+        if venv is not None:
+            shutil.rmtree(venv, ignore_errors=True)
 
 
 @pytest.fixture
@@ -744,14 +776,11 @@ def shared_dir() -> Iterator[Path]:
 
 
 def test_unprivileged_fuse_mount_shows_the_kernel_mount_tree(
-    rich: tuple[Path, Path, set[bytes]], shared_dir: Path
+    rich: tuple[Path, Path, set[bytes]], shared_dir: Path, unprivileged_python: str
 ) -> None:
     """``nobody`` mounts a pulled image with ``trio-cfsctl mount --fuse --background``
     (through the setuid fusermount3) and sees exactly what it sees on root's kernel mount
     of the same image: metadata, contents (where its permissions allow), hard links."""
-    reason = _unprivileged_reason()
-    if reason is not None:
-        pytest.skip(reason)
     if _KERNEL_REASON is not None:
         pytest.skip(f"no kernel mount to compare with: {_KERNEL_REASON}")
     repo_src, _layout, _ = rich
@@ -764,7 +793,7 @@ def test_unprivileged_fuse_mount_shows_the_kernel_mount_tree(
     subprocess.run(["chown", "-R", f"{UNPRIVILEGED}:", str(shared_dir)], check=True)
     hex_name = _only_image(repo_path)
     started = _as_user(
-        UNPRIVILEGED_PYTHON,
+        unprivileged_python,
         "-m",
         "trio_composefs",
         "--repo",
@@ -782,7 +811,7 @@ def test_unprivileged_fuse_mount_shows_the_kernel_mount_tree(
         ).stdout
         assert "allow_other" not in options
         assert f"user_id={pwd.getpwnam(UNPRIVILEGED).pw_uid}" in options
-        fuse_view = _as_user(UNPRIVILEGED_PYTHON, "-c", SNAPSHOT_SCRIPT, str(mnt)).stdout
+        fuse_view = _as_user(unprivileged_python, "-c", SNAPSHOT_SCRIPT, str(mnt)).stdout
         root_denied = subprocess.run(["ls", str(mnt)], capture_output=True, text=True)
     finally:
         _as_user("fusermount3", "-u", str(mnt), check=False)
@@ -791,7 +820,7 @@ def test_unprivileged_fuse_mount_shows_the_kernel_mount_tree(
     with Repository.open(repo_path) as repo:
         mount_image(repo, hex_name, kmnt)
     try:
-        kernel_view = _as_user(UNPRIVILEGED_PYTHON, "-c", SNAPSHOT_SCRIPT, str(kmnt)).stdout
+        kernel_view = _as_user(unprivileged_python, "-c", SNAPSHOT_SCRIPT, str(kmnt)).stdout
     finally:
         unmount(kmnt)
     ours, theirs = json.loads(fuse_view), json.loads(kernel_view)
