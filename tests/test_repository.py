@@ -826,3 +826,80 @@ def test_insecure_repository_uses_kernel_verity_when_available(
 
 def test_object_tmpfile_type() -> None:
     assert ObjectTmpfile.__init__ is not None  # exported for type annotations
+
+
+@pytest.mark.parametrize("path_kind", ["o_tmpfile", "renameat2", "link_unlink"])
+@pytest.mark.parametrize("existing", ["other_size", "same_size", "dangling_symlink"])
+def test_an_existing_entry_of_any_kind_is_reported_present_and_kept(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch, path_kind: str, existing: str
+) -> None:
+    """Whatever already sits at ``objects/XX/rest`` (a damaged copy of another size,
+    one of the same size, a dangling symlink) the new copy is discarded and the
+    object reported present; the entry is left for ``fsck`` (as before: the writer
+    never judged it by its size)."""
+    content = b"the true content"
+    digest = fsverity_digest(content, Algorithm.SHA512)
+    target = Path(repo.path) / "objects" / digest.object_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if existing == "dangling_symlink":
+        target.symlink_to("nowhere")
+    else:
+        target.write_bytes(
+            b"damaged, and longer than the content"
+            if existing == "other_size"
+            else b"x" * len(content)
+        )
+    before = os.lstat(target)
+    repo.force_named_tmpfile = path_kind != "o_tmpfile"
+    if path_kind == "link_unlink":
+        monkeypatch.setattr(repository_module, "_renameat2_noreplace", lambda *a: False)
+    with repo.begin_object() as tmp:
+        tmp.write(content)
+        assert tmp.finish() == (digest, True)
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_size, after.st_nlink) == (
+        before.st_ino,
+        before.st_size,
+        before.st_nlink,
+    )
+    assert repo.find_stray_tmpfiles() == []
+    assert object_files(Path(repo.path)) == [digest.object_path()]
+
+
+@pytest.mark.parametrize("path_kind", ["o_tmpfile", "renameat2", "link_unlink"])
+def test_a_new_object_costs_one_link_and_no_stat(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch, path_kind: str
+) -> None:
+    """Linking a new object tries the link first: ``XX/`` is made only when the link
+    says ENOENT, and no ``stat`` of the target is made."""
+    repo.force_named_tmpfile = path_kind != "o_tmpfile"
+    if path_kind == "link_unlink":
+        monkeypatch.setattr(repository_module, "_renameat2_noreplace", lambda *a: False)
+    calls: list[str] = []
+    for name in ("stat", "mkdir", "link"):
+        real = getattr(os, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, counted)
+    first = fsverity_digest(b"first", Algorithm.SHA512)
+    # a second content whose object shares first's XX/ directory
+    n = 0
+    while (second := fsverity_digest(b"second %d" % n, Algorithm.SHA512)).hex()[:2] != first.hex()[
+        :2
+    ]:
+        n += 1
+    link = [] if path_kind == "renameat2" else ["link"]  # renameat2 goes through ctypes
+    expected = [(b"first", [*link, "mkdir", *link]), (b"second %d" % n, link)]
+    for content, syscalls in expected:
+        with repo.begin_object() as tmp:
+            tmp.write(content)
+            calls.clear()
+            digest, present = tmp.finish()
+            assert not present
+            assert calls == syscalls
+        assert repo.read_object(digest) == content
+    assert second.hex()[:2] == first.hex()[:2]
+

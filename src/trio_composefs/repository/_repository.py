@@ -1551,16 +1551,23 @@ class ObjectTmpfile:
         self.fd, self.name, self._done = ro, name, False
 
     def _link(self, digest: Digest) -> bool:
-        """Link under ``XX/rest``; True when an object of that name and size was already there."""
+        """Link under ``XX/rest``; True when an entry of that name was already there.
+
+        Any existing entry counts as present (whatever its size or kind: ``fsck``
+        judges it, not the writer), and the new copy is discarded. The link is
+        tried first; only when ``XX/`` is missing (``ENOENT``) is it made and the
+        link tried once more: one syscall for a new object in a seen directory.
+        """
         path = digest.object_path()
-        objects = self.objects_fd
         try:
-            if os.stat(path, dir_fd=objects).st_size == self.size:
-                return True
+            return self._link_once(path)
         except FileNotFoundError:
-            pass
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path[:2], 0o755, dir_fd=objects)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path[:2], 0o755, dir_fd=self.objects_fd)
+        return self._link_once(path)
+
+    def _link_once(self, path: str) -> bool:
+        objects = self.objects_fd
         if self.name is not None:
             try:
                 if _renameat2_noreplace(objects, self.name, path):
