@@ -902,4 +902,3 @@ def test_a_new_object_costs_one_link_and_no_stat(
             assert calls == syscalls
         assert repo.read_object(digest) == content
     assert second.hex()[:2] == first.hex()[:2]
-
