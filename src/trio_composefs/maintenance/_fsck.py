@@ -74,7 +74,7 @@ from .._errors import (
     VerityUnsupportedError,
 )
 from ..formats._chunks import InlineChunk
-from ..formats._fsverity import Digest, FsVerityHasher
+from ..formats._fsverity import Digest
 from ..formats._splitstream import iter_chunks, parse_splitstream
 from ..fs.erofs import image_objects, read_erofs_header
 from ..hashing._pool import HashPool, digest_fd
@@ -768,31 +768,34 @@ def _check_image(repo: Repository, name: str) -> _Tally:
     except (ComposefsError, OSError) as e:
         return fail(FsckProblem("image-open-failed", path, str(e)))
     try:
+        # Hashed and parsed in place (bounded memory: the page cache holds the image).
         try:
-            data = _read_fd(fd)
-        except OSError as e:
-            return fail(FsckProblem("image-read-failed", path, e.strerror or str(e)))
+            size = os.fstat(fd).st_size
+            actual = digest_fd(fd, size, repo.algorithm)
+        except (ComposefsError, OSError) as e:
+            strerror = e.strerror if isinstance(e, OSError) else None
+            return fail(FsckProblem("image-read-failed", path, strerror or str(e)))
+        tally.bytes_hashed += size
+        if actual != digest:
+            return fail(
+                FsckProblem(
+                    "image-digest-mismatch",
+                    path,
+                    "the image's fs-verity digest is not its name",
+                    expected=digest.hex(),
+                    actual=actual.hex(),
+                )
+            )
+        try:
+            if size == 0:
+                read_erofs_header(b"")
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data, memoryview(data) as view:
+                read_erofs_header(view)
+                objects = image_objects(view)
+        except ErofsError as e:
+            return fail(FsckProblem("image-invalid", path, str(e)))
     finally:
         os.close(fd)
-    hasher = FsVerityHasher(repo.algorithm)
-    hasher.update(data)
-    actual = hasher.digest()
-    tally.bytes_hashed += len(data)
-    if actual != digest:
-        return fail(
-            FsckProblem(
-                "image-digest-mismatch",
-                path,
-                "the image's fs-verity digest is not its name",
-                expected=digest.hex(),
-                actual=actual.hex(),
-            )
-        )
-    try:
-        read_erofs_header(data)
-        objects = image_objects(data)
-    except ErofsError as e:
-        return fail(FsckProblem("image-invalid", path, str(e)))
     missing = False
     for obj in sorted(objects, key=lambda d: d.hex()):
         if not repo.has_object(obj):
@@ -802,15 +805,6 @@ def _check_image(repo: Repository, name: str) -> _Tally:
     if missing:
         tally.images_corrupted += 1
     return tally
-
-
-def _read_fd(fd: int) -> bytes:
-    parts = []
-    offset = 0
-    while piece := os.pread(fd, _READ_SIZE, offset):
-        parts.append(piece)
-        offset += len(piece)
-    return b"".join(parts)
 
 
 def _check_metadata(repo: Repository) -> _Tally:
