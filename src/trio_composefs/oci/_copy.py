@@ -36,6 +36,7 @@ from ..formats._fsverity import Digest
 from ..formats._splitstream import parse_splitstream
 from ..importer._importer import layer_content_id
 from ..repository import Repository, referenced_objects, stream_is_complete
+from ..repository._writing import ImageName, StreamName, publish_after_sync
 from ._build import config_content_id, manifest_content_id
 from ._names import _check_tag
 from ._stored import StoredImage, open_image, tag_image
@@ -167,18 +168,16 @@ def _open_checked(src: Repository, image: str) -> StoredImage:
 def _publish(dst: Repository, closure: _Closure, layer_names: set[str]) -> list[str]:
     """One syncfs, then the names (blocking). Layer names the destination has (complete)
     are kept; the config and manifest names are (re)pointed at the copied streams."""
-    dst.sync()
-    named = []
+    names: list[StreamName | ImageName] = []
     for name, digest in closure.streams:
         if name in layer_names:
             have = dst.has_stream(name)
             if have is not None and stream_is_complete(dst, have):
                 continue
-        dst.publish_stream(name, digest, sync=False)
-        named.append(name)
-    for digest in closure.images:
-        dst.publish_image(digest, sync=False)
-    return named
+        names.append(StreamName(name, digest))
+    names += [ImageName(digest) for digest in closure.images]
+    publish_after_sync(dst, names, check_cancelled=trio.from_thread.check_cancelled)
+    return [n.content_id for n in names if isinstance(n, StreamName)]
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
