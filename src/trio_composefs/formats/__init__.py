@@ -48,7 +48,9 @@ if TYPE_CHECKING:
     from ._splitstream import parse_splitstream as parse_splitstream
     from ._tarentries import EntryReader as EntryReader
     from ._tarentries import EntryType as EntryType
+    from ._tarentries import SplitterEntries as SplitterEntries
     from ._tarentries import TarEntry as TarEntry
+    from ._tarentries import entry_from_header as entry_from_header
     from ._tarentries import iter_entries as iter_entries
     from ._tarentries import normalize_path as normalize_path
     from ._tarheader import TarHeader as TarHeader
@@ -90,6 +92,8 @@ _LAZY: dict[str, str] = {
     "parse_splitstream": "._splitstream",
     "EntryReader": "._tarentries",
     "EntryType": "._tarentries",
+    "SplitterEntries": "._tarentries",
+    "entry_from_header": "._tarentries",
     "TarEntry": "._tarentries",
     "iter_entries": "._tarentries",
     "normalize_path": "._tarentries",
@@ -129,6 +133,7 @@ __all__ = [
     "Sentinel",
     "SplitStreamEncoder",
     "SplitStreamInfo",
+    "SplitterEntries",
     "TarEntry",
     "TarEvent",
     "TarHeader",
@@ -137,6 +142,7 @@ __all__ = [
     "descriptor_digest",
     "digest_from_level1",
     "encode_splitstream",
+    "entry_from_header",
     "fsverity_digest",
     "iter_chunks",
     "iter_entries",

@@ -28,7 +28,9 @@ __all__ = [
     "NEED_DATA",
     "EntryReader",
     "EntryType",
+    "SplitterEntries",
     "TarEntry",
+    "entry_from_header",
     "iter_entries",
     "makedev",
     "normalize_path",
@@ -146,7 +148,16 @@ def normalize_path(raw: str, *, entry: str | None = None, offset: int | None = N
     return "/" + "/".join(parts)
 
 
-def _entry_from_header(header: TarHeader, content: bytes | ExternalChunk) -> TarEntry:
+def entry_from_header(header: TarHeader, content: bytes | ExternalChunk) -> TarEntry:
+    """The entry of a resolved tar header (:attr:`TarSplitter.header`) and its content.
+
+    ``content`` is a regular file's bytes (at most 64, :data:`INLINE_MAX`), ``b""`` for
+    every other type, or the :class:`ExternalChunk` of a larger regular file.
+
+    Raises:
+        TarError: an entry type composefs cannot hold, a path with ``..``, a hard link
+            without a target, a device number out of range.
+    """
     typeflag = header.block[156]
     kind = _TYPES.get(typeflag)
     if kind is None:
@@ -193,6 +204,65 @@ def _entry_from_header(header: TarHeader, content: bytes | ExternalChunk) -> Tar
     )
 
 
+class SplitterEntries:
+    """Which of a :class:`TarSplitter`'s events complete an entry (sans-IO).
+
+    Shared by :class:`EntryReader` (re-reading a splitstream) and the importer (which
+    taps the entries of a layer while it splits it): both watch the splitter that made
+    the events. Call :meth:`inline` with the data of every :class:`Inline` event, right
+    after :meth:`TarSplitter.next_event` handed it out; it returns the entry that event
+    completes, if any: a non-regular entry at its header block, a regular file of at most
+    :data:`INLINE_MAX` bytes once its content has come. A larger regular file is never
+    returned here: its header is :attr:`TarSplitter.header` when its :class:`FileStart`
+    comes, and its entry is ``entry_from_header(header, ExternalChunk(digest, size))``
+    once its object is stored.
+
+    The splitter must keep files of at most :data:`INLINE_MAX` bytes inline (its
+    default), as every splitstream does.
+
+    Memory: one header and at most 64 bytes of content.
+
+    Raises (from :meth:`inline`):
+        TarError: see :func:`entry_from_header`.
+    """
+
+    __slots__ = ("_content", "_header", "_seen", "_splitter")
+
+    def __init__(self, splitter: TarSplitter) -> None:
+        if splitter.inline_max != INLINE_MAX:
+            raise ValueError(f"the splitter keeps {splitter.inline_max} bytes inline, not 64")
+        self._splitter = splitter
+        self._seen = splitter.entries  # entries handed out by the splitter so far
+        self._header: TarHeader | None = None  # an inline entry whose content is being collected
+        self._content = bytearray()
+
+    @property
+    def collecting(self) -> TarHeader | None:
+        """The header of the small file whose content is being collected, if any."""
+        return self._header
+
+    def inline(self, data: bytes) -> TarEntry | None:
+        """The entry the :class:`Inline` event of ``data`` completes, or ``None``."""
+        splitter = self._splitter
+        if splitter.entries != self._seen:  # a new entry's header block
+            self._seen = splitter.entries
+            current = splitter.header
+            assert current is not None
+            if current.is_regular and current.size > INLINE_MAX:
+                return None  # FileStart comes next
+            if current.size == 0:
+                return entry_from_header(current, b"")
+            self._header, self._content = current, bytearray()
+            return None
+        header = self._header
+        if header is not None:
+            self._content += data[: header.size - len(self._content)]
+            if len(self._content) == header.size:
+                self._header = None
+                return entry_from_header(header, bytes(self._content))
+        return None
+
+
 class EntryReader:
     """Sans-IO reader of a layer's tar entries from its splitstream chunks (h11 style).
 
@@ -220,9 +290,7 @@ class EntryReader:
         self._pending: collections.deque[Chunk] = collections.deque()
         self._eof = False  # receive_eof() was called
         self._splitter_eof = False  # ... and the splitter was told
-        self._seen = 0  # entries handed out by the splitter so far
-        self._header: TarHeader | None = None  # an inline entry whose content is being collected
-        self._content = bytearray()
+        self._entries = SplitterEntries(self._splitter)
         self._awaiting: FileStart | None = None  # a large file whose external chunk is due
         self._error: TarError | None = None
 
@@ -320,7 +388,7 @@ class EntryReader:
         if awaiting is None:
             raise TarError(
                 f"unexpected external chunk of {chunk.size} bytes",
-                entry=self._header.path if self._header else None,
+                entry=self._entries.collecting.path if self._entries.collecting else None,
                 offset=splitter.offset,
             )
         if chunk.size != awaiting.size:
@@ -332,7 +400,7 @@ class EntryReader:
         splitter.skip_external_content()
         self._awaiting = None
         assert splitter.header is not None
-        return _entry_from_header(splitter.header, chunk)
+        return entry_from_header(splitter.header, chunk)
 
     def _drain(self) -> TarEntry | Sentinel:
         """Splitter events up to the next entry; :data:`NEED_DATA` also when a large
@@ -354,22 +422,9 @@ class EntryReader:
                 return NEED_DATA
             if isinstance(event, FileData | FileEnd):  # pragma: no cover - we stop at FileStart
                 raise InternalError("EntryReader: file content events after FileStart")
-            if splitter.entries != self._seen:  # a new entry's header block
-                self._seen = splitter.entries
-                current = splitter.header
-                assert current is not None
-                if current.is_regular and current.size > INLINE_MAX:
-                    continue  # FileStart comes next
-                if current.size == 0:
-                    return _entry_from_header(current, b"")
-                self._header, self._content = current, bytearray()
-                continue
-            header = self._header
-            if header is not None:
-                self._content += event.data[: header.size - len(self._content)]
-                if len(self._content) == header.size:
-                    self._header = None
-                    return _entry_from_header(header, bytes(self._content))
+            entry = self._entries.inline(event.data)
+            if entry is not None:
+                return entry
 
 
 def iter_entries(chunks: Iterable[Chunk]) -> Iterator[TarEntry]:

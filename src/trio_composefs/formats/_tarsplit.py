@@ -254,6 +254,11 @@ class TarSplitter:
         return event
 
     @property
+    def inline_max(self) -> int:
+        """Regular files of at most this many bytes stay inline."""
+        return self._inline_max
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet handed out in events."""
         return self._buf.size
