@@ -25,6 +25,9 @@ import trio
 from .._errors import InternalError
 from ..formats._fsverity import Digest
 from ..formats._splitstream import SplitStreamEncoder
+from ..formats._tarentries import TarEntry
+from ..formats._tarheader import TarHeader
+from ._entries import EntryTap
 
 __all__ = ["PendingObject", "SplitStreamBuilder"]
 
@@ -48,10 +51,13 @@ class PendingObject:
     """An external object whose digest is not known yet.
 
     The writer that stores it calls :meth:`set_result`; the builder awaits
-    :meth:`wait` when the object's turn in the stream comes.
+    :meth:`wait` when the object's turn in the stream comes. ``header`` is the
+    file's tar header when the layer's entries are tapped (its entry is made once
+    the digest is known).
     """
 
     size: int
+    header: TarHeader | None = attrs.field(default=None, kw_only=True)
     _done: trio.Event = attrs.field(factory=trio.Event, init=False)
     _digest: Digest | None = attrs.field(default=None, init=False)
     already_present: bool = attrs.field(default=False, init=False)
@@ -172,7 +178,8 @@ class _Spool:
             self.out.clear()
 
 
-Item = bytes | PendingObject
+Item = bytes | PendingObject | TarEntry
+"""Inline bytes, an object, or (when entries are tapped) a completed entry."""
 
 
 @attrs.define(eq=False)
@@ -182,6 +189,9 @@ class SplitStreamBuilder:
     Create it, start :meth:`run` in the layer's nursery with the receiving end
     of a channel, and send it ``bytes`` (inline data) and
     :class:`PendingObject` items in stream order; close the channel to finish.
+    With ``tap``, the layer's entries come too: :class:`TarEntry` items (ignored by
+    the encoder) and the entries of tapped objects, made when their digest is known;
+    each message's entries go to the tap's sink at the message's end.
     :meth:`run` returns when the splitstream object is stored, with
     :attr:`digest` set.
 
@@ -195,6 +205,7 @@ class SplitStreamBuilder:
             compressed stream go (the repository's own filesystem).
         limiter: bounds the builder's thread hops; give it its own, not the
             object writers' limiter.
+        tap: where the layer's entries go, if they are wanted.
 
     **Cancellation:** :meth:`run` may be cancelled at any point; temporary
     files are unlinked files that vanish when closed, and nothing is stored
@@ -205,6 +216,7 @@ class SplitStreamBuilder:
     store: Callable[[Callable[[Callable[[bytes], None]], None]], Digest]
     spool_dir: str
     limiter: trio.CapacityLimiter
+    tap: EntryTap | None = None
     digest: Digest | None = attrs.field(default=None, init=False)
     inline_bytes: int = attrs.field(default=0, init=False)
 
@@ -212,9 +224,16 @@ class SplitStreamBuilder:
         spool = _Spool(self.encoder, self.spool_dir)
         try:
             async with receive:
+                tap = self.tap
                 async for items in receive:
                     for item in items:
-                        await self._add(spool, item)
+                        if isinstance(item, TarEntry):
+                            if tap is not None:
+                                tap.add(item)
+                        else:
+                            await self._add(spool, item)
+                    if tap is not None:
+                        tap.flush()
 
             def finish() -> Digest:
                 return self.store(spool.finish_into)
@@ -224,12 +243,14 @@ class SplitStreamBuilder:
         finally:
             spool.close()
 
-    async def _add(self, spool: _Spool, item: Item) -> None:
+    async def _add(self, spool: _Spool, item: bytes | PendingObject) -> None:
         if isinstance(item, PendingObject):
             # Most objects are resolved by the time their turn comes: don't
             # pay a checkpoint (a trip through the scheduler) for each of those;
             # the channel receive of every message is checkpoint enough.
             digest = item.digest if item.digest is not None else await item.wait()
+            if item.header is not None and self.tap is not None:
+                self.tap.add_external(item.header, digest, item.size)
             if spool.close_is_heavy():
                 await trio.to_thread.run_sync(
                     spool.external, digest, item.size, limiter=self.limiter

@@ -52,10 +52,12 @@ from .._errors import (
 from ..formats._fsverity import Digest
 from ..formats._sha256id import Sha256Id
 from ..formats._splitstream import ContentType, SplitStreamEncoder
+from ..formats._tarsplit import TarSplitter
 from ..hashing._pool import HashPool
 from ..repository._repository import check_ref_name
 from ._builder import Item, SplitStreamBuilder
 from ._bytesource import ByteSource
+from ._entries import EntrySink, EntryTap
 from ._reader import SMALL_OBJECT_MAX, Counters, LayerReader
 from ._writers import (
     RepositoryLike,
@@ -67,6 +69,7 @@ from ._writers import (
 
 __all__ = [
     "SMALL_OBJECT_MAX",
+    "EntrySink",
     "Importer",
     "LayerProgress",
     "LayerStats",
@@ -190,6 +193,7 @@ class Importer:
         name: str | None = None,
         progress: Callable[[LayerProgress], object] | None = None,
         force: bool = False,
+        entries: EntrySink | None = None,
     ) -> LayerStats:
         """Split a tar layer into the repository and publish ``streams/oci-layer-<diff_id>``.
 
@@ -202,6 +206,12 @@ class Importer:
                 about every 64 MiB read and once at the end.
             force: import even when the stream's name exists (a pull passes it for a
                 stream it found damaged: the import repairs it).
+            entries: also hand the layer's entries to this sink while importing, in
+                archive order, equal to ``iter_entries`` over the stored splitstream
+                (see :class:`~trio_composefs.importer.EntrySink`; a pull builds the
+                image's tree from them instead of reading the layer back). Nothing is
+                sent for a skipped layer; a tap that cannot make an entry stops with
+                ``entries_failed`` and never fails the import.
 
         Returns:
             The splitstream's digest and what was stored. A layer whose stream
@@ -236,11 +246,14 @@ class Importer:
 
         digester = digester_for(repo, self.hash_pool)
         encoder = SplitStreamEncoder(repo.algorithm, ContentType.OCI_LAYER)
+        splitter = TarSplitter()
+        tap = EntryTap.watching(entries, splitter) if entries is not None else None
         builder = SplitStreamBuilder(
             encoder=encoder,
             store=store_splitstream_with(repo, digester),
             spool_dir=repo.path,
             limiter=trio.CapacityLimiter(1),
+            tap=tap,
         )
         counters = Counters()
         sha = hashlib.sha256()
@@ -272,6 +285,8 @@ class Importer:
                         counters,
                         report,
                         many_digester=many_digester_for(repo, self.hash_pool),
+                        tap=tap,
+                        splitter=splitter,
                     )
                     # A decompressing stream hashes its output in its own thread.
                     own_sha = getattr(source, "sha256_of_output", None)
@@ -362,6 +377,7 @@ async def import_layer(
     name: str | None = None,
     limiter: trio.CapacityLimiter | None = None,
     progress: Callable[[LayerProgress], object] | None = None,
+    entries: EntrySink | None = None,
 ) -> LayerStats:
     """Import one tar layer; see :meth:`Importer.import_layer`.
 
@@ -369,4 +385,6 @@ async def import_layer(
     :func:`open_importer` for all of them instead.
     """
     async with open_importer(repo, limiter=limiter) as importer:
-        return await importer.import_layer(source, diff_id, name=name, progress=progress)
+        return await importer.import_layer(
+            source, diff_id, name=name, progress=progress, entries=entries
+        )

@@ -23,6 +23,7 @@ from ..formats._tarsplit import (
 )
 from ._builder import Digester, Item, PendingObject
 from ._bytesource import ByteSource, iter_source
+from ._entries import EntryTap
 from ._handoff import Handoff, HandoffClosed
 from ._writers import NO_LIMIT, ManyDigester, RepositoryLike, store_batch, store_streamed
 
@@ -96,11 +97,13 @@ class LayerReader:
     counters: Counters
     report: Callable[[], None]
     many_digester: ManyDigester | None = None
+    tap: EntryTap | None = None
+    """Where the layer's entries go, if they are wanted (it watches this reader's splitter)."""
     finishing: trio.CapacityLimiter = attrs.field(
         factory=lambda: trio.CapacityLimiter(FINISHING_JOBS)
     )
     """Jobs written but not yet digested and linked (their writer tokens are back)."""
-    _splitter: TarSplitter = attrs.field(factory=TarSplitter, init=False)
+    splitter: TarSplitter = attrs.field(factory=TarSplitter)
     _inline: bytearray = attrs.field(factory=bytearray, init=False)
     # The file being read: gathered in memory (small) or streamed to its writer (large).
     _pending: PendingObject | None = attrs.field(default=None, init=False)
@@ -112,6 +115,7 @@ class LayerReader:
     # Items for the builder, sent together.
     _outbox: list[Item] = attrs.field(factory=list, init=False)
     _outbox_bytes: int = attrs.field(default=0, init=False)
+    _outbox_items: int = attrs.field(default=0, init=False)  # not counting entries
 
     async def run(
         self,
@@ -133,7 +137,7 @@ class LayerReader:
         limiter: trio.CapacityLimiter,
     ) -> None:
         next_report = _REPORT_EVERY
-        splitter = self._splitter
+        splitter = self.splitter
         async with aclosing(iter_source(source, limiter=limiter, on_data=on_data)) as chunks:
             async for data in chunks:
                 if self.counters.bytes_read == 0:
@@ -155,6 +159,8 @@ class LayerReader:
     async def _handle(self, event: Event | Sentinel) -> None:
         if isinstance(event, Inline):
             self._inline += event.data
+            if self.tap is not None and (entry := self.tap.inline(event.data)) is not None:
+                self._outbox.append(entry)  # cheap to carry: not counted as an item
             if len(self._inline) >= _INLINE_BATCH:
                 await self._flush_inline()
         elif isinstance(event, FileData):
@@ -166,7 +172,8 @@ class LayerReader:
                 raise InternalError("file data outside a file")
         elif isinstance(event, FileStart):
             await self._flush_inline()
-            pending = self._pending = PendingObject(event.size)
+            header = self.tap.large_header() if self.tap is not None else None
+            pending = self._pending = PendingObject(event.size, header=header)
             self.counters.objects += 1
             self.counters.object_bytes += event.size
             await self._post(pending)
@@ -200,9 +207,10 @@ class LayerReader:
     async def _post(self, item: Item) -> None:
         """Queue an item for the builder; send the queue when it is long or heavy."""
         self._outbox.append(item)
+        self._outbox_items += 1
         if isinstance(item, bytes):
             self._outbox_bytes += len(item)
-        if len(self._outbox) >= _OUTBOX_ITEMS or self._outbox_bytes >= _INLINE_BATCH:
+        if self._outbox_items >= _OUTBOX_ITEMS or self._outbox_bytes >= _INLINE_BATCH:
             await self._send_outbox()
 
     async def _send_outbox(self) -> None:
@@ -214,7 +222,7 @@ class LayerReader:
         """
         if not self._outbox:
             return
-        items, self._outbox, self._outbox_bytes = self._outbox, [], 0
+        items, self._outbox, self._outbox_bytes, self._outbox_items = self._outbox, [], 0, 0
         try:
             self.to_builder.send_nowait(items)
         except trio.WouldBlock:
