@@ -36,7 +36,7 @@ from ..repository._images import store_image
 from ..repository._reading import open_splitstream
 from ..repository._repository import Repository
 from ..repository._writing import ImageName, StreamName, publish_after_sync
-from ._image_tree import layers_filesystem
+from ._image_tree import PartialTree, layers_filesystem
 
 if TYPE_CHECKING:
     from ._stored import StoredImage
@@ -88,14 +88,17 @@ def image_versions(repo: Repository) -> list[int]:
 
 
 def store_oci_images(
-    repo: Repository, layers: Sequence[tuple[str, Digest]]
+    repo: Repository, layers: Sequence[tuple[str, Digest]], *, tree: PartialTree | None = None
 ) -> list[tuple[str, Digest]]:
     """Build and store (not name) the images of a container image's layers.
+
+    ``tree`` holds the first layers already applied (a pull's, from the entries it
+    imported); only the rest are read back from their streams.
 
     Returns:
         ``(named-ref name, image digest)`` for each format, default first.
     """
-    fs = layers_filesystem(repo, layers)
+    fs = layers_filesystem(repo, layers, tree=tree)
     return [(image_ref_name(v), store_image(repo, fs, version=v)) for v in image_versions(repo)]
 
 
@@ -145,6 +148,7 @@ def commit_image_streams(
     ref: str | None,
     container: bool,
     check_cancelled: Callable[[], None] = _no_check,
+    tree: PartialTree | None = None,
 ) -> tuple[Digest, Digest, list[tuple[str, Digest]]]:
     """Store images, config and manifest streams; sync once; then name them all.
 
@@ -152,7 +156,9 @@ def commit_image_streams(
     names its images, or when the image is not a container image; otherwise the
     config stream is rewritten from its raw bytes with the images added.
     ``check_cancelled`` runs after the sync and before the first name (a trio
-    worker thread passes ``trio.from_thread.check_cancelled``).
+    worker thread passes ``trio.from_thread.check_cancelled``). ``tree`` (a pull's
+    tree of the layers it imported) spares reading those layers back, if an image
+    is built.
 
     Returns:
         ``(config stream, manifest stream, [(image ref name, image digest)])``.
@@ -167,7 +173,7 @@ def commit_image_streams(
     if config_stream is None:
         if config_bytes is None:  # pragma: no cover - callers pass one of the two
             raise ValueError("commit_image_streams needs the config's bytes or its stream")
-        images = store_oci_images(repo, layer_refs) if container else []
+        images = store_oci_images(repo, layer_refs, tree=tree) if container else []
         config_stream = _store_external(
             repo, ContentType.OCI_CONFIG, config_bytes, [*layer_refs, *images]
         )

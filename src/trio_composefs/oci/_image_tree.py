@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import attrs
+
 from .._errors import FormatError
 from ..formats._fsverity import Digest
 from ..formats._splitstream import ContentType, iter_chunks, parse_splitstream
@@ -24,7 +26,20 @@ from ..repository._repository import Repository
 if TYPE_CHECKING:
     from ._stored import StoredImage
 
-__all__ = ["image_filesystem", "layer_entries", "layers_filesystem"]
+__all__ = ["PartialTree", "image_filesystem", "layer_entries", "layers_filesystem"]
+
+
+@attrs.define(eq=False)
+class PartialTree:
+    """A :class:`TreeBuilder` with the first ``layers`` layers of an image applied.
+
+    A pull makes one from the entries it imported (``oci/_tree_tap.py``), so that
+    :func:`layers_filesystem` reads back only the layers after those. It is consumed
+    by the build that takes it (the OCI transform changes its tree in place).
+    """
+
+    builder: TreeBuilder
+    layers: int
 
 
 def layer_entries(repo: Repository, stream: Digest, *, name: str = "layer") -> Iterator[TarEntry]:
@@ -85,10 +100,17 @@ def layers_filesystem(
     *,
     keep_user_xattrs: bool = False,
     transform: bool = True,
+    tree: PartialTree | None = None,
 ) -> FileSystem:
-    """The merged tree of ``(diff_id, layer stream)`` pairs, applied in the given order."""
-    builder = TreeBuilder()
-    for diff_id, stream in layers:
+    """The merged tree of ``(diff_id, layer stream)`` pairs, applied in the given order.
+
+    With ``tree``, its first ``tree.layers`` layers are already applied there: only
+    the others are read back from the repository, onto ``tree.builder``.
+    """
+    if tree is not None and not 0 <= tree.layers <= len(layers):
+        raise ValueError(f"a tree of {tree.layers} layers for an image of {len(layers)}")
+    builder = tree.builder if tree is not None else TreeBuilder()
+    for diff_id, stream in layers[tree.layers if tree is not None else 0 :]:
         builder.add_layer(layer_entries(repo, stream, name=f"layer {diff_id}"), name=diff_id)
     if transform:
         transform_for_oci(builder.filesystem, keep_user_xattrs=keep_user_xattrs)

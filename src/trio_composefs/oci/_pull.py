@@ -39,6 +39,7 @@ from ..formats._chunks import ExternalChunk
 from ..formats._fsverity import Digest
 from ..formats._splitstream import ContentType, encode_splitstream
 from ..importer._decompress import Compression, open_verified_stream
+from ..importer._entries import EntrySink
 from ..importer._importer import (
     Importer,
     LayerProgress,
@@ -59,9 +60,11 @@ from ._build import (
     manifest_content_id,
     read_external,
 )
+from ._image_tree import PartialTree
 from ._manifest import _IMAGE_CONFIG_TYPES, _check_bytes, _diff_ids, _parse_manifest
 from ._model import MEDIA_TYPES, Descriptor, ImageSource, Platform, SourceRef
 from ._names import _check_tag
+from ._tree_tap import ImageTreeTap
 from .sources._docker import DockerArchiveSource
 from .sources._layout import OciLayoutSource
 from .sources._oci_archive import OciArchiveSource
@@ -296,8 +299,14 @@ class _Pull:
     async def thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.importer.metadata_limiter)
 
-    async def ensure_layer(self, desc: Descriptor, diff_id: str) -> LayerStats:
-        """Import one layer unless it is present, or being imported by another task here."""
+    async def ensure_layer(
+        self, desc: Descriptor, diff_id: str, entries: EntrySink | None = None
+    ) -> tuple[LayerStats, bool]:
+        """Import one layer unless it is present, or being imported by another task here.
+
+        Returns its stats and whether ``entries`` received all its entries (a tar
+        layer this call imported).
+        """
         repo = self.repo
         compression = _TAR_TYPES.get(desc.media_type, "raw")
         cid = layer_content_id(diff_id)  # also for raw blobs, as upstream (their digest, usually)
@@ -317,7 +326,7 @@ class _Pull:
                 self.layers_done += 1
                 self.bytes_done += desc.size
                 self.report(LayerProgress(diff_id, 0, 0, 0, 0, done=True), skipped=True)
-                return LayerStats(diff_id=diff_id, splitstream=existing, skipped=True)
+                return LayerStats(diff_id=diff_id, splitstream=existing, skipped=True), False
             event = self.importer.in_flight(cid)
             if event is None:
                 break
@@ -327,7 +336,9 @@ class _Pull:
             if compression == "raw":
                 stats = await self._import_blob(desc, diff_id, cid)
             else:
-                stats = await self._import_tar(desc, diff_id, cast(Compression, compression))
+                stats = await self._import_tar(
+                    desc, diff_id, cast(Compression, compression), entries
+                )
         self.layers_done += 1
         self.report(
             LayerProgress(
@@ -339,10 +350,14 @@ class _Pull:
                 done=True,
             )
         )
-        return stats
+        return stats, compression != "raw" and entries is not None
 
     async def _import_tar(
-        self, desc: Descriptor, diff_id: str, compression: Compression
+        self,
+        desc: Descriptor,
+        diff_id: str,
+        compression: Compression,
+        entries: EntrySink | None = None,
     ) -> LayerStats:
         where = f"{self.source.description}: layer {desc.digest} (diff_id {diff_id})"
         async with (
@@ -357,7 +372,7 @@ class _Pull:
             ) as stream,
         ):
             return await self.importer.import_layer(
-                stream, diff_id, progress=lambda p: self.report(p), force=True
+                stream, diff_id, progress=lambda p: self.report(p), force=True, entries=entries
             )
 
     async def _import_blob(self, desc: Descriptor, diff_id: str, cid: str) -> LayerStats:
@@ -512,10 +527,10 @@ async def _pull(
     stored = stored_images or not target.container
     if existing is not None and config_existing is not None and stored:  # fast path
         return await _skip_stored(state, target, existing, config_existing, stored_images)
-    config_bytes, config_stream, layers = await _config_and_layers(
+    config_bytes, config_stream, layers, tree = await _config_and_layers(
         state, target, config_existing, layer_jobs
     )
-    return await _commit(state, target, config_bytes, config_stream, layers)
+    return await _commit(state, target, config_bytes, config_stream, layers, tree)
 
 
 async def _stored_streams(
@@ -587,12 +602,13 @@ async def _skip_stored(
 
 async def _config_and_layers(
     state: _Pull, target: _Target, config_existing: Digest | None, layer_jobs: int | None
-) -> tuple[bytes | None, Digest | None, tuple[LayerStats, ...]]:
+) -> tuple[bytes | None, Digest | None, tuple[LayerStats, ...], PartialTree | None]:
     """Read the config (unless stored) and import the layers that are not stored.
 
     Returns:
-        ``(config bytes, config stream, layers)``: the bytes when the config stream is
-        to be (re)written, else the stored stream to reuse.
+        ``(config bytes, config stream, layers, tree)``: the bytes when the config
+        stream is to be (re)written, else the stored stream to reuse; the tree of the
+        layers built while importing them (a container image), if any.
     """
     repo, where, config_desc = state.repo, target.where, target.config
     config_digest = config_desc.digest
@@ -611,10 +627,10 @@ async def _config_and_layers(
             layers = tuple(LayerStats(d, named[d], skipped=True) for d in diff_ids)
             state.layers_done = state.layers_skipped = len(layers)
             state.bytes_done = state.bytes_total
-            return None, config_existing, layers
+            return None, config_existing, layers, None
         # A damaged layer: import what is missing, then rewrite the config stream.
-        layers = await _import_layers(state, target.layers, diff_ids, layer_jobs)
-        return config_bytes, None, layers
+        layers, tree = await _import_layers(state, target, diff_ids, layer_jobs)
+        return config_bytes, None, layers, tree
     state.report(message=f"reading config {config_digest}")
     config_bytes = await state.source.read_blob(config_desc)
     _check_bytes(config_bytes, config_digest, f"{where}: config {config_digest}")
@@ -624,8 +640,8 @@ async def _config_and_layers(
             f" the manifest says {config_desc.size}"
         )
     diff_ids = _diff_ids(config_desc, config_bytes, target.layers, where)
-    layers = await _import_layers(state, target.layers, diff_ids, layer_jobs)
-    return config_bytes, None, layers
+    layers, tree = await _import_layers(state, target, diff_ids, layer_jobs)
+    return config_bytes, None, layers, tree
 
 
 async def _commit(
@@ -634,6 +650,7 @@ async def _commit(
     config_bytes: bytes | None,
     config_stream: Digest | None,
     layers: tuple[LayerStats, ...],
+    tree: PartialTree | None = None,
 ) -> ImageStats:
     """Build the composefs image, store config and manifest streams, then name them."""
     state.report(message=f"storing manifest {target.manifest_digest}")
@@ -652,6 +669,7 @@ async def _commit(
             ref=target.ref,
             container=target.container,
             check_cancelled=trio.from_thread.check_cancelled,
+            tree=tree,
         )
     )
     return ImageStats(
@@ -667,19 +685,33 @@ async def _commit(
 
 
 async def _import_layers(
-    state: _Pull, descs: Sequence[Descriptor], diff_ids: Sequence[str], layer_jobs: int | None
-) -> tuple[LayerStats, ...]:
+    state: _Pull, target: _Target, diff_ids: Sequence[str], layer_jobs: int | None
+) -> tuple[tuple[LayerStats, ...], PartialTree | None]:
+    """Import the layers not stored (largest first); for a container image, also build
+    its tree from their entries meanwhile (:class:`ImageTreeTap`).
+
+    Returns:
+        The layers' stats in config order, and the tree (``None``: read them all back).
+    """
+    descs = target.layers
     results: list[LayerStats | None] = [None] * len(descs)
     limit = trio.CapacityLimiter(layer_jobs or os.cpu_count() or 2)
     order = sorted(range(len(descs)), key=lambda i: -descs[i].size)
+    tap = ImageTreeTap(state.repo, diff_ids) if target.container else None
 
     async def one(i: int, token: object) -> None:
         try:
-            results[i] = await state.ensure_layer(descs[i], diff_ids[i])
+            sink = tap.sink(i) if tap is not None else None
+            stats, tapped = await state.ensure_layer(descs[i], diff_ids[i], sink)
+            results[i] = stats
+            if tap is not None:
+                tap.layer_done(i, stats, tapped=tapped)
         finally:
             limit.release_on_behalf_of(token)
 
     async with trio.open_nursery() as nursery:
+        if tap is not None:
+            nursery.start_soon(tap.run)
         for i in order:
             token = object()
             await limit.acquire_on_behalf_of(token)
@@ -687,4 +719,4 @@ async def _import_layers(
     out = tuple(r for r in results if r is not None)
     if len(out) != len(descs):  # pragma: no cover - the nursery raised otherwise
         raise ComposefsError("a layer task finished without a result")
-    return out
+    return out, tap.result() if tap is not None else None

@@ -1,0 +1,207 @@
+"""A pull's image tree, built from the entries its layer imports hand out (the tree tap).
+
+Without it, the pull imports every layer, then reads every layer's splitstream back
+(zstd, the tar splitter again) to build the tree: on the real Debian image that was a
+quarter of the pull, after the layers and alone. With it, each imported layer's entries
+(:class:`~trio_composefs.importer.EntrySink`, equal to ``iter_entries`` over the stored
+stream) are applied to one :class:`~trio_composefs.fs.TreeBuilder` while the layers
+import, and the image build only transforms and writes.
+
+Layers import concurrently, largest first, but apply in config order. The layer whose
+turn it is (every earlier one applied) applies its entries as they come; a later layer's
+entries wait in memory, all such layers together at most :data:`BUFFER_ENTRIES` entries.
+A layer that would pass that bound drops what it holds and is read back from the
+repository once stored (today's path), as is a layer the pull found stored (skipped), a
+raw blob, and any layer whose tap failed. The tap never fails a pull: if anything goes
+wrong in it (an entry the tree refuses, a layer that cannot be read back), it gives up
+and the image build reads every layer back, raising there what it raised before.
+
+Memory: the tree (as before), plus at most :data:`BUFFER_ENTRIES` waiting entries
+(~400 bytes each with their paths), plus the entries of the layer being applied that
+arrived while a worker thread applied its earlier ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from ..formats._fsverity import Digest
+from ..formats._tarentries import TarEntry
+from ..fs import TreeBuilder
+from ..importer._importer import LayerStats
+from ..repository._repository import Repository
+from ._image_tree import PartialTree, layer_entries
+
+__all__ = ["BUFFER_ENTRIES", "ImageTreeTap"]
+
+BUFFER_ENTRIES = 200_000
+"""Entries of layers whose turn has not come, held in memory at most (all layers together).
+
+A waiting entry costs ~400 bytes (the :class:`TarEntry`, its path string, its xattrs
+dict), so this is ~80 MiB at worst; a layer beyond it is read back instead."""
+
+APPLY_ON_TRIO_THREAD = True
+"""The layer whose turn it is applies its entries on the trio thread, as they come.
+
+Measured on the Debian image (``benchmarks/bench_real.py``): a worker thread per run of
+entries costs a thread hop per ~64 entries and, under the GIL, saves the trio thread
+nothing; see the report of issue 13."""
+
+
+@attrs.define(eq=False)
+class _Layer:
+    """One layer's sink (:class:`~trio_composefs.importer.EntrySink`) and its state."""
+
+    tap: ImageTreeTap
+    index: int
+    diff_id: str
+    buffer: list[TarEntry] = attrs.Factory(list)
+    streaming: bool = False
+    """Its turn has come: entries apply as they arrive (on the trio thread)."""
+    reread: bool = False
+    """Its entries were dropped (or none came): read it back once stored."""
+    finished: trio.Event = attrs.Factory(trio.Event)
+    more: trio.Event = attrs.Factory(trio.Event)
+    stream: Digest | None = None
+
+    def add_entries(self, entries: list[TarEntry]) -> None:
+        tap = self.tap
+        if self.reread or tap.failed:
+            return
+        if self.streaming:
+            tap.apply_now(entries, self.diff_id)
+            return
+        if tap.current != self.index and tap.buffered + len(entries) > tap.cap:
+            self.drop()
+            return
+        self.buffer += entries
+        tap.buffered += len(entries)
+        self.more.set()
+
+    def entries_failed(self, error: Exception) -> None:
+        # An entry the tree cannot be built from: the image build fails on it anyway,
+        # reading the layer back (and saying so as it always did).
+        del error
+        self.tap.give_up()
+
+    def drop(self) -> None:
+        self.reread = True
+        self.tap.buffered -= len(self.buffer)
+        self.buffer = []
+
+
+@attrs.define(eq=False)
+class ImageTreeTap:
+    """Builds a pull's tree from its layer imports; see the module doc.
+
+    Usage: pass :meth:`sink` ``(i)`` to the import of layer ``i`` (config order), call
+    :meth:`layer_done` when it returns, run :meth:`run` in the same nursery as the
+    imports, and once they and :meth:`run` returned, take :meth:`result`.
+
+    **Cancellation:** :meth:`run` may be cancelled anywhere; the tree is then unusable,
+    which does not matter since the pull stops.
+    """
+
+    repo: Repository
+    diff_ids: Sequence[str]
+    cap: int = attrs.field(factory=lambda: BUFFER_ENTRIES)
+    builder: TreeBuilder = attrs.Factory(TreeBuilder)
+    layers: list[_Layer] = attrs.field(init=False)
+    current: int = 0
+    """The layer whose turn it is: every earlier one is applied."""
+    buffered: int = 0
+    failed: bool = False
+    applied: int = 0
+    reread: int = attrs.field(default=0, init=False)
+    """Layers read back from the repository (for tests and benchmarks)."""
+    _limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
+
+    def __attrs_post_init__(self) -> None:
+        self.layers = [_Layer(self, i, d) for i, d in enumerate(self.diff_ids)]
+
+    def sink(self, index: int) -> _Layer:
+        """The entry sink of layer ``index`` (config order)."""
+        return self.layers[index]
+
+    def layer_done(self, index: int, stats: LayerStats, *, tapped: bool) -> None:
+        """Layer ``index`` is stored: imported through :meth:`sink` (``tapped``: all its
+        entries came), or not (skipped, a raw blob: it is read back)."""
+        layer = self.layers[index]
+        layer.stream = stats.splitstream
+        if not tapped or stats.skipped:
+            layer.drop()
+        layer.finished.set()
+        layer.more.set()
+
+    def give_up(self) -> None:
+        """Stop: the image build reads every layer back."""
+        self.failed = True
+        for layer in self.layers:
+            layer.buffer = []
+        self.buffered = 0
+
+    def apply_now(self, entries: list[TarEntry], diff_id: str) -> None:
+        try:
+            add = self.builder.add_entry
+            for entry in entries:
+                add(entry, layer=diff_id)
+        except Exception:
+            self.give_up()
+
+    def result(self) -> PartialTree | None:
+        """The tree of the layers applied, or ``None`` when the tap gave up."""
+        if self.failed:
+            return None
+        return PartialTree(self.builder, self.applied)
+
+    def _apply(self, entries: list[TarEntry], diff_id: str) -> None:
+        add = self.builder.add_entry
+        for entry in entries:
+            add(entry, layer=diff_id)
+
+    def _read_back(self, diff_id: str, stream: Digest) -> None:
+        self.builder.add_layer(
+            layer_entries(self.repo, stream, name=f"layer {diff_id}"), name=diff_id
+        )
+
+    async def run(self) -> None:
+        """Apply the layers in config order as their entries come (a task of the pull)."""
+        try:
+            for layer in self.layers:
+                self.current = layer.index
+                await self._apply_layer(layer)
+                if self.failed:
+                    return
+                self.applied = layer.index + 1
+        except Exception:
+            self.give_up()
+
+    async def _apply_layer(self, layer: _Layer) -> None:
+        while not self.failed:
+            if layer.buffer and not layer.reread:
+                batch, layer.buffer = layer.buffer, []
+                self.buffered -= len(batch)
+                await trio.to_thread.run_sync(
+                    self._apply, batch, layer.diff_id, limiter=self._limiter
+                )
+                continue
+            if layer.finished.is_set():
+                break
+            if APPLY_ON_TRIO_THREAD and not layer.reread:
+                layer.streaming = True
+                await layer.finished.wait()
+                layer.streaming = False
+                continue
+            layer.more = trio.Event()
+            await layer.more.wait()
+        if self.failed:
+            return
+        if layer.reread:
+            assert layer.stream is not None
+            self.reread += 1
+            await trio.to_thread.run_sync(
+                self._read_back, layer.diff_id, layer.stream, limiter=self._limiter
+            )
