@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,13 +194,14 @@ def odd_layer() -> bytes:
 
 @pytest.mark.parametrize("which", ["odd", "layer1", "layer2", "empty", "many"])
 async def test_tapped_entries_equal_the_stored_streams(repo: Repository, which: str) -> None:
-    tar = {
+    makers: dict[str, Callable[[], bytes]] = {
         "odd": odd_layer,
         "layer1": lambda: tar_of(LAYER1),
         "layer2": lambda: tar_of(LAYER2),
         "empty": lambda: tar_of([]),
         "many": lambda: file_layer("m", 300, 70),  # several builder messages
-    }[which]()
+    }
+    tar = makers[which]()
     sink, stream = await tapped_import(repo, tar)
     assert not sink.errors
     assert sink.entries == stored_entries(repo, stream)
@@ -483,3 +484,69 @@ def test_random_stacks_tapped_equal_reread(stack: Any) -> None:
                 event("built")
 
         trio.run(main)
+
+
+async def test_a_layer_twice_in_one_image(
+    repo: Repository, tmp_path: Path, taps: list[Any], read_back: list[str]
+) -> None:
+    # the same diff_id twice: imported once (tapped), the other place reads it back
+    layers = [tar_of(LAYER1), tar_of(LAYER2), tar_of(LAYER1)]
+    layout = layout_of(tmp_path / "lay", {"t": layers})
+    image = await pull(repo, layout, "t", layer_jobs=3)
+    (tap,) = taps
+    assert (tap.applied, tap.reread, tap.failed) == (3, 1, False)
+    read_back.clear()
+    assert image == image_by_rereading(repo, "t")
+    assert c_digest(repo, "t", tmp_path) == image.hex()
+
+
+def test_a_partial_tree_must_fit_the_layers(repo: Repository) -> None:
+    from trio_composefs.fs import TreeBuilder
+
+    with pytest.raises(ValueError, match="a tree of 3 layers for an image of 2"):
+        layers_filesystem(
+            repo,
+            [("a", Digest.from_hex("0" * 64)), ("b", Digest.from_hex("0" * 64))],
+            tree=_image_tree.PartialTree(TreeBuilder(), 3),
+        )
+
+
+def test_entries_of_the_splitter_are_entry_readers() -> None:
+    """SplitterEntries over the splitter's own events gives what EntryReader gives over
+    the chunks (inline bytes cut anywhere; large files as external chunks)."""
+    from trio_composefs.formats import (
+        END,
+        NEED_DATA,
+        ExternalChunk,
+        FileStart,
+        Inline,
+        InlineChunk,
+        SplitterEntries,
+        TarSplitter,
+        entry_from_header,
+    )
+
+    tar = odd_layer() + b"\0" * 100  # trailing bytes after the end are kept inline
+    fake = Digest.from_hex("ab" * 32)
+    for step in (1, 511, 4096, len(tar)):
+        splitter = TarSplitter()
+        watch = SplitterEntries(splitter)
+        ours: list[TarEntry] = []
+        chunks: list[Any] = []
+        for i in range(0, len(tar), step):
+            splitter.receive_data(tar[i : i + step])
+            while (event := splitter.next_event()) is not NEED_DATA:
+                if isinstance(event, FileStart):
+                    assert splitter.header is not None
+                    ours.append(entry_from_header(splitter.header, ExternalChunk(fake, event.size)))
+                    chunks.append(ExternalChunk(fake, event.size))
+                elif isinstance(event, Inline):
+                    chunks.append(InlineChunk(event.data))
+                    if (made := watch.inline(event.data)) is not None:
+                        ours.append(made)
+        splitter.receive_data(b"")
+        while (event := splitter.next_event()) is not END:
+            assert isinstance(event, Inline)
+            chunks.append(InlineChunk(event.data))
+            assert watch.inline(event.data) is None
+        assert ours == list(iter_entries(chunks)), step
