@@ -243,6 +243,15 @@ class SplitterEntries:
 
     def inline(self, data: bytes) -> TarEntry | None:
         """The entry the :class:`Inline` event of ``data`` completes, or ``None``."""
+        done = self.inline_parts(data)
+        return None if done is None else entry_from_header(*done)
+
+    def inline_parts(self, data: bytes) -> tuple[TarHeader, bytes] | None:
+        """As :meth:`inline`, but the entry's header and content, not yet resolved.
+
+        ``entry_from_header(header, content)`` makes the entry (and raises its errors)
+        later, or in another thread; this call parses nothing and raises nothing.
+        """
         splitter = self._splitter
         if splitter.entries != self._seen:  # a new entry's header block
             self._seen = splitter.entries
@@ -251,7 +260,7 @@ class SplitterEntries:
             if current.is_regular and current.size > INLINE_MAX:
                 return None  # FileStart comes next
             if current.size == 0:
-                return entry_from_header(current, b"")
+                return current, b""
             self._header, self._content = current, bytearray()
             return None
         header = self._header
@@ -259,7 +268,7 @@ class SplitterEntries:
             self._content += data[: header.size - len(self._content)]
             if len(self._content) == header.size:
                 self._header = None
-                return entry_from_header(header, bytes(self._content))
+                return header, bytes(self._content)
         return None
 
 

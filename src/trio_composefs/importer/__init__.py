@@ -10,6 +10,7 @@ from ._builder import SplitStreamBuilder as SplitStreamBuilder
 from ._bytesource import ByteSource as ByteSource
 from ._decompress import Compression as Compression
 from ._decompress import open_verified_stream as open_verified_stream
+from ._entries import EntryRun as EntryRun
 from ._entries import EntrySink as EntrySink
 from ._importer import Importer as Importer
 from ._importer import LayerProgress as LayerProgress

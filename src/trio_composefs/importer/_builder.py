@@ -25,7 +25,6 @@ import trio
 from .._errors import InternalError
 from ..formats._fsverity import Digest
 from ..formats._splitstream import SplitStreamEncoder
-from ..formats._tarentries import TarEntry
 from ..formats._tarheader import TarHeader
 from ._entries import EntryTap
 
@@ -178,8 +177,8 @@ class _Spool:
             self.out.clear()
 
 
-Item = bytes | PendingObject | TarEntry
-"""Inline bytes, an object, or (when entries are tapped) a completed entry."""
+Item = bytes | PendingObject | tuple[TarHeader, bytes]
+"""Inline bytes, an object, or (when entries are tapped) a completed entry's parts."""
 
 
 @attrs.define(eq=False)
@@ -189,8 +188,8 @@ class SplitStreamBuilder:
     Create it, start :meth:`run` in the layer's nursery with the receiving end
     of a channel, and send it ``bytes`` (inline data) and
     :class:`PendingObject` items in stream order; close the channel to finish.
-    With ``tap``, the layer's entries come too: :class:`TarEntry` items (ignored by
-    the encoder) and the entries of tapped objects, made when their digest is known;
+    With ``tap``, the layer's entries come too: ``(header, content)`` items (ignored
+    by the encoder), and tapped objects' entries, complete when their digest is known;
     each message's entries go to the tap's sink at the message's end.
     :meth:`run` returns when the splitstream object is stored, with
     :attr:`digest` set.
@@ -227,7 +226,7 @@ class SplitStreamBuilder:
                 tap = self.tap
                 async for items in receive:
                     for item in items:
-                        if isinstance(item, TarEntry):
+                        if isinstance(item, tuple):
                             if tap is not None:
                                 tap.add(item)
                         else:

@@ -57,7 +57,7 @@ from ..hashing._pool import HashPool
 from ..repository._repository import check_ref_name
 from ._builder import Item, SplitStreamBuilder
 from ._bytesource import ByteSource
-from ._entries import EntrySink, EntryTap
+from ._entries import EntryRun, EntrySink, EntryTap
 from ._reader import SMALL_OBJECT_MAX, Counters, LayerReader
 from ._writers import (
     RepositoryLike,
@@ -69,6 +69,7 @@ from ._writers import (
 
 __all__ = [
     "SMALL_OBJECT_MAX",
+    "EntryRun",
     "EntrySink",
     "Importer",
     "LayerProgress",
@@ -210,8 +211,7 @@ class Importer:
                 archive order, equal to ``iter_entries`` over the stored splitstream
                 (see :class:`~trio_composefs.importer.EntrySink`; a pull builds the
                 image's tree from them instead of reading the layer back). Nothing is
-                sent for a skipped layer; a tap that cannot make an entry stops with
-                ``entries_failed`` and never fails the import.
+                sent for a skipped layer.
 
         Returns:
             The splitstream's digest and what was stored. A layer whose stream

@@ -159,8 +159,8 @@ class LayerReader:
     async def _handle(self, event: Event | Sentinel) -> None:
         if isinstance(event, Inline):
             self._inline += event.data
-            if self.tap is not None and (entry := self.tap.inline(event.data)) is not None:
-                self._outbox.append(entry)  # cheap to carry: not counted as an item
+            if self.tap is not None and (parts := self.tap.inline(event.data)) is not None:
+                self._outbox.append(parts)  # cheap to carry: not counted as an item
             if len(self._inline) >= _INLINE_BATCH:
                 await self._flush_inline()
         elif isinstance(event, FileData):

@@ -29,8 +29,8 @@ import attrs
 import trio
 
 from ..formats._fsverity import Digest
-from ..formats._tarentries import TarEntry
 from ..fs import TreeBuilder
+from ..importer._entries import EntryRun
 from ..importer._importer import LayerStats
 from ..repository._repository import Repository
 from ._image_tree import PartialTree, layer_entries
@@ -60,7 +60,9 @@ class _Layer:
     tap: ImageTreeTap
     index: int
     diff_id: str
-    buffer: list[TarEntry] = attrs.Factory(list)
+    buffer: list[EntryRun] = attrs.Factory(list)
+    waiting: int = 0
+    """Entries in :attr:`buffer`."""
     streaming: bool = False
     """Its turn has come: entries apply as they arrive (on the trio thread)."""
     reread: bool = False
@@ -69,30 +71,30 @@ class _Layer:
     more: trio.Event = attrs.Factory(trio.Event)
     stream: Digest | None = None
 
-    def add_entries(self, entries: list[TarEntry]) -> None:
+    def add_entries(self, run: EntryRun) -> None:
         tap = self.tap
         if self.reread or tap.failed:
             return
         if self.streaming:
-            tap.apply_now(entries, self.diff_id)
+            tap.apply_now(run, self.diff_id)
             return
-        if tap.current != self.index and tap.buffered + len(entries) > tap.cap:
+        if tap.current != self.index and tap.buffered + len(run) > tap.cap:
             self.drop()
             return
-        self.buffer += entries
-        tap.buffered += len(entries)
+        self.buffer.append(run)
+        self.waiting += len(run)
+        tap.buffered += len(run)
         self.more.set()
 
-    def entries_failed(self, error: Exception) -> None:
-        # An entry the tree cannot be built from: the image build fails on it anyway,
-        # reading the layer back (and saying so as it always did).
-        del error
-        self.tap.give_up()
+    def take(self) -> list[EntryRun]:
+        runs, self.buffer = self.buffer, []
+        self.tap.buffered -= self.waiting
+        self.waiting = 0
+        return runs
 
     def drop(self) -> None:
         self.reread = True
-        self.tap.buffered -= len(self.buffer)
-        self.buffer = []
+        self.take()
 
 
 @attrs.define(eq=False)
@@ -142,15 +144,14 @@ class ImageTreeTap:
         """Stop: the image build reads every layer back."""
         self.failed = True
         for layer in self.layers:
-            layer.buffer = []
-        self.buffered = 0
+            layer.take()
 
-    def apply_now(self, entries: list[TarEntry], diff_id: str) -> None:
+    def apply_now(self, run: EntryRun, diff_id: str) -> None:
         try:
-            add = self.builder.add_entry
-            for entry in entries:
-                add(entry, layer=diff_id)
+            self._apply([run], diff_id)
         except Exception:
+            # An entry no tree holds (the image build reading the layer back says
+            # which), or a bug here: the build reads every layer back.
             self.give_up()
 
     def result(self) -> PartialTree | None:
@@ -159,10 +160,11 @@ class ImageTreeTap:
             return None
         return PartialTree(self.builder, self.applied)
 
-    def _apply(self, entries: list[TarEntry], diff_id: str) -> None:
+    def _apply(self, runs: list[EntryRun], diff_id: str) -> None:
         add = self.builder.add_entry
-        for entry in entries:
-            add(entry, layer=diff_id)
+        for run in runs:
+            for entry in run.entries():
+                add(entry, layer=diff_id)
 
     def _read_back(self, diff_id: str, stream: Digest) -> None:
         self.builder.add_layer(
@@ -184,10 +186,8 @@ class ImageTreeTap:
     async def _apply_layer(self, layer: _Layer) -> None:
         while not self.failed:
             if layer.buffer and not layer.reread:
-                batch, layer.buffer = layer.buffer, []
-                self.buffered -= len(batch)
                 await trio.to_thread.run_sync(
-                    self._apply, batch, layer.diff_id, limiter=self._limiter
+                    self._apply, layer.take(), layer.diff_id, limiter=self._limiter
                 )
                 continue
             if layer.finished.is_set():
