@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class Sink:
         self.runs = 0
         self.errors: list[Exception] = []
 
-    def add_entries(self, run: EntryRun) -> None:
+    async def add_entries(self, run: EntryRun) -> None:
         self.runs += 1
         if self.errors:
             return
@@ -360,6 +361,41 @@ async def test_tiny_buffer_reads_later_layers_back(
     read_back.clear()
     assert image == image_by_rereading(repo, "t")
     assert c_digest(repo, "t", tmp_path) == image.hex()
+
+
+async def test_the_layer_being_applied_waits_for_the_applier_past_the_cap(
+    repo: Repository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    taps: list[Any],
+    read_back: list[str],
+) -> None:
+    monkeypatch.setattr(_tree_tap, "BUFFER_ENTRIES", 100)
+    monkeypatch.setattr(_tree_tap, "APPLY_ON_TRIO_THREAD", False)
+    real_apply = _tree_tap.ImageTreeTap._apply
+
+    def slow_apply(self: Any, runs: list[EntryRun], diff_id: str) -> None:
+        time.sleep(0.02)  # an applier slower than the import
+        real_apply(self, runs, diff_id)
+
+    monkeypatch.setattr(_tree_tap.ImageTreeTap, "_apply", slow_apply)
+    most = 0
+    real_take = _tree_tap._Layer.take
+
+    def take(self: Any) -> list[EntryRun]:
+        nonlocal most
+        most = max(most, self.waiting)
+        return real_take(self)
+
+    monkeypatch.setattr(_tree_tap._Layer, "take", take)
+    # files of 100 bytes: one object each, so a run of entries is at most 64 long
+    layout = layout_of(tmp_path / "lay", {"t": [file_layer("usr", 1000, 100)]})
+    image = await pull(repo, layout, "t")
+    (tap,) = taps
+    assert (tap.applied, tap.reread, tap.failed) == (1, 0, False)
+    assert read_back == []
+    assert 100 < most <= 100 + 64  # past the cap by at most one run: the import waited
+    assert image == image_by_rereading(repo, "t")
 
 
 async def test_a_tap_that_gives_up_falls_back_to_reading_back(

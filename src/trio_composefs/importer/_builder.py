@@ -232,7 +232,7 @@ class SplitStreamBuilder:
                         else:
                             await self._add(spool, item)
                     if tap is not None:
-                        tap.flush()
+                        await tap.flush()
 
             def finish() -> Digest:
                 return self.store(spool.finish_into)

@@ -62,13 +62,15 @@ class EntryRun:
 class EntrySink(Protocol):
     """Receives a layer's entries while :meth:`Importer.import_layer` imports it."""
 
-    def add_entries(self, run: EntryRun) -> None:
-        """The next entries of the layer (called on the trio thread, in archive order).
+    async def add_entries(self, run: EntryRun) -> None:
+        """The next entries of the layer (called from the import's builder task, in
+        archive order).
 
-        It must return quickly and must not raise (an exception fails the import). The
-        entries are complete once ``import_layer`` returns normally; if it raises or is
-        cancelled, the layer is not stored and what came is worth nothing. A layer that
-        is skipped (its stream exists) sends nothing.
+        Awaiting here holds up the layer's import (backpressure: the splitstream builder
+        waits, then the reader); an exception fails the import. The entries are
+        complete once ``import_layer`` returns normally; if it raises or is cancelled,
+        the layer is not stored and what came is worth nothing. A layer that is skipped
+        (its stream exists) sends nothing.
         """
 
 
@@ -100,8 +102,8 @@ class EntryTap:
     def add_external(self, header: TarHeader, digest: Digest, size: int) -> None:
         self._run.append((header, ExternalChunk(digest, size)))
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         """Hand the entries completed so far to the sink."""
         if self._run:
             run, self._run = self._run, []
-            self.sink.add_entries(EntryRun(run))
+            await self.sink.add_entries(EntryRun(run))

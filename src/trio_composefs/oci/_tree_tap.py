@@ -9,16 +9,18 @@ import, and the image build only transforms and writes.
 
 Layers import concurrently, largest first, but apply in config order. The layer whose
 turn it is (every earlier one applied) applies its entries as they come, in batches, in
-a worker thread (:data:`APPLY_ON_TRIO_THREAD`); a later layer's entries wait in memory, all such layers together at most :data:`BUFFER_ENTRIES` entries.
-A layer that would pass that bound drops what it holds and is read back from the
-repository once stored (today's path), as is a layer the pull found stored (skipped), a
-raw blob, and any layer whose tap failed. The tap never fails a pull: if anything goes
+a worker thread (:data:`APPLY_ON_TRIO_THREAD`); a later layer's entries wait in memory,
+all such layers together at most :data:`BUFFER_ENTRIES` entries. A layer that would
+pass that bound drops what it holds and is read back from the repository once stored
+(today's path), as is a layer the pull found stored (skipped), a raw blob, and any layer
+whose tap failed; the layer being applied cannot drop what it holds, and past that bound
+its import waits for the applier instead. The tap never fails a pull: if anything goes
 wrong in it (an entry the tree refuses, a layer that cannot be read back), it gives up
 and the image build reads every layer back, raising there what it raised before.
 
 Memory: the tree (as before), plus at most :data:`BUFFER_ENTRIES` waiting entries
 (~1 KB each), plus the entries of the layer being applied that arrived while a worker
-thread applied its earlier ones (:data:`APPLY_BATCH` and what came meanwhile).
+thread applied its earlier ones (at most as many again).
 """
 
 from __future__ import annotations
@@ -77,16 +79,20 @@ class _Layer:
     """Its entries were dropped (or none came): read it back once stored."""
     finished: trio.Event = attrs.Factory(trio.Event)
     more: trio.Event = attrs.Factory(trio.Event)
+    """Set when the applier has something to do for this layer."""
+    taken: trio.Event = attrs.Factory(trio.Event)
+    """Set when the applier took this layer's buffer (or the tap stopped)."""
     stream: Digest | None = None
 
-    def add_entries(self, run: EntryRun) -> None:
+    async def add_entries(self, run: EntryRun) -> None:
         tap = self.tap
         if self.reread or tap.failed:
             return
         if self.streaming:
             tap.apply_now(run, self.diff_id)
             return
-        if tap.current != self.index and tap.buffered + len(run) > tap.cap:
+        current = tap.current == self.index
+        if not current and tap.buffered + len(run) > tap.cap:
             self.drop()
             return
         self.buffer.append(run)
@@ -94,11 +100,18 @@ class _Layer:
         tap.buffered += len(run)
         if self.waiting >= APPLY_BATCH:
             self.more.set()
+        # The layer being applied cannot drop what it holds (some of it is applied):
+        # past the cap it waits for the applier (backpressure on its import).
+        while current and self.waiting > tap.cap and not (tap.failed or self.reread):
+            self.taken = trio.Event()
+            self.more.set()
+            await self.taken.wait()
 
     def take(self) -> list[EntryRun]:
         runs, self.buffer = self.buffer, []
         self.tap.buffered -= self.waiting
         self.waiting = 0
+        self.taken.set()
         return runs
 
     def drop(self) -> None:
@@ -123,8 +136,9 @@ class ImageTreeTap:
     cap: int = attrs.field(factory=lambda: BUFFER_ENTRIES)
     builder: TreeBuilder = attrs.Factory(TreeBuilder)
     layers: list[_Layer] = attrs.field(init=False)
-    current: int = 0
-    """The layer whose turn it is: every earlier one is applied."""
+    current: int = -1
+    """The layer whose turn it is: every earlier one is applied (-1: :meth:`run` has not
+    started)."""
     buffered: int = 0
     failed: bool = False
     applied: int = 0
