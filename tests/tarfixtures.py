@@ -20,6 +20,7 @@ import pytest
 from trio_composefs.formats import Algorithm, Chunk, Digest, ExternalChunk, InlineChunk
 from trio_composefs.formats._tarsplit import (
     END,
+    INLINE_MAX,
     NEED_DATA,
     Event,
     FileData,
@@ -191,10 +192,16 @@ def write_archive(writer: str, tree: Path, out: Path) -> bytes:
 # --- driving the splitter ----------------------------------------------------------------
 
 
-def split(data: bytes, feed: Sequence[int] | int | None = None, **kwargs: int) -> list[Event]:
+def split(
+    data: bytes,
+    feed: Sequence[int] | int | None = None,
+    *,
+    inline_max: int = INLINE_MAX,
+    coalesce: bool = False,
+) -> list[Event]:
     """All events for ``data``, fed whole (``None``), in pieces of ``feed`` bytes, or in
     pieces of the listed sizes (cycled)."""
-    splitter = TarSplitter(**kwargs)
+    splitter = TarSplitter(inline_max=inline_max, coalesce=coalesce)
     events: list[Event] = []
     if feed is None:
         pieces: Iterable[bytes] = [data] if data else []  # b"" alone would mean EOF
