@@ -100,7 +100,7 @@ class LayerReader:
         factory=lambda: trio.CapacityLimiter(FINISHING_JOBS)
     )
     """Jobs written but not yet digested and linked (their writer tokens are back)."""
-    _splitter: TarSplitter = attrs.field(factory=TarSplitter, init=False)
+    _splitter: TarSplitter = attrs.field(factory=lambda: TarSplitter(coalesce=True), init=False)
     _inline: bytearray = attrs.field(factory=bytearray, init=False)
     # The file being read: gathered in memory (small) or streamed to its writer (large).
     _pending: PendingObject | None = attrs.field(default=None, init=False)
