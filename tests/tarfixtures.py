@@ -244,7 +244,7 @@ def coalesce(events: Iterable[Event]) -> list[Event]:
     out: list[Event] = []
     for event in events:
         if isinstance(event, Inline | FileData) and out and type(out[-1]) is type(event):
-            out[-1] = type(event)(out[-1].data + event.data)
+            out[-1] = type(event)(bytes(out[-1].data) + event.data)
         else:
             out.append(event)
     return out
@@ -261,7 +261,7 @@ def external_files(events: Iterable[Event]) -> list[tuple[FileStart, bytes]]:
             current, parts = event, []
         elif isinstance(event, FileData):
             assert current is not None
-            parts.append(event.data)
+            parts.append(bytes(event.data))
         elif isinstance(event, FileEnd):
             assert current is not None
             content = b"".join(parts)
@@ -296,7 +296,7 @@ def chunks_from_events(
         elif isinstance(event, FileStart):
             parts = []
         elif isinstance(event, FileData):
-            parts.append(event.data)
+            parts.append(bytes(event.data))
         elif isinstance(event, FileEnd):
             content = b"".join(parts)
             digest = name(content)

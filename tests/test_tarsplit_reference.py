@@ -5,7 +5,7 @@ every event, the same resolved headers, the same errors (message, entry, offset)
 same point: on archives from Python's tarfile and from real tools, whole, in random
 pieces and byte by byte, with trailing data, and mutated. With ``coalesce=True`` the
 bytes, the large-file events, the headers and the errors are the same; only the inline
-pieces are merged.
+pieces are merged. ``zero_copy=True`` changes nothing but the type of file data.
 """
 
 from __future__ import annotations
@@ -109,8 +109,10 @@ def run_reference(data: bytes, sizes: Sequence[int]) -> Run:
     return run
 
 
-def run_tuned(data: bytes, sizes: Sequence[int], *, coalesce_inline: bool) -> Run:
-    splitter = TarSplitter(coalesce=coalesce_inline)
+def run_tuned(
+    data: bytes, sizes: Sequence[int], *, coalesce_inline: bool, zero_copy: bool = False
+) -> Run:
+    splitter = TarSplitter(coalesce=coalesce_inline, zero_copy=zero_copy)
     run = Run()
     try:
         for piece in [*pieces(data, sizes), b""]:
@@ -122,6 +124,12 @@ def run_tuned(data: bytes, sizes: Sequence[int], *, coalesce_inline: bool) -> Ru
                     run.headers.extend(header_key(h) for h in event.headers)
                     if event.headers:
                         assert splitter.header is event.headers[-1]
+                elif isinstance(event, FileData):
+                    assert event.data
+                    if isinstance(event.data, memoryview):
+                        assert zero_copy
+                        assert event.data.readonly
+                        event = FileData(bytes(event.data))
                 run.events.append(event)
                 run.states.append((splitter.offset, splitter.entries))
             if event is END:
@@ -148,6 +156,10 @@ def check_same(data: bytes, sizes: Sequence[int]) -> None:
     assert merged.error == ref.error
     if merged.states:
         assert merged.states[-1] == ref.states[-1]
+    viewed = run_tuned(data, sizes, coalesce_inline=True, zero_copy=True)
+    assert viewed.events == merged.events
+    assert viewed.states == merged.states
+    assert viewed.error == merged.error
     # Coalesced: no two Inline events in a row unless the input ran dry between them.
     assert len(merged.events) <= len(ref.events)
 
@@ -343,3 +355,18 @@ def test_coalesced_error_comes_after_the_good_bytes() -> None:
     with pytest.raises(TarError) as again:
         splitter.next_event()
     assert again.value is first.value
+
+
+def test_zero_copy_hands_out_views_of_the_received_bytes() -> None:
+    content = bytes(range(256)) * 3
+    data = member(raw_header(b"a", size=len(content)), content) + EOA
+    splitter = TarSplitter(coalesce=True, zero_copy=True)
+    splitter.receive_data(data)
+    events = [splitter.next_event() for _ in range(4)]
+    assert [type(e) for e in events] == [Inline, FileStart, FileData, FileEnd]
+    assert isinstance(events[2], FileData)
+    view = events[2].data
+    assert isinstance(view, memoryview)
+    assert view.readonly
+    assert view.obj is data  # no copy was made
+    assert bytes(view) == content

@@ -17,7 +17,9 @@ inline content is an :class:`Inline` event of its own. With ``coalesce=True`` th
 splitter hands out one :class:`Inline` per run of inline bytes (everything between
 two large files' contents that is buffered), which is what an importer wants: far
 fewer events. Either way each :class:`Inline` lists, in :attr:`Inline.headers`, the
-entries whose main header block it carries.
+entries whose main header block it carries. With ``zero_copy=True`` a large file's
+:class:`FileData` may be a read-only :class:`memoryview` of the bytes received rather
+than a copy (it keeps that received piece alive while it lives).
 """
 
 from __future__ import annotations
@@ -96,9 +98,13 @@ class FileStart:
 
 @attrs.frozen
 class FileData:
-    """Part of the current external file's content."""
+    """Part of the current external file's content.
 
-    data: bytes
+    ``data`` is ``bytes``, or with ``TarSplitter(zero_copy=True)`` possibly a read-only
+    ``memoryview`` of a piece given to :meth:`TarSplitter.receive_data`.
+    """
+
+    data: bytes | memoryview
 
 
 @attrs.frozen
@@ -188,6 +194,20 @@ class _Buffer:
         self.size -= limit
         return first[pos : pos + limit]
 
+    def take_view(self, limit: int) -> bytes | memoryview:
+        """As :meth:`take`, but a part of a chunk comes as a view of it, not a copy."""
+        first = self._chunks[0]
+        pos = self._pos
+        left = len(first) - pos
+        if left <= limit:
+            self._chunks.popleft()
+            self._pos = 0
+            self.size -= left
+            return first if pos == 0 else memoryview(first)[pos:]
+        self._pos = pos + limit
+        self.size -= limit
+        return memoryview(first)[pos : pos + limit]
+
     def take_all(self) -> bytes:
         """Everything buffered, consumed."""
         if self._pos:
@@ -209,6 +229,8 @@ class TarSplitter:
             up to the next large file's content or to the end of what is buffered) as
             one :class:`Inline` event instead of one per header or content piece. The
             bytes, and the other events, are the same either way.
+        zero_copy: hand out a large file's content that is part of a received piece
+            as a read-only ``memoryview`` of it instead of a copy.
 
     Attributes:
         offset: bytes of the stream handed out in events so far.
@@ -221,9 +243,12 @@ class TarSplitter:
     as it is buffered.
     """
 
-    def __init__(self, *, inline_max: int = INLINE_MAX, coalesce: bool = False) -> None:
+    def __init__(
+        self, *, inline_max: int = INLINE_MAX, coalesce: bool = False, zero_copy: bool = False
+    ) -> None:
         self._inline_max = inline_max
         self._coalesce = coalesce
+        self._zero_copy = zero_copy
         self._buf = _Buffer()
         self._eof = False
         self._state = _State.HEADER
@@ -343,7 +368,9 @@ class TarSplitter:
                 self._enter_content(self._pad)
                 return FileEnd()
             if buf.size:
-                data = buf.take(self._remaining)
+                data = (
+                    buf.take_view(self._remaining) if self._zero_copy else buf.take(self._remaining)
+                )
                 self._remaining -= len(data)
                 self.offset += len(data)
                 return FileData(data)

@@ -100,14 +100,18 @@ class LayerReader:
         factory=lambda: trio.CapacityLimiter(FINISHING_JOBS)
     )
     """Jobs written but not yet digested and linked (their writer tokens are back)."""
-    _splitter: TarSplitter = attrs.field(factory=lambda: TarSplitter(coalesce=True), init=False)
+    _splitter: TarSplitter = attrs.field(
+        factory=lambda: TarSplitter(coalesce=True, zero_copy=True), init=False
+    )
     _inline: bytearray = attrs.field(factory=bytearray, init=False)
     # The file being read: gathered in memory (small) or streamed to its writer (large).
     _pending: PendingObject | None = attrs.field(default=None, init=False)
-    _parts: list[bytes] | None = attrs.field(default=None, init=False)
-    _stream: Handoff[bytes] | None = attrs.field(default=None, init=False)
+    _parts: list[bytes | memoryview] | None = attrs.field(default=None, init=False)
+    _stream: Handoff[bytes | memoryview] | None = attrs.field(default=None, init=False)
     # Small objects read completely, waiting to be stored together.
-    _batch: list[tuple[PendingObject, list[bytes]]] = attrs.field(factory=list, init=False)
+    _batch: list[tuple[PendingObject, list[bytes | memoryview]]] = attrs.field(
+        factory=list, init=False
+    )
     _batch_bytes: int = attrs.field(default=0, init=False)
     # Items for the builder, sent together.
     _outbox: list[Item] = attrs.field(factory=list, init=False)
@@ -290,12 +294,12 @@ class LayerReader:
                 counters.written += 1
             pending.set_result(digest, present)
 
-    async def _start_job(self, pending: PendingObject) -> Handoff[bytes]:
+    async def _start_job(self, pending: PendingObject) -> Handoff[bytes | memoryview]:
         """Take a writer token (the backpressure point), then start a streamed object's job."""
         borrower, release_writer, release_from_thread = await self._take_tokens()
         self.counters.in_flight += 1
         repo, digester, size = self.repo, self.digester, pending.size
-        pieces = Handoff[bytes](_OBJECT_CHANNEL_ITEMS)
+        pieces = Handoff[bytes | memoryview](_OBJECT_CHANNEL_ITEMS)
 
         async def job() -> list[tuple[Digest, bool]]:
             try:
