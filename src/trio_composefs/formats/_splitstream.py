@@ -241,7 +241,8 @@ class SplitStreamEncoder:
 
     def begin_inline(self, length: int) -> bytes:
         """Start an inline chunk of exactly ``length`` bytes (a whole coalesced run)."""
-        self._require(_EncoderState.IDLE, action="begin_inline() called")
+        if self._state is not _EncoderState.IDLE:
+            self._require(_EncoderState.IDLE, action="begin_inline() called")
         if length <= 0:
             raise InternalError(f"splitstream inline chunk of {length} bytes (must be > 0)")
         if length > 1 << 63:
@@ -252,7 +253,8 @@ class SplitStreamEncoder:
 
     def inline_data(self, data: bytes | bytearray | memoryview) -> bytes:
         """Add bytes of the current inline run; the pieces must add up to its length."""
-        self._require(_EncoderState.IN_RUN, action="inline_data() called")
+        if self._state is not _EncoderState.IN_RUN:
+            self._require(_EncoderState.IN_RUN, action="inline_data() called")
         n = len(data)
         if n > self._run_left:
             raise InternalError(
@@ -267,8 +269,11 @@ class SplitStreamEncoder:
 
     def external(self, digest: Digest, size: int) -> bytes:
         """Add a reference to the object ``digest`` of ``size`` bytes."""
-        self._require(_EncoderState.IDLE, _EncoderState.AFTER_RUN, action="external() called")
-        self._check_digest(digest, "object")
+        state = self._state
+        if state is not _EncoderState.AFTER_RUN and state is not _EncoderState.IDLE:
+            self._require(_EncoderState.IDLE, _EncoderState.AFTER_RUN, action="external() called")
+        if digest.algorithm is not self._algorithm:
+            self._check_digest(digest, "object")
         if size < 0:
             raise InternalError(f"splitstream external object of negative size {size}")
         index = self._object_refs.setdefault(digest.raw, len(self._object_refs))

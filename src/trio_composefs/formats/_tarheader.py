@@ -57,6 +57,9 @@ EXTENSION_TYPES = b"LKxg"
 # then a NUL or the end of the field (what follows a NUL is ignored).
 #: ``PLAIN_OCTAL(block, start, stop)``: that form, or ``None`` (then see :func:`parse_number`).
 PLAIN_OCTAL = re.compile(rb" *([0-7]*) *(?:\x00|\Z)").match
+# The start of a PAX record: its decimal length (at most 20 digits), a space, a
+# non-empty key and "=" (the key is what precedes the first "=").
+_PAX_RECORD = re.compile(rb"([0-9]{1,20}) ([^=]+)=").match
 # A valid PAX time: decimal seconds, optionally a dot and decimal digits.
 _PLAIN_PAX_TIME = re.compile(rb"[0-9]+(?:\.[0-9]*)?\Z").match
 _adler32 = zlib.adler32
@@ -177,6 +180,15 @@ def parse_pax_records(
     end = len(data)
     find = data.find
     while pos < end:
+        fast = _PAX_RECORD(data, pos)
+        if fast is not None:  # a well-formed record whose key ends inside it
+            record_end = pos + int(fast[1])
+            value_start = fast.end()
+            if value_start < record_end <= end and data[record_end - 1] == 0x0A:
+                records[fast[2]] = data[value_start : record_end - 1]
+                pos = record_end
+                continue
+        # The general rules (and their errors) for anything else.
         if data[pos] == 0 and not data[pos:].strip(b"\x00"):
             break
         space = find(b" ", pos, pos + 21)

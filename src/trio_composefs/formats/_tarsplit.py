@@ -404,13 +404,11 @@ class TarSplitter:
         try:
             while True:
                 state = self._state
-                if state is _State.HEADER:
+                if state is _State.HEADER or state is _State.CONTENT:
                     # Whole entries inside the first buffered chunk, in one slice; the
                     # general path for a header that straddles chunks, the end, errors.
                     if self._scan(parts):
                         continue
-                    piece = self._header()
-                elif state is _State.CONTENT:
                     piece = self._step()
                 else:
                     break
@@ -428,12 +426,12 @@ class TarSplitter:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _scan(self, parts: list[bytes]) -> bool:
-        """Pass over the entries that lie whole in the first buffered chunk (state
-        ``HEADER``), appending their bytes to ``parts`` as one slice.
+        """Pass over the content due (state ``CONTENT``) and the entries that lie whole
+        in the first buffered chunk, appending their bytes to ``parts`` as one slice.
 
         Returns whether it made progress (then the caller looks at the state again);
-        if not, the next header is not whole in the chunk, is a zero
-        block or an extension with too little data, and :meth:`_header` takes over.
+        if not, the content or next header is not whole in the chunk, or the header is
+        a zero block or an extension with too little data, and :meth:`_step` takes over.
         A :class:`TarError` is raised after the bytes before the faulty header are
         appended and consumed.
         """
@@ -444,6 +442,11 @@ class TarSplitter:
         start = p = buf._pos
         end = len(cur)
         base = self.offset - start  # stream offset of cur[0]
+        if self._state is _State.CONTENT:
+            if end - p < self._remaining:
+                return False
+            p += self._remaining
+            self._state = _State.HEADER
         try:
             while end - p >= BLOCK:
                 block = cur[p : p + BLOCK]
