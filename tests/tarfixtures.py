@@ -20,6 +20,7 @@ import pytest
 from trio_composefs.formats import Algorithm, Chunk, Digest, ExternalChunk, InlineChunk
 from trio_composefs.formats._tarsplit import (
     END,
+    INLINE_MAX,
     NEED_DATA,
     Event,
     FileData,
@@ -191,10 +192,16 @@ def write_archive(writer: str, tree: Path, out: Path) -> bytes:
 # --- driving the splitter ----------------------------------------------------------------
 
 
-def split(data: bytes, feed: Sequence[int] | int | None = None, **kwargs: int) -> list[Event]:
+def split(
+    data: bytes,
+    feed: Sequence[int] | int | None = None,
+    *,
+    inline_max: int = INLINE_MAX,
+    coalesce: bool = False,
+) -> list[Event]:
     """All events for ``data``, fed whole (``None``), in pieces of ``feed`` bytes, or in
     pieces of the listed sizes (cycled)."""
-    splitter = TarSplitter(**kwargs)
+    splitter = TarSplitter(inline_max=inline_max, coalesce=coalesce)
     events: list[Event] = []
     if feed is None:
         pieces: Iterable[bytes] = [data] if data else []  # b"" alone would mean EOF
@@ -237,7 +244,7 @@ def coalesce(events: Iterable[Event]) -> list[Event]:
     out: list[Event] = []
     for event in events:
         if isinstance(event, Inline | FileData) and out and type(out[-1]) is type(event):
-            out[-1] = type(event)(out[-1].data + event.data)
+            out[-1] = type(event)(bytes(out[-1].data) + event.data)
         else:
             out.append(event)
     return out
@@ -254,7 +261,7 @@ def external_files(events: Iterable[Event]) -> list[tuple[FileStart, bytes]]:
             current, parts = event, []
         elif isinstance(event, FileData):
             assert current is not None
-            parts.append(event.data)
+            parts.append(bytes(event.data))
         elif isinstance(event, FileEnd):
             assert current is not None
             content = b"".join(parts)
@@ -289,7 +296,7 @@ def chunks_from_events(
         elif isinstance(event, FileStart):
             parts = []
         elif isinstance(event, FileData):
-            parts.append(event.data)
+            parts.append(bytes(event.data))
         elif isinstance(event, FileEnd):
             content = b"".join(parts)
             digest = name(content)

@@ -10,6 +10,7 @@ a buffer cap so small that later layers are read back, a tap that gives up, faul
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -569,8 +570,8 @@ def test_entries_of_the_splitter_are_entry_readers() -> None:
 
     tar = odd_layer() + b"\0" * 100  # trailing bytes after the end are kept inline
     fake = Digest.from_hex("ab" * 32)
-    for step in (1, 511, 4096, len(tar)):
-        splitter = TarSplitter()
+    for step, coalesce in itertools.product((1, 511, 4096, len(tar)), (False, True)):
+        splitter = TarSplitter(coalesce=coalesce, zero_copy=coalesce)
         watch = SplitterEntries(splitter)
         ours: list[TarEntry] = []
         chunks: list[Any] = []
@@ -583,11 +584,10 @@ def test_entries_of_the_splitter_are_entry_readers() -> None:
                     chunks.append(ExternalChunk(fake, event.size))
                 elif isinstance(event, Inline):
                     chunks.append(InlineChunk(event.data))
-                    if (made := watch.inline(event.data)) is not None:
-                        ours.append(made)
+                    ours += watch.inline(event)
         splitter.receive_data(b"")
         while (event := splitter.next_event()) is not END:
             assert isinstance(event, Inline)
             chunks.append(InlineChunk(event.data))
-            assert watch.inline(event.data) is None
-        assert ours == list(iter_entries(chunks)), step
+            assert watch.inline(event) == []
+        assert ours == list(iter_entries(chunks)), (step, coalesce)

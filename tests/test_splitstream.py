@@ -454,6 +454,82 @@ def test_streaming_api_in_random_pieces_matches_one_shot(seed: int) -> None:
     assert enc.object_refs == list(parse_splitstream(one_shot, algorithm=SHA256).object_refs)
 
 
+def reference_stream(chunks: Sequence[Chunk], pieces: Sequence[int]) -> bytes:
+    """The ``stream`` section as the encoder wrote it before it gathered small pieces:
+    one zstd ``compress`` call per chunk instruction and per piece of inline data (cut in
+    the sizes of ``pieces``, cycled), then one flush."""
+    c = zstandard.ZstdCompressor(level=3).compressobj()
+    out = []
+    indexes: dict[bytes, int] = {}
+    cut = 0
+    for chunk in coalesce(chunks):
+        if isinstance(chunk, InlineChunk):
+            out.append(c.compress(i64(-len(chunk.data))))
+            pos = 0
+            while pos < len(chunk.data):
+                n = max(1, pieces[cut % len(pieces)])
+                cut += 1
+                out.append(c.compress(chunk.data[pos : pos + n]))
+                pos += n
+        else:
+            index = indexes.setdefault(chunk.digest.raw, len(indexes))
+            out.append(c.compress(i64(index)))
+    out.append(c.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+    return b"".join(out)
+
+
+def plain_stream(chunks: Sequence[Chunk]) -> bytes:
+    """The decompressed ``stream`` section, written out by hand."""
+    out = []
+    indexes: dict[bytes, int] = {}
+    for chunk in coalesce(chunks):
+        if isinstance(chunk, InlineChunk):
+            out.append(i64(-len(chunk.data)) + chunk.data)
+        else:
+            out.append(i64(indexes.setdefault(chunk.digest.raw, len(indexes))))
+    return b"".join(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(min_size=1, max_size=600).map(InlineChunk),
+            st.integers(1, 300_000).map(lambda n: InlineChunk(bytes(range(256)) * (n // 256))),
+            st.builds(lambda n, size: ext(n, size), st.integers(0, 5), st.integers(0, 10**6)),
+        ),
+        max_size=40,
+    ),
+    st.lists(st.sampled_from([1, 7, 512, 4096, 131071, 131072, 200_000]), min_size=1, max_size=5),
+)
+def test_gathered_feeding_gives_the_bytes_of_one_call_per_piece(
+    chunks: list[Chunk], pieces: list[int]
+) -> None:
+    """The encoder gathers small pieces before zstd sees them: its stream section must be
+    byte for byte what feeding zstd each instruction and piece separately gives, and what
+    one call over the whole decompressed stream gives (zstd cuts blocks by itself)."""
+    chunks = [c for c in chunks if not isinstance(c, InlineChunk) or c.data]
+    enc = SplitStreamEncoder(SHA256, LAYER)
+    parts = []
+    cut = 0
+    for c in coalesce(chunks):
+        if isinstance(c, InlineChunk):
+            parts.append(enc.begin_inline(len(c.data)))
+            pos = 0
+            while pos < len(c.data):
+                n = pieces[cut % len(pieces)]
+                cut += 1
+                parts.append(enc.inline_data(c.data[pos : pos + n]))
+                pos += n
+        else:
+            parts.append(enc.external(c.digest, c.size))
+    parts.append(enc.finish())
+    stream = b"".join(parts)
+    assert stream == reference_stream(chunks, pieces)
+    assert stream == zstd_frame(plain_stream(chunks))
+    assert enc.header(len(stream))  # the encoder counted what it returned
+
+
 def test_encoder_misuse() -> None:
     enc = SplitStreamEncoder(SHA256, LAYER)
     with pytest.raises(InternalError, match="0 bytes"):

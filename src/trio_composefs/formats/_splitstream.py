@@ -28,7 +28,11 @@ with a clean end of data at a chunk boundary.
 Byte-identical output with composefs-rs needs: inline runs coalesced (one
 inline chunk between two references), ``object_refs`` unique in order of first
 appearance, and zstd level 3 streaming with an unknown size and no checksum
-(libzstd 1.5.7, as bundled by zstandard 0.25).
+(libzstd 1.5.7, as bundled by zstandard 0.25). A zstd stream's bytes depend on
+how its input was fed only through flushes: ``ZSTD_e_continue`` copies input
+into the compressor's own buffer and compresses whole blocks, so the encoder may
+gather small pieces and hand them to zstd together (fewer calls, fewer releases
+of the GIL), as long as it never flushes before the end.
 """
 
 from __future__ import annotations
@@ -86,6 +90,9 @@ _NAMED_REFS_LIMIT: Final = 64 * 1024 * 1024
 
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 _ZSTD_BLOCK_MAX: Final = 128 * 1024
+#: The encoder gathers pieces smaller than this and feeds zstd once this much is
+#: pending (zstd compresses 128 KiB blocks; how the input is cut does not change its output).
+_FEED_SIZE: Final = 128 * 1024
 
 Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 
@@ -135,10 +142,11 @@ class SplitStreamEncoder:
 
     Feed the chunk sequence with :meth:`begin_inline` / :meth:`inline_data`
     and :meth:`external`, then call :meth:`finish`; each returns the next
-    compressed bytes of the ``stream`` section (often ``b""``: zstd buffers up
-    to a block). Write them to a temporary place, then put :meth:`header` in
-    front: the file is ``header(len(stream)) + stream``. Memory stays bounded
-    by the zstd window whatever the stream size.
+    compressed bytes of the ``stream`` section (usually ``b""``: small pieces
+    are gathered up to 128 KiB before zstd sees them, and zstd buffers up to a
+    block). Write them to a temporary place, then put :meth:`header` in front:
+    the file is ``header(len(stream)) + stream``. Memory stays bounded by the
+    zstd window (plus the 128 KiB gathered) whatever the stream size.
 
     Inline runs must be coalesced by the caller: two inline runs with no
     external reference between them raise :class:`InternalError`, because
@@ -155,6 +163,7 @@ class SplitStreamEncoder:
         self._algorithm = algorithm
         self._content_type = content_type
         self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+        self._pending = bytearray()  # bytes for zstd not handed to it yet (< _FEED_SIZE)
         self._state = _EncoderState.IDLE
         self._run_left = 0
         self._compressed = 0
@@ -211,7 +220,17 @@ class SplitStreamEncoder:
         self._named_refs[name] = self.add_stream_ref(digest)
 
     def _compress(self, data: bytes | bytearray | memoryview) -> bytes:
-        out: bytes = self._compressor.compress(data)
+        """Feed ``data`` to zstd, gathering small pieces into one call (same output bytes)."""
+        pending = self._pending
+        if len(data) < _FEED_SIZE:
+            pending += data
+            if len(pending) < _FEED_SIZE:
+                return b""
+            out: bytes = self._compressor.compress(pending)
+        else:
+            out = self._compressor.compress(pending) if pending else b""
+            out += self._compressor.compress(data)
+        pending.clear()
         self._compressed += len(out)
         return out
 
@@ -222,7 +241,8 @@ class SplitStreamEncoder:
 
     def begin_inline(self, length: int) -> bytes:
         """Start an inline chunk of exactly ``length`` bytes (a whole coalesced run)."""
-        self._require(_EncoderState.IDLE, action="begin_inline() called")
+        if self._state is not _EncoderState.IDLE:
+            self._require(_EncoderState.IDLE, action="begin_inline() called")
         if length <= 0:
             raise InternalError(f"splitstream inline chunk of {length} bytes (must be > 0)")
         if length > 1 << 63:
@@ -233,7 +253,8 @@ class SplitStreamEncoder:
 
     def inline_data(self, data: bytes | bytearray | memoryview) -> bytes:
         """Add bytes of the current inline run; the pieces must add up to its length."""
-        self._require(_EncoderState.IN_RUN, action="inline_data() called")
+        if self._state is not _EncoderState.IN_RUN:
+            self._require(_EncoderState.IN_RUN, action="inline_data() called")
         n = len(data)
         if n > self._run_left:
             raise InternalError(
@@ -248,8 +269,11 @@ class SplitStreamEncoder:
 
     def external(self, digest: Digest, size: int) -> bytes:
         """Add a reference to the object ``digest`` of ``size`` bytes."""
-        self._require(_EncoderState.IDLE, _EncoderState.AFTER_RUN, action="external() called")
-        self._check_digest(digest, "object")
+        state = self._state
+        if state is not _EncoderState.AFTER_RUN and state is not _EncoderState.IDLE:
+            self._require(_EncoderState.IDLE, _EncoderState.AFTER_RUN, action="external() called")
+        if digest.algorithm is not self._algorithm:
+            self._check_digest(digest, "object")
         if size < 0:
             raise InternalError(f"splitstream external object of negative size {size}")
         index = self._object_refs.setdefault(digest.raw, len(self._object_refs))
@@ -261,7 +285,10 @@ class SplitStreamEncoder:
         """End the stream; returns the last bytes of the ``stream`` section."""
         self._require(_EncoderState.IDLE, _EncoderState.AFTER_RUN, action="finish() called")
         self._state = _EncoderState.FINISHED
-        out: bytes = self._compressor.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        pending = self._pending
+        out: bytes = self._compressor.compress(pending) if pending else b""
+        pending.clear()
+        out += self._compressor.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
         self._compressed += len(out)
         return out
 

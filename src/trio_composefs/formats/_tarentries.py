@@ -20,8 +20,8 @@ import attrs
 from .._errors import DataAfterEndError, InternalError, TarError
 from ._chunks import Chunk, ExternalChunk
 from ._sentinels import END, NEED_DATA, Sentinel
-from ._tarheader import TarHeader
-from ._tarsplit import INLINE_MAX, FileData, FileEnd, FileStart, TarSplitter
+from ._tarheader import BLOCK, TarHeader
+from ._tarsplit import INLINE_MAX, FileData, FileEnd, FileStart, Inline, TarSplitter
 
 __all__ = [
     "END",
@@ -209,30 +209,35 @@ class SplitterEntries:
 
     Shared by :class:`EntryReader` (re-reading a splitstream) and the importer (which
     taps the entries of a layer while it splits it): both watch the splitter that made
-    the events. Call :meth:`inline` with the data of every :class:`Inline` event, right
-    after :meth:`TarSplitter.next_event` handed it out; it returns the entry that event
-    completes, if any: a non-regular entry at its header block, a regular file of at most
-    :data:`INLINE_MAX` bytes once its content has come. A larger regular file is never
-    returned here: its header is :attr:`TarSplitter.header` when its :class:`FileStart`
-    comes, and its entry is ``entry_from_header(header, ExternalChunk(digest, size))``
-    once its object is stored.
+    the events. Call :meth:`inline` with every :class:`Inline` event, right after
+    :meth:`TarSplitter.next_event` handed it out; it returns the entries that event
+    completes, in stream order: a non-regular entry or an empty file at its header
+    block, a regular file of at most :data:`INLINE_MAX` bytes once its content has come
+    (it may straddle events). A larger regular file is never returned here: its header
+    is :attr:`TarSplitter.header` when its :class:`FileStart` comes, and its entry is
+    ``entry_from_header(header, ExternalChunk(digest, size))`` once its object is stored.
+
+    Works with every splitter mode: an event lists the entries whose main header block
+    it carries (:attr:`Inline.headers`), the splitter's :attr:`~TarSplitter.offset`
+    after the event is the stream offset of the event's end, and a header's content
+    starts right after its main header block. A coalesced event may complete many
+    entries; a plain one completes at most one.
 
     The splitter must keep files of at most :data:`INLINE_MAX` bytes inline (its
     default), as every splitstream does.
 
-    Memory: one header and at most 64 bytes of content.
+    Memory: one small file's content (at most 64 bytes) carried between events.
 
     Raises (from :meth:`inline`):
         TarError: see :func:`entry_from_header`.
     """
 
-    __slots__ = ("_content", "_header", "_seen", "_splitter")
+    __slots__ = ("_content", "_header", "_splitter")
 
     def __init__(self, splitter: TarSplitter) -> None:
         if splitter.inline_max != INLINE_MAX:
             raise ValueError(f"the splitter keeps {splitter.inline_max} bytes inline, not 64")
         self._splitter = splitter
-        self._seen = splitter.entries  # entries handed out by the splitter so far
         self._header: TarHeader | None = None  # an inline entry whose content is being collected
         self._content = bytearray()
 
@@ -241,35 +246,42 @@ class SplitterEntries:
         """The header of the small file whose content is being collected, if any."""
         return self._header
 
-    def inline(self, data: bytes) -> TarEntry | None:
-        """The entry the :class:`Inline` event of ``data`` completes, or ``None``."""
-        done = self.inline_parts(data)
-        return None if done is None else entry_from_header(*done)
+    def inline(self, event: Inline) -> list[TarEntry]:
+        """The entries the :class:`Inline` ``event`` completes (often none)."""
+        return [entry_from_header(*done) for done in self.inline_parts(event)]
 
-    def inline_parts(self, data: bytes) -> tuple[TarHeader, bytes] | None:
-        """As :meth:`inline`, but the entry's header and content, not yet resolved.
+    def inline_parts(self, event: Inline) -> list[tuple[TarHeader, bytes]]:
+        """As :meth:`inline`, but each entry's header and content, not yet resolved.
 
         ``entry_from_header(header, content)`` makes the entry (and raises its errors)
         later, or in another thread; this call parses nothing and raises nothing.
         """
-        splitter = self._splitter
-        if splitter.entries != self._seen:  # a new entry's header block
-            self._seen = splitter.entries
-            current = splitter.header
-            assert current is not None
-            if current.is_regular and current.size > INLINE_MAX:
-                return None  # FileStart comes next
-            if current.size == 0:
-                return current, b""
-            self._header, self._content = current, bytearray()
-            return None
+        data = event.data
+        out: list[tuple[TarHeader, bytes]] = []
         header = self._header
-        if header is not None:
-            self._content += data[: header.size - len(self._content)]
-            if len(self._content) == header.size:
-                self._header = None
-                return header, bytes(self._content)
-        return None
+        if header is not None:  # a small file's content continues here
+            collected = self._content
+            collected += data[: header.size - len(collected)]
+            if len(collected) < header.size:
+                return out
+            out.append((header, bytes(collected)))
+            self._header = None
+        if not event.headers:
+            return out
+        start = self._splitter.offset - len(data)  # stream offset of data[0]
+        for header in event.headers:
+            size = header.size
+            if size == 0:
+                out.append((header, b""))
+            elif size <= INLINE_MAX or not header.is_regular:
+                at = header.offset + BLOCK - start
+                content = data[at : at + size]
+                if len(content) == size:
+                    out.append((header, content))
+                else:  # the rest comes with the next events
+                    self._header, self._content = header, bytearray(content)
+            # else: a large file, whose FileStart comes next
+        return out
 
 
 class EntryReader:
@@ -295,8 +307,9 @@ class EntryReader:
     """
 
     def __init__(self) -> None:
-        self._splitter = TarSplitter(inline_max=INLINE_MAX)
+        self._splitter = TarSplitter(inline_max=INLINE_MAX, coalesce=True)
         self._pending: collections.deque[Chunk] = collections.deque()
+        self._ready: collections.deque[TarEntry] = collections.deque()  # made, not handed out
         self._eof = False  # receive_eof() was called
         self._splitter_eof = False  # ... and the splitter was told
         self._entries = SplitterEntries(self._splitter)
@@ -359,6 +372,8 @@ class EntryReader:
             raise
 
     def _next(self) -> TarEntry | Sentinel:
+        if self._ready:
+            return self._ready.popleft()
         splitter = self._splitter
         while True:
             if self._awaiting is None:
@@ -431,9 +446,12 @@ class EntryReader:
                 return NEED_DATA
             if isinstance(event, FileData | FileEnd):  # pragma: no cover - we stop at FileStart
                 raise InternalError("EntryReader: file content events after FileStart")
-            entry = self._entries.inline(event.data)
-            if entry is not None:
-                return entry
+            entries = self._entries.inline(event)
+            if entries:
+                if len(entries) == 1:
+                    return entries[0]
+                self._ready.extend(entries[1:])
+                return entries[0]
 
 
 def iter_entries(chunks: Iterable[Chunk]) -> Iterator[TarEntry]:

@@ -10,6 +10,8 @@ strictness rules follow composefs-rs (tar-core defaults); see
 from __future__ import annotations
 
 import enum
+import re
+import zlib
 
 import attrs
 
@@ -24,6 +26,7 @@ __all__ = [
     "TarHeader",
     "decode_name",
     "dialect_of",
+    "header_sum",
     "is_extension",
     "parse_number",
     "parse_pax_records",
@@ -45,6 +48,21 @@ SIZELESS_TYPES = frozenset(b"123456")
 _LOW_BYTES = bytes(range(128))
 _OCTAL_DIGITS = b"01234567"
 _DECIMAL_DIGITS = b"0123456789"
+USTAR_MAGIC = b"ustar\x00"
+GNU_MAGIC = b"ustar "
+#: Type flags of extension headers (meaningful only in ustar and GNU headers).
+EXTENSION_TYPES = b"LKxg"
+
+# The common form of a numeric field: optional spaces, octal digits, optional spaces,
+# then a NUL or the end of the field (what follows a NUL is ignored).
+#: ``PLAIN_OCTAL(block, start, stop)``: that form, or ``None`` (then see :func:`parse_number`).
+PLAIN_OCTAL = re.compile(rb" *([0-7]*) *(?:\x00|\Z)").match
+# The start of a PAX record: its decimal length (at most 20 digits), a space, a
+# non-empty key and "=" (the key is what precedes the first "=").
+_PAX_RECORD = re.compile(rb"([0-9]{1,20}) ([^=]+)=").match
+# A valid PAX time: decimal seconds, optionally a dot and decimal digits.
+_PLAIN_PAX_TIME = re.compile(rb"[0-9]+(?:\.[0-9]*)?\Z").match
+_adler32 = zlib.adler32
 
 
 def roundup(size: int) -> int:
@@ -63,9 +81,9 @@ class Dialect(enum.Enum):
 def dialect_of(block: bytes) -> Dialect:
     """The dialect of a header block, from its magic field."""
     magic = block[257:263]
-    if magic == b"ustar\x00":
+    if magic == USTAR_MAGIC:
         return Dialect.USTAR
-    if magic == b"ustar ":
+    if magic == GNU_MAGIC:
         return Dialect.GNU
     return Dialect.V7
 
@@ -97,6 +115,10 @@ def parse_number(
     not octal digits (with optional surrounding spaces, NUL-terminated) raise
     :class:`TarError`.
     """
+    plain = PLAIN_OCTAL(field)
+    if plain is not None:  # the fast path; what it accepts, the rules below accept alike
+        digits = plain[1]
+        return int(digits, 8) if digits else 0
     first = field[0] if field else 0
     if first & 0x80:
         if first & 0x40:
@@ -114,14 +136,30 @@ def parse_number(
     return int(text, 8)
 
 
+def header_sum(block: bytes) -> int:
+    """The unsigned checksum of a header block: the sum of its bytes, the checksum
+    field counted as eight spaces.
+
+    Adler-32's first half is 1 + the byte sum mod 65521, computed in C. An ASCII block
+    sums to at most 512 * 127 = 65024, so one Adler-32 gives the exact sum; otherwise
+    two halves do (each sums to at most 256 * 255 = 65280).
+    """
+    if block.isascii():
+        total = (_adler32(block) & 0xFFFF) - 1
+    else:
+        total = (_adler32(block[:256]) & 0xFFFF) + (_adler32(block[256:]) & 0xFFFF) - 2
+    return total - sum(block[148:156]) + 8 * 0x20
+
+
 def verify_checksum(block: bytes, *, offset: int) -> None:
     """Check a header's checksum; unsigned and (historic BSD) signed sums are accepted."""
     stored = parse_number(block[148:156], "chksum", offset=offset)
-    rest = block[:148] + block[156:]
-    unsigned = sum(rest) + 8 * 0x20
+    unsigned = header_sum(block)
     if stored == unsigned:
         return
-    high = len(rest.translate(None, _LOW_BYTES))
+    high = len(block[:148].translate(None, _LOW_BYTES)) + len(
+        block[156:].translate(None, _LOW_BYTES)
+    )
     if stored == unsigned - 256 * high:
         return
     # No name quoted: a block that fails its checksum may not be a tar header at all
@@ -140,21 +178,30 @@ def parse_pax_records(
     records: dict[bytes, bytes] = {}
     pos = 0
     end = len(data)
+    find = data.find
     while pos < end:
+        fast = _PAX_RECORD(data, pos)
+        if fast is not None:  # a well-formed record whose key ends inside it
+            record_end = pos + int(fast[1])
+            value_start = fast.end()
+            if value_start < record_end <= end and data[record_end - 1] == 0x0A:
+                records[fast[2]] = data[value_start : record_end - 1]
+                pos = record_end
+                continue
+        # The general rules (and their errors) for anything else.
         if data[pos] == 0 and not data[pos:].strip(b"\x00"):
             break
-        space = data.find(b" ", pos, pos + 21)
-        length_text = data[pos:space] if space > pos else b""
-        if not length_text or length_text.translate(None, _DECIMAL_DIGITS):
+        space = find(b" ", pos, pos + 21)
+        # bytes.isdigit: only ASCII digits, and not empty
+        if space <= pos or not data[pos:space].isdigit():
             raise TarError("malformed PAX record length", entry=entry, offset=offset)
-        record_end = pos + int(length_text)
+        record_end = pos + int(data[pos:space])
         if record_end <= space + 1 or record_end > end or data[record_end - 1] != 0x0A:
             raise TarError("malformed PAX record", entry=entry, offset=offset)
-        record = data[space + 1 : record_end - 1]
-        equals = record.find(b"=")
-        if equals <= 0:
+        equals = find(b"=", space + 1, record_end - 1)
+        if equals <= space + 1:
             raise TarError("malformed PAX record (no key)", entry=entry, offset=offset)
-        records[record[:equals]] = record[equals + 1 :]
+        records[data[space + 1 : equals]] = data[equals + 1 : record_end - 1]
         pos = record_end
     return records
 
@@ -292,32 +339,36 @@ class TarHeader:
             TarError: empty path, bad or absurd size, sparse entry, non-zero size on a
                 link, device, directory or fifo.
         """
-        dialect = dialect_of(block)
-        raw_path = pax.get(b"path") or None
-        if raw_path is None:
-            raw_path = long_name or None
-        if raw_path is None:
-            raw_path = _cstring(block[:100])
-            if dialect is Dialect.USTAR:
-                prefix = _cstring(block[345:500])
-                if prefix:
-                    raw_path = prefix + b"/" + raw_path
-        path = decode_name(raw_path)
-        if not path:
+        raw_path = (pax.get(b"path") if pax else None) or long_name
+        if not raw_path:
+            end = block.find(0, 0, 100)
+            raw_path = block[: end if end >= 0 else 100]
+            if block[257:263] == USTAR_MAGIC:
+                end = block.find(0, 345, 500)
+                if end != 345:
+                    raw_path = block[345 : end if end >= 0 else 500] + b"/" + raw_path
+        if not raw_path:
             raise TarError("entry with an empty path", offset=offset)
+        path = raw_path.decode("utf-8", "surrogateescape")
         typeflag = block[156]
-        if typeflag == ord("S"):
+        if typeflag == 0x53:  # "S"
             raise TarError("sparse entries are not supported", entry=path, offset=offset)
-        pax_size = pax.get(b"size")
+        pax_size = pax.get(b"size") if pax else None
         if pax_size is not None:
             size = _pax_decimal(pax_size, "size", entry=path, offset=offset)
         else:
-            size = parse_number(block[124:136], "size", entry=path, offset=offset)
-        for key in (b"uid", b"gid"):
-            if key in pax:
-                _pax_decimal(pax[key], key.decode(), entry=path, offset=offset)
-        if b"mtime" in pax:
-            _pax_time(pax[b"mtime"], entry=path, offset=offset)
+            plain = PLAIN_OCTAL(block, 124, 136)
+            if plain is not None:
+                size = int(plain[1] or b"0", 8)
+            else:
+                size = parse_number(block[124:136], "size", entry=path, offset=offset)
+        if pax:
+            for key in (b"uid", b"gid"):
+                if key in pax:
+                    _pax_decimal(pax[key], key.decode(), entry=path, offset=offset)
+            mtime = pax.get(b"mtime")
+            if mtime is not None and not _PLAIN_PAX_TIME(mtime):
+                _pax_time(mtime, entry=path, offset=offset)  # raises
         if size > MAX_SIZE:
             raise TarError(f"absurd entry size {size}", entry=path, offset=offset)
         if size and typeflag in SIZELESS_TYPES:
@@ -326,12 +377,4 @@ class TarHeader:
                 entry=path,
                 offset=offset,
             )
-        return cls(
-            offset=offset,
-            block=block,
-            pax=pax,
-            long_name=long_name,
-            long_link=long_link,
-            path=path,
-            size=size,
-        )
+        return cls(offset, block, pax, long_name, long_link, path, size)

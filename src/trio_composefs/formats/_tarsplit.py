@@ -11,6 +11,15 @@ small files, padding, the end-of-archive blocks and everything after them. Regul
 files (types ``0``, NUL, ``7``) larger than ``inline_max`` (64, as composefs-rs) are
 announced with :class:`FileStart`, streamed as :class:`FileData` and closed with
 :class:`FileEnd`; their padding follows inline. Rules: ``composefs-rs-notes.md`` §4.1-4.2.
+
+By default every header block, extension header (with its data) and stretch of
+inline content is an :class:`Inline` event of its own. With ``coalesce=True`` the
+splitter hands out one :class:`Inline` per run of inline bytes (everything between
+two large files' contents that is buffered), which is what an importer wants: far
+fewer events. Either way each :class:`Inline` lists, in :attr:`Inline.headers`, the
+entries whose main header block it carries. With ``zero_copy=True`` a large file's
+:class:`FileData` may be a read-only :class:`memoryview` of the bytes received rather
+than a copy (it keeps that received piece alive while it lives).
 """
 
 from __future__ import annotations
@@ -25,15 +34,18 @@ from .._errors import DataAfterEndError, TarError
 from ._sentinels import END, NEED_DATA, Sentinel
 from ._tarheader import (
     BLOCK,
+    EXTENSION_TYPES,
+    GNU_MAGIC,
     MAX_EXTENSION_BYTES,
+    PLAIN_OCTAL,
+    REGULAR_TYPES,
+    USTAR_MAGIC,
     ZERO_BLOCK,
     TarHeader,
     decode_name,
-    dialect_of,
-    is_extension,
+    header_sum,
     parse_number,
     parse_pax_records,
-    roundup,
     verify_checksum,
 )
 
@@ -57,9 +69,16 @@ INLINE_MAX: Final = 64
 
 @attrs.frozen
 class Inline:
-    """Bytes that stay inline in the splitstream, in stream order."""
+    """Bytes that stay inline in the splitstream, in stream order.
+
+    Attributes:
+        data: the bytes (never empty).
+        headers: the resolved headers of the entries whose main header block is in
+            ``data``, in stream order (not compared by ``==``).
+    """
 
     data: bytes
+    headers: tuple[TarHeader, ...] = attrs.field(default=(), eq=False, repr=False)
 
 
 @attrs.frozen
@@ -79,9 +98,13 @@ class FileStart:
 
 @attrs.frozen
 class FileData:
-    """Part of the current external file's content."""
+    """Part of the current external file's content.
 
-    data: bytes
+    ``data`` is ``bytes``, or with ``TarSplitter(zero_copy=True)`` possibly a read-only
+    ``memoryview`` of a piece given to :meth:`TarSplitter.receive_data`.
+    """
+
+    data: bytes | memoryview
 
 
 @attrs.frozen
@@ -171,6 +194,20 @@ class _Buffer:
         self.size -= limit
         return first[pos : pos + limit]
 
+    def take_view(self, limit: int) -> bytes | memoryview:
+        """As :meth:`take`, but a part of a chunk comes as a view of it, not a copy."""
+        first = self._chunks[0]
+        pos = self._pos
+        left = len(first) - pos
+        if left <= limit:
+            self._chunks.popleft()
+            self._pos = 0
+            self.size -= left
+            return first if pos == 0 else memoryview(first)[pos:]
+        self._pos = pos + limit
+        self.size -= limit
+        return memoryview(first)[pos : pos + limit]
+
     def take_all(self) -> bytes:
         """Everything buffered, consumed."""
         if self._pos:
@@ -188,6 +225,12 @@ class TarSplitter:
     Args:
         inline_max: regular files of at most this many bytes stay inline. Changing
             it from 64 makes splitstreams incompatible with composefs-rs.
+        coalesce: hand out each run of inline bytes (headers, small files, padding,
+            up to the next large file's content or to the end of what is buffered) as
+            one :class:`Inline` event instead of one per header or content piece. The
+            bytes, and the other events, are the same either way.
+        zero_copy: hand out a large file's content that is part of a received piece
+            as a read-only ``memoryview`` of it instead of a copy.
 
     Attributes:
         offset: bytes of the stream handed out in events so far.
@@ -200,14 +243,19 @@ class TarSplitter:
     as it is buffered.
     """
 
-    def __init__(self, *, inline_max: int = INLINE_MAX) -> None:
+    def __init__(
+        self, *, inline_max: int = INLINE_MAX, coalesce: bool = False, zero_copy: bool = False
+    ) -> None:
         self._inline_max = inline_max
+        self._coalesce = coalesce
+        self._zero_copy = zero_copy
         self._buf = _Buffer()
         self._eof = False
         self._state = _State.HEADER
         self._remaining = 0
         self._pad = 0
         self._error: TarError | None = None
+        self._headers: list[TarHeader] = []  # entries resolved since the last Inline event
         self.offset = 0
         self.header: TarHeader | None = None
         self.entries = 0
@@ -239,19 +287,17 @@ class TarSplitter:
 
         Raises:
             TarError: the stream is malformed or truncated. Once raised, every later
-                call raises the same error.
+                call raises the same error. (With ``coalesce``, the inline bytes before
+                the fault are handed out first; the error comes with the next call.)
         """
         if self._error is not None:
             raise self._error
         try:
-            event = self._next()
+            return self._next()
         except TarError as error:
             self._state = _State.ERROR
             self._error = error
             raise
-        if isinstance(event, Inline | FileData):
-            self.offset += len(event.data)
-        return event
 
     @property
     def inline_max(self) -> int:
@@ -312,43 +358,152 @@ class TarSplitter:
     def _next(self) -> Event | Sentinel:
         state = self._state
         buf = self._buf
+        if state is _State.HEADER or state is _State.CONTENT:
+            piece = self._run() if self._coalesce else self._step()
+            if piece is NEED_DATA or piece is END:
+                return piece
+            headers = self._headers
+            if not headers:
+                return Inline(piece)
+            event = Inline(piece, tuple(headers))
+            headers.clear()
+            return event
         if state is _State.FILE:
             if self._remaining == 0:
                 self._enter_content(self._pad)
                 return FileEnd()
             if buf.size:
-                data = buf.take(self._remaining)
+                data = (
+                    buf.take_view(self._remaining) if self._zero_copy else buf.take(self._remaining)
+                )
                 self._remaining -= len(data)
+                self.offset += len(data)
                 return FileData(data)
             if self._eof:
                 raise self._truncated("inside a file's content")
             return NEED_DATA
-        if state is _State.CONTENT:
-            if buf.size:
-                data = buf.take(self._remaining)
-                self._remaining -= len(data)
-                if self._remaining == 0:
-                    self._state = _State.HEADER
-                return Inline(data)
-            if self._eof:
-                raise self._truncated("inside an entry's content or padding")
-            return NEED_DATA
-        if state is _State.HEADER:
-            return self._header()
         if state is _State.FILE_START:
-            assert self.header is not None
+            header = self.header
+            assert header is not None
             self._state = _State.FILE
-            self._remaining = self.header.size
-            self._pad = roundup(self.header.size) - self.header.size
-            return FileStart(self.header.path, self.header.size, self.offset)
+            self._remaining = size = header.size
+            self._pad = -size % BLOCK
+            return FileStart(header.path, size, self.offset)
         if state is _State.TRAILER:
             if buf.size:
-                return Inline(buf.take_all())
+                data = buf.take_all()
+                self.offset += len(data)
+                return Inline(data)
             if self._eof:
                 self._state = _State.DONE
                 return END
             return NEED_DATA
         return END  # DONE
+
+    def _run(self) -> bytes | Sentinel:
+        """Inline pieces up to the next large file's content, :data:`NEED_DATA` or
+        :data:`END`, joined (``coalesce``). An error after some pieces is kept for the
+        next call, so that the good bytes before it are handed out first."""
+        parts: list[bytes] = []
+        piece: bytes | Sentinel = NEED_DATA
+        try:
+            while True:
+                state = self._state
+                if state is _State.HEADER or state is _State.CONTENT:
+                    # Whole entries inside the first buffered chunk, in one slice; the
+                    # general path for a header that straddles chunks, the end, errors.
+                    if self._scan(parts):
+                        continue
+                    piece = self._step()
+                else:
+                    break
+                if piece is NEED_DATA or piece is END:
+                    break
+                assert isinstance(piece, bytes)
+                parts.append(piece)
+        except TarError as error:
+            if not parts:
+                raise
+            self._state = _State.ERROR
+            self._error = error
+        if not parts:
+            return piece
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _scan(self, parts: list[bytes]) -> bool:
+        """Pass over the content due (state ``CONTENT``) and the entries that lie whole
+        in the first buffered chunk, appending their bytes to ``parts`` as one slice.
+
+        Returns whether it made progress (then the caller looks at the state again);
+        if not, the content or next header is not whole in the chunk, or the header is
+        a zero block or an extension with too little data, and :meth:`_step` takes over.
+        A :class:`TarError` is raised after the bytes before the faulty header are
+        appended and consumed.
+        """
+        buf = self._buf
+        if not buf.size:
+            return False
+        cur = buf._chunks[0]
+        start = p = buf._pos
+        end = len(cur)
+        base = self.offset - start  # stream offset of cur[0]
+        if self._state is _State.CONTENT:
+            if end - p < self._remaining:
+                return False
+            p += self._remaining
+            self._state = _State.HEADER
+        try:
+            while end - p >= BLOCK:
+                block = cur[p : p + BLOCK]
+                if block == ZERO_BLOCK:
+                    break
+                offset = base + p
+                stored = PLAIN_OCTAL(block, 148, 156)
+                if stored is None or int(stored[1] or b"0", 8) != header_sum(block):
+                    verify_checksum(block, offset=offset)  # the general rules: passes or raises
+                typeflag = block[156]
+                if typeflag in EXTENSION_TYPES and block[257:263] in _EXTENSION_MAGICS:
+                    size = self._extension_size(block, typeflag, offset)
+                    total = BLOCK + ((size + BLOCK - 1) & -BLOCK)
+                    if end - p < total:
+                        break
+                    self._apply_extension(typeflag, cur[p + BLOCK : p + BLOCK + size], offset)
+                    p += total
+                    continue
+                self._entry(block, offset)
+                p += BLOCK
+                if self._state is not _State.CONTENT:
+                    if self._state is _State.HEADER:
+                        continue
+                    break  # a large file's content is due
+                padded = self._remaining
+                if end - p < padded:
+                    break  # the content goes on past the chunk: the caller takes it
+                p += padded
+                self._state = _State.HEADER
+        finally:
+            if p > start:
+                parts.append(cur if start == 0 and p == end else cur[start:p])
+                buf.consume(p - start)
+                self.offset = base + p
+        return p > start
+
+    def _step(self) -> bytes | Sentinel:
+        """One inline piece (a header with its extensions' data, or content), or a sentinel."""
+        if self._state is _State.HEADER:
+            return self._header()
+        buf = self._buf
+        if buf.size:
+            data = buf.take(self._remaining)
+            n = len(data)
+            self.offset += n
+            self._remaining -= n
+            if not self._remaining:
+                self._state = _State.HEADER
+            return data
+        if self._eof:
+            raise self._truncated("inside an entry's content or padding")
+        return NEED_DATA
 
     def _enter_content(self, size: int) -> None:
         if size:
@@ -364,7 +519,8 @@ class TarSplitter:
             return decode_name(self._long_name)
         return None
 
-    def _header(self) -> Event | Sentinel:
+    def _header(self) -> bytes | Sentinel:
+        """The next header block, or extension header with its data, as one piece."""
         buf = self._buf
         offset = self.offset
         if buf.size < BLOCK:
@@ -392,68 +548,102 @@ class TarSplitter:
             if buf.peek(2 * BLOCK)[BLOCK:] != ZERO_BLOCK:
                 raise TarError("stray zero block before a header", offset=offset)
             self._state = _State.TRAILER
-            return Inline(buf.take_all())
-        verify_checksum(block, offset=offset)
+            data = buf.take_all()
+            self.offset += len(data)
+            return data
+        stored = PLAIN_OCTAL(block, 148, 156)
+        if stored is None or int(stored[1] or b"0", 8) != header_sum(block):
+            verify_checksum(block, offset=offset)  # the general rules: passes or raises
         typeflag = block[156]
-        dialect = dialect_of(block)
-        if is_extension(typeflag, dialect):
-            return self._extension(block, typeflag, offset)
-        header = TarHeader.from_block(
-            block,
-            offset=offset,
-            pax=self._pax or {},
-            long_name=self._long_name,
-            long_link=self._long_link,
-        )
-        self._reset_pending()
+        if typeflag in EXTENSION_TYPES and block[257:263] in _EXTENSION_MAGICS:
+            size = self._extension_size(block, typeflag, offset)
+            total = BLOCK + ((size + BLOCK - 1) & -BLOCK)
+            if buf.size < total:
+                if self._eof:
+                    raise self._truncated(
+                        f"inside extension header {chr(typeflag)!r}", in_entry=False
+                    )
+                return NEED_DATA
+            data = buf.peek(total)
+            self._apply_extension(typeflag, data[BLOCK : BLOCK + size], offset)
+            buf.consume(total)
+            self.offset = offset + total
+            return data
+        self._entry(block, offset)
+        buf.consume(BLOCK)
+        self.offset = offset + BLOCK
+        return block
+
+    def _entry(self, block: bytes, offset: int) -> None:
+        """Resolve a main header block (checksum verified) with the pending extensions,
+        and enter the state for its content (the caller then hands the block out)."""
+        if self._ext_offset is None:
+            header = TarHeader.from_block(
+                block, offset=offset, pax={}, long_name=None, long_link=None
+            )
+        else:
+            header = TarHeader.from_block(
+                block,
+                offset=offset,
+                pax=self._pax or {},
+                long_name=self._long_name,
+                long_link=self._long_link,
+            )
+            self._reset_pending()
         self.header = header
         self.entries += 1
-        buf.consume(BLOCK)
-        if header.is_regular and header.size > self._inline_max:
+        self._headers.append(header)
+        size = header.size
+        if size > self._inline_max and block[156] in REGULAR_TYPES:
             self._state = _State.FILE_START
-        else:
-            self._enter_content(roundup(header.size))
-        return Inline(block)
+        elif size:
+            self._state = _State.CONTENT
+            self._remaining = (size + BLOCK - 1) & -BLOCK
 
-    def _extension(self, block: bytes, typeflag: int, offset: int) -> Event | Sentinel:
-        kind = chr(typeflag)
-        entry = self._pending_name()
-        size = parse_number(block[124:136], "size", entry=entry, offset=offset)
-        already = 0 if kind == "g" else self._ext_bytes
+    def _extension_size(self, block: bytes, typeflag: int, offset: int) -> int:
+        """The data size of an extension header, checked against the per-entry limit."""
+        plain = PLAIN_OCTAL(block, 124, 136)
+        if plain is not None:
+            size = int(plain[1] or b"0", 8)
+        else:
+            size = parse_number(block[124:136], "size", entry=self._pending_name(), offset=offset)
+        already = 0 if typeflag == 0x67 else self._ext_bytes  # "g"
         if size > MAX_EXTENSION_BYTES - already:
             raise TarError(
-                f"extension header {kind!r} too large ({size} bytes; limit is"
+                f"extension header {chr(typeflag)!r} too large ({size} bytes; limit is"
                 f" {MAX_EXTENSION_BYTES} per entry)",
-                entry=entry,
+                entry=self._pending_name(),
                 offset=offset,
             )
-        total = BLOCK + roundup(size)
-        buf = self._buf
-        if buf.size < total:
-            if self._eof:
-                raise self._truncated(f"inside extension header {kind!r}", in_entry=False)
-            return NEED_DATA
-        data = buf.peek(total)
-        content = data[BLOCK : BLOCK + size]
-        if kind == "L":
+        return size
+
+    def _apply_extension(self, typeflag: int, content: bytes, offset: int) -> None:
+        """Record an extension header's data (``content``, without padding) for the entry."""
+        if typeflag == 0x4C:  # "L"
             if self._long_name is not None:
-                raise TarError("duplicate GNU long name header", entry=entry, offset=offset)
+                raise TarError(
+                    "duplicate GNU long name header", entry=self._pending_name(), offset=offset
+                )
             self._long_name = content.split(b"\x00", 1)[0]
-        elif kind == "K":
+        elif typeflag == 0x4B:  # "K"
             if self._long_link is not None:
-                raise TarError("duplicate GNU long link header", entry=entry, offset=offset)
+                raise TarError(
+                    "duplicate GNU long link header", entry=self._pending_name(), offset=offset
+                )
             self._long_link = content.split(b"\x00", 1)[0]
         else:
+            entry = self._pending_name()
             records = parse_pax_records(content, entry=entry, offset=offset)
-            if any(key.startswith(b"GNU.sparse.") for key in records):
+            if b"GNU.sparse." in content and any(key.startswith(b"GNU.sparse.") for key in records):
                 raise TarError("sparse entries are not supported", entry=entry, offset=offset)
-            if kind == "x":
+            if typeflag == 0x78:  # "x"
                 if self._pax is not None:
                     raise TarError("duplicate PAX extended header", entry=entry, offset=offset)
                 self._pax = records
-        if kind != "g":
-            self._ext_bytes += size
+        if typeflag != 0x67:  # "g"
+            self._ext_bytes += len(content)
             if self._ext_offset is None:
                 self._ext_offset = offset
-        buf.consume(total)
-        return Inline(data)
+
+
+_EXTENSION_MAGICS: Final = (USTAR_MAGIC, GNU_MAGIC)

@@ -27,7 +27,7 @@ from ..formats._chunks import ExternalChunk
 from ..formats._fsverity import Digest
 from ..formats._tarentries import SplitterEntries, TarEntry, entry_from_header
 from ..formats._tarheader import TarHeader
-from ..formats._tarsplit import TarSplitter
+from ..formats._tarsplit import Inline, TarSplitter
 
 __all__ = ["EntryRun", "EntrySink"]
 
@@ -87,9 +87,9 @@ class EntryTap:
     def watching(cls, sink: EntrySink, splitter: TarSplitter) -> EntryTap:
         return cls(sink, splitter, SplitterEntries(splitter))
 
-    def inline(self, data: bytes) -> tuple[TarHeader, bytes] | None:
-        """The entry an :class:`Inline` event of the splitter completes (reader side)."""
-        return self._entries.inline_parts(data)
+    def inline(self, event: Inline) -> list[tuple[TarHeader, bytes]]:
+        """The entries an :class:`Inline` event of the splitter completes (reader side)."""
+        return self._entries.inline_parts(event)
 
     def large_header(self) -> TarHeader | None:
         """At a :class:`FileStart`: the header of the large file, kept with its object."""

@@ -52,13 +52,12 @@ from .._errors import (
 from ..formats._fsverity import Digest
 from ..formats._sha256id import Sha256Id
 from ..formats._splitstream import ContentType, SplitStreamEncoder
-from ..formats._tarsplit import TarSplitter
 from ..hashing._pool import HashPool
 from ..repository._repository import check_ref_name
 from ._builder import Item, SplitStreamBuilder
 from ._bytesource import ByteSource
 from ._entries import EntryRun, EntrySink, EntryTap
-from ._reader import SMALL_OBJECT_MAX, Counters, LayerReader
+from ._reader import SMALL_OBJECT_MAX, Counters, LayerReader, new_splitter
 from ._writers import (
     RepositoryLike,
     digester_for,
@@ -246,7 +245,7 @@ class Importer:
 
         digester = digester_for(repo, self.hash_pool)
         encoder = SplitStreamEncoder(repo.algorithm, ContentType.OCI_LAYER)
-        splitter = TarSplitter()
+        splitter = new_splitter()
         tap = EntryTap.watching(entries, splitter) if entries is not None else None
         builder = SplitStreamBuilder(
             encoder=encoder,

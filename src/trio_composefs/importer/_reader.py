@@ -67,6 +67,12 @@ class Counters:
     object_bytes: int = 0
 
 
+def new_splitter() -> TarSplitter:
+    """The splitter of a layer import: one :class:`Inline` per run of inline bytes
+    (``coalesce``), large files' content without a copy (``zero_copy``)."""
+    return TarSplitter(coalesce=True, zero_copy=True)
+
+
 _COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
 
 
@@ -103,14 +109,16 @@ class LayerReader:
         factory=lambda: trio.CapacityLimiter(FINISHING_JOBS)
     )
     """Jobs written but not yet digested and linked (their writer tokens are back)."""
-    splitter: TarSplitter = attrs.field(factory=TarSplitter)
+    splitter: TarSplitter = attrs.field(factory=lambda: new_splitter())
     _inline: bytearray = attrs.field(factory=bytearray, init=False)
     # The file being read: gathered in memory (small) or streamed to its writer (large).
     _pending: PendingObject | None = attrs.field(default=None, init=False)
-    _parts: list[bytes] | None = attrs.field(default=None, init=False)
-    _stream: Handoff[bytes] | None = attrs.field(default=None, init=False)
+    _parts: list[bytes | memoryview] | None = attrs.field(default=None, init=False)
+    _stream: Handoff[bytes | memoryview] | None = attrs.field(default=None, init=False)
     # Small objects read completely, waiting to be stored together.
-    _batch: list[tuple[PendingObject, list[bytes]]] = attrs.field(factory=list, init=False)
+    _batch: list[tuple[PendingObject, list[bytes | memoryview]]] = attrs.field(
+        factory=list, init=False
+    )
     _batch_bytes: int = attrs.field(default=0, init=False)
     # Items for the builder, sent together.
     _outbox: list[Item] = attrs.field(factory=list, init=False)
@@ -159,8 +167,8 @@ class LayerReader:
     async def _handle(self, event: Event | Sentinel) -> None:
         if isinstance(event, Inline):
             self._inline += event.data
-            if self.tap is not None and (parts := self.tap.inline(event.data)) is not None:
-                self._outbox.append(parts)  # cheap to carry: not counted as an item
+            if self.tap is not None and (parts := self.tap.inline(event)):
+                self._outbox += parts  # cheap to carry: not counted as items
             if len(self._inline) >= _INLINE_BATCH:
                 await self._flush_inline()
         elif isinstance(event, FileData):
@@ -298,12 +306,12 @@ class LayerReader:
                 counters.written += 1
             pending.set_result(digest, present)
 
-    async def _start_job(self, pending: PendingObject) -> Handoff[bytes]:
+    async def _start_job(self, pending: PendingObject) -> Handoff[bytes | memoryview]:
         """Take a writer token (the backpressure point), then start a streamed object's job."""
         borrower, release_writer, release_from_thread = await self._take_tokens()
         self.counters.in_flight += 1
         repo, digester, size = self.repo, self.digester, pending.size
-        pieces = Handoff[bytes](_OBJECT_CHANNEL_ITEMS)
+        pieces = Handoff[bytes | memoryview](_OBJECT_CHANNEL_ITEMS)
 
         async def job() -> list[tuple[Digest, bool]]:
             try:

@@ -96,7 +96,7 @@ def _no_release() -> None:
 
 def store_batch(
     repo: RepositoryLike,
-    batch: list[tuple[list[bytes], int]],
+    batch: list[tuple[list[bytes | memoryview], int]],
     digester: Digester | None,
     many: ManyDigester | None = None,
     release: Callable[[], None] = _no_release,
@@ -163,7 +163,7 @@ def store_batch(
 
 def store_streamed(
     repo: RepositoryLike,
-    next_piece: Callable[[], bytes | None],
+    next_piece: Callable[[], bytes | memoryview | None],
     size: int,
     digester: Digester | None,
     release: Callable[[], None] = _no_release,
