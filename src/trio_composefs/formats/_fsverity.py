@@ -285,10 +285,28 @@ def descriptor_digest(algorithm: Algorithm, size: int, root: bytes) -> Digest:
 def fsverity_digest(
     data: bytes | bytearray | memoryview, algorithm: Algorithm = Algorithm.SHA256
 ) -> Digest:
-    """One-shot fs-verity digest of ``data``."""
-    h = FsVerityHasher(algorithm)
-    h.update(data)
-    return h.digest()
+    """One-shot fs-verity digest of ``data`` (held whole in memory).
+
+    No tree object: an empty input has the all-zero root; up to one block, the
+    root is the hash of the block zero-padded to 4096 bytes (a one-block tree is
+    its own root); beyond, the level-1 digests (:func:`level1_digests`) are
+    finished by :func:`digest_from_level1`. Equal to :class:`FsVerityHasher`'s
+    digest of the same bytes, at a fraction of its cost for small objects.
+    """
+    mv = memoryview(data).cast("B")
+    n = len(mv)
+    if n > BLOCK_SIZE:
+        return digest_from_level1(algorithm, n, level1_digests(mv, algorithm))
+    if n == 0:
+        root = bytes(algorithm.digest_size)
+    else:
+        block = algorithm.hash_constructor(mv)
+        block.update(_ZERO_BLOCK[: BLOCK_SIZE - n])
+        root = block.digest()
+    return descriptor_digest(algorithm, n, root)
+
+
+_ZERO_BLOCK = memoryview(bytes(BLOCK_SIZE))
 
 
 # Parallel hashing: a file is cut into groups of data blocks that each fill
