@@ -315,9 +315,8 @@ class FaultyRepository:
         ``write_delay``), objects take the per-object path, through this wrapper.
         """
         with self._lock:
-            per_object = self.write_delay > 0 or any(
-                x.point in _OBJECT_POINTS for x in [*self._faults, *self._gates]
-            )
+            points = [f.point for f in self._faults] + [g.point for g in self._gates]
+            per_object = self.write_delay > 0 or any(p in _OBJECT_POINTS for p in points)
         if per_object:
             return None
         target: tuple[int, bool] | None = self.repo.helper_store_target()
