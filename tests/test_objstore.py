@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -295,3 +296,42 @@ def test_secure_repository_without_verity_refuses(tmp_path: Path) -> None:
         pytest.raises(VerityUnsupportedError, match="lacks fs-verity"),
     ):
         secure.helper_store_target()
+
+
+def test_link_falls_back_to_proc_where_at_empty_path_is_refused(
+    objects_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without CAP_DAC_READ_SEARCH, linkat(AT_EMPTY_PATH) fails with ENOENT, like a
+    # missing XX/ directory: the /proc path must take over (and XX/ still be made).
+    from trio_composefs.hashing import _objstore
+
+    calls: list[str] = []
+
+    def refused(fd: int, empty: bytes, dirfd: int, path: bytes, flags: int) -> int:
+        calls.append(path.decode())
+        return -1
+
+    monkeypatch.setattr(_objstore, "_empty_path_tried", True)
+    monkeypatch.setattr(_objstore, "_linkat_empty", (refused, lambda: errno.ENOENT))
+    path, fd = objects_dir
+    datas = _objects([10, 20, 30], seed=9)
+    reply = store_objects(fd, memoryview(b"".join(datas)), [10, 20, 30], Algorithm.SHA256)
+    assert reply[32::33] == b"\0\0\0"
+    assert sorted(p.read_bytes() for p in _stored_files(path)) == sorted(datas)
+    assert _objstore._linkat_empty is None  # not tried again in this process
+    # Tried for the first object only: before its XX/ existed, and once more after.
+    assert len(calls) == 2 and calls[0] == calls[1]
+
+
+def test_link_with_at_empty_path_reports_other_errors(
+    objects_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trio_composefs.hashing import _objstore
+
+    monkeypatch.setattr(_objstore, "_empty_path_tried", True)
+    monkeypatch.setattr(_objstore, "_linkat_empty", (lambda *a: -1, lambda: errno.EMLINK))
+    path, fd = objects_dir
+    with pytest.raises(OSError, match="Too many links") as caught:
+        store_objects(fd, memoryview(b"abc"), [3], Algorithm.SHA256)
+    assert caught.value.errno == errno.EMLINK
+    assert not _stored_files(path)
