@@ -320,7 +320,7 @@ def test_link_falls_back_to_proc_where_at_empty_path_is_refused(
     assert sorted(p.read_bytes() for p in _stored_files(path)) == sorted(datas)
     assert _objstore._linkat_empty is None  # not tried again in this process
     # Tried for the first object only: before its XX/ existed, and once more after.
-    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls == [calls[0], calls[0]]
 
 
 def test_link_with_at_empty_path_reports_other_errors(

@@ -38,7 +38,7 @@ from typing import Any
 
 from ..formats._fsverity import Algorithm, fsverity_digest_raw
 
-__all__ = ["NO_TMPFILE_ERRNOS", "TMP_OBJECT_PREFIX", "store_objects"]
+__all__ = ["NO_TMPFILE_ERRNOS", "TMP_OBJECT_PREFIX", "link_tmpfile", "store_objects"]
 
 #: ``open(O_TMPFILE)`` errors that mean "not supported here": use a named file.
 NO_TMPFILE_ERRNOS = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
@@ -91,7 +91,7 @@ def _load_linkat() -> None:
     _linkat_empty = (func, ctypes.get_errno)
 
 
-def _link_tmpfile(objects_fd: int, fd: int, path: str) -> None:
+def link_tmpfile(objects_fd: int, fd: int, path: str) -> None:
     """Link an ``O_TMPFILE`` file as ``path``.
 
     ``linkat`` with ``AT_EMPTY_PATH`` saves the kernel a walk through
@@ -120,7 +120,7 @@ def _link_once(objects_fd: int, fd: int, name: str | None, path: str) -> bool:
     """Link the temporary file as ``path``; True when ``path`` already existed."""
     try:
         if name is None:
-            _link_tmpfile(objects_fd, fd, path)
+            link_tmpfile(objects_fd, fd, path)
         else:
             os.link(name, path, src_dir_fd=objects_fd, dst_dir_fd=objects_fd)
     except FileExistsError:

@@ -53,6 +53,7 @@ from .._errors import (
 )
 from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
 from ..hashing._fd import digest_fd
+from ..hashing._objstore import link_tmpfile
 from ._layout import (
     IMAGES,
     LAYOUT,
@@ -1607,7 +1608,7 @@ class ObjectTmpfile:
             self.name = None
             return False
         try:
-            os.link(_proc_fd(self.fd), path, dst_dir_fd=objects, follow_symlinks=True)
+            link_tmpfile(objects, self.fd, path)  # AT_EMPTY_PATH where allowed, else /proc
         except FileExistsError:
             return True
         return False
