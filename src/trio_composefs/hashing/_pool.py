@@ -19,6 +19,13 @@ benchmarks/README.md):
   one process contend for the GIL and together run *slower* than one);
 - from ``threshold`` up: split into group-aligned ranges over all idle workers.
 
+:meth:`HashPool.store_objects` goes further for small objects held in memory:
+one worker writes a whole batch of them into a repository's ``objects/``,
+hashes them and links them (:mod:`._objstore`), so the calling process makes a
+handful of syscalls per batch instead of four or more per object, and its GIL is
+free for the tar parser meanwhile. The batch travels in a memfd, its sizes in
+the job message, the ``objects/`` fd with them (``SCM_RIGHTS``).
+
 Workers are fresh interpreters running ``python -P -m trio_composefs.hashing._worker``,
 started with :class:`subprocess.Popen` on first use: never by
 forking the caller, which may be running trio and many threads, and never
