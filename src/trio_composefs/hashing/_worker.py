@@ -113,13 +113,24 @@ def _run_job(msg: bytes, fds: list[int], buf: memoryview) -> bytes:
             os.close(fd)
 
 
+_STORE_BUFFER = [memoryview(bytearray(0))]
+
+
+def _store_buffer(size: int) -> memoryview:
+    """``size`` bytes of the worker's one batch buffer, grown as needed and then kept:
+    a fresh buffer per batch would cost a page fault per 4 KiB, about one per object."""
+    if len(_STORE_BUFFER[0]) < size:
+        _STORE_BUFFER[0] = memoryview(bytearray(max(size, 2 * len(_STORE_BUFFER[0]))))
+    return _STORE_BUFFER[0][:size]
+
+
 def _store_job(msg: bytes, fds: list[int]) -> bytes:
     """Store the batch of a STORE_OBJECTS job: ``fds`` are ``[objects dir, memfd]``."""
     count, total, alg_id, flags = JOB.unpack_from(msg)
     if len(fds) != 2 or len(msg) != JOB.size + STORE_SIZE.size * count:
         raise ComposefsError(f"hash worker: malformed store job ({len(msg)} bytes, {len(fds)} fds)")
     sizes = [size for (size,) in STORE_SIZE.iter_unpack(msg[JOB.size :])]
-    data = memoryview(bytearray(total))
+    data = _store_buffer(total)
     pread_exactly(fds[1], data, 0)
     return store_objects(
         fds[0],
