@@ -217,13 +217,17 @@ def _diff_id(tar: bytes) -> str:
     return "sha256:" + hashlib.sha256(tar).hexdigest()
 
 
-async def test_import_through_the_workers_equals_the_per_object_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("named", [False, True], ids=["tmpfile", "named"])
+async def test_import_through_the_workers_equals_the_per_object_path(
+    tmp_path: Path, named: bool
+) -> None:
     tar = _small_files_tar(700)
     did = _diff_id(tar)
     results = {}
     for mode, processes in (("workers", 2), ("threads", 0)):
         path = tmp_path / mode
         with Repository.init(path, algorithm=Algorithm.SHA256, insecure=True) as repo:
+            repo.force_named_tmpfile = named
             async with open_importer(repo, hash_processes=processes) as importer:
                 stats = await importer.import_layer([tar], did)
                 pool = importer.hash_pool
@@ -239,6 +243,7 @@ async def test_import_through_the_workers_equals_the_per_object_path(tmp_path: P
                 sorted(p.relative_to(path) for p in (path / "objects").rglob("*")),
             )
         assert_consistent(path, Algorithm.SHA256)
+        assert not [p for p in (path / "objects").iterdir() if p.name.startswith(".tmp")]
     assert results["workers"] == results["threads"]
 
 
