@@ -215,6 +215,11 @@ class HashPool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def has_workers(self) -> bool:
+        """Whether worker processes are running (they start on first use). Lock-free."""
+        return bool(self._all)
+
     def statistics(self) -> HashPoolStatistics:
         """Counters since the pool was made (see :class:`HashPoolStatistics`)."""
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 import trio
 
 from .._errors import InternalError, VerityUnsupportedError
@@ -83,8 +84,39 @@ def many_digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> ManyD
     return lambda files: pool.digest_fds(files, alg)
 
 
-StoreMany = Callable[[list[list[bytes]]], list[tuple[Digest, bool]]]
-"""Stores several small objects (each given as its pieces) at once: ``(digest, present)`` each."""
+STORE_ELSEWHERE_FROM = 64
+"""A batch of at least this many objects is worth starting the hash processes for.
+
+(Starting them costs ~0.1 s of CPU each; smaller batches go to the hash processes
+only once they run, so that a layer of a few small files never starts them.)"""
+
+
+class StoreMany(Protocol):
+    """Stores several small objects (each given as its pieces) at once: ``(digest, present)``."""
+
+    def worth_it(self, objects: int) -> bool:
+        """Whether a batch of that many objects should be stored this way."""
+        ...
+
+    def __call__(self, objects: list[list[bytes]], /) -> list[tuple[Digest, bool]]: ...
+
+
+@attrs.frozen
+class WorkerStore:
+    """Small objects stored by the hash processes (:meth:`HashPool.store_objects`)."""
+
+    pool: HashPool
+    objects_fd: int
+    named: bool
+    algorithm: Algorithm
+
+    def worth_it(self, objects: int) -> bool:
+        return objects >= STORE_ELSEWHERE_FROM or self.pool.has_workers
+
+    def __call__(self, objects: list[list[bytes]], /) -> list[tuple[Digest, bool]]:
+        return self.pool.store_objects(
+            self.objects_fd, objects, self.algorithm, named_tmpfiles=self.named
+        )
 
 
 def many_storer_for(repo: RepositoryLike, hash_pool: HashPool | None) -> StoreMany | None:
@@ -106,8 +138,7 @@ def many_storer_for(repo: RepositoryLike, hash_pool: HashPool | None) -> StoreMa
     if target is None:
         return None
     objects_fd, named = target
-    pool, alg = hash_pool, repo.algorithm
-    return lambda objects: pool.store_objects(objects_fd, objects, alg, named_tmpfiles=named)
+    return WorkerStore(hash_pool, objects_fd, named, repo.algorithm)
 
 
 HASH_FROM_MEMORY_BELOW = DEFAULT_INLINE_BELOW
@@ -131,7 +162,8 @@ def store_batch(
 ) -> list[tuple[Digest, bool]]:
     """Store several small objects, in order, in one thread hop.
 
-    With ``store_many`` (:func:`many_storer_for`), the hash processes store the
+    With ``store_many`` (:func:`many_storer_for`) and a batch it finds worth it
+    (:data:`STORE_ELSEWHERE_FROM` objects, or hash processes already running), they store the
     objects themselves, :data:`~trio_composefs.hashing._pool.STORE_MAX_OBJECTS` at
     a time, every object of such a run written before any is named; ``release``
     is called once the sizes are checked (the bytes are then copied out by
@@ -149,7 +181,7 @@ def store_batch(
     Every object not linked when it stops, by cancellation or error, is discarded
     (its temporary file was never visible); those linked are complete.
     """
-    if store_many is not None:
+    if store_many is not None and store_many.worth_it(len(batch)):
         return _store_batch_elsewhere(batch, release, store_many)
     tmps: list[ObjectTmpfileLike] = []
     try:
