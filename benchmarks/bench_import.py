@@ -371,6 +371,10 @@ class BenchRepository:
     def has_stream(self, content_id: str) -> Digest | None:
         return self.repo.has_stream(content_id)
 
+    def helper_store_target(self) -> tuple[int, bool] | None:
+        """The hash processes may store small objects, except where each is fdatasync'ed."""
+        return None if self.fdatasync else self.repo.helper_store_target()
+
     def sync(self) -> None:
         if self.final_sync:
             t0 = time.perf_counter()

@@ -108,6 +108,12 @@ def _boundary_sizes(arity: int, levels: int) -> list[int]:
 TOOL_CASES = [(SHA256, n) for n in _boundary_sizes(128, 2)] + [
     (SHA512, n) for n in _boundary_sizes(64, 2)
 ]
+# One-block files take their own path in the one-shot digest: a few seeded sizes.
+TOOL_CASES += [
+    (alg, n)
+    for alg in (SHA256, SHA512)
+    for n in sorted(set(random.Random(4096).sample(range(2, BLOCK_SIZE - 1), 6)))
+]
 FILLS = ("random", "5a")
 _MAX_SIZE = max(n for _alg, n in TOOL_CASES)
 

@@ -19,6 +19,13 @@ benchmarks/README.md):
   one process contend for the GIL and together run *slower* than one);
 - from ``threshold`` up: split into group-aligned ranges over all idle workers.
 
+:meth:`HashPool.store_objects` goes further for small objects held in memory:
+one worker writes a whole batch of them into a repository's ``objects/``,
+hashes them and links them (:mod:`._objstore`), so the calling process makes a
+handful of syscalls per batch instead of four or more per object, and its GIL is
+free for the tar parser meanwhile. The batch travels in a memfd, its sizes in
+the job message, the ``objects/`` fd with them (``SCM_RIGHTS``).
+
 Workers are fresh interpreters running ``python -P -m trio_composefs.hashing._worker``,
 started with :class:`subprocess.Popen` on first use: never by
 forking the caller, which may be running trio and many threads, and never
@@ -57,9 +64,21 @@ from ..formats._fsverity import (
 )
 from . import _worker
 from ._fd import digest_fd
-from ._worker import DIE_MID_JOB, JOB, OK, REPLY_MAX, WHOLE_FILE, pread_exactly
+from ._worker import (
+    DIE_MID_JOB,
+    JOB,
+    NAMED_TMPFILES,
+    OK,
+    REPLY_MAX,
+    STORE_MAX_OBJECTS,
+    STORE_OBJECTS,
+    STORE_SIZE,
+    WHOLE_FILE,
+    pread_exactly,
+)
 
 __all__ = [
+    "STORE_MAX_OBJECTS",
     "DEFAULT_INLINE_BELOW",
     "DEFAULT_THRESHOLD",
     "HashPool",
@@ -102,6 +121,7 @@ class HashPoolStatistics:
         jobs: byte ranges sent to workers.
         bytes_hashed: bytes of every file digested, wherever.
         workers_replaced: workers that died or failed (each is replaced on next use).
+        objects_stored: objects stored by the workers (:meth:`HashPool.store_objects`).
         workers: live worker processes now (started on first use).
         idle_workers: of those, the ones waiting for a job now.
         callers: calls of :meth:`HashPool.digest_fd`/:meth:`HashPool.digest_fds`
@@ -120,6 +140,7 @@ class HashPoolStatistics:
     jobs: int
     bytes_hashed: int
     workers_replaced: int
+    objects_stored: int = 0
     workers: int = attrs.field(default=0, eq=False)
     idle_workers: int = attrs.field(default=0, eq=False)
     callers: int = attrs.field(default=0, eq=False)
@@ -194,6 +215,11 @@ class HashPool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def has_workers(self) -> bool:
+        """Whether worker processes are running (they start on first use). Lock-free."""
+        return bool(self._all)
+
     def statistics(self) -> HashPoolStatistics:
         """Counters since the pool was made (see :class:`HashPoolStatistics`)."""
         with self._lock:
@@ -206,6 +232,7 @@ class HashPool:
             jobs=counts.get("jobs", 0),
             bytes_hashed=counts.get("bytes_hashed", 0),
             workers_replaced=counts.get("workers_replaced", 0),
+            objects_stored=counts.get("objects_stored", 0),
             workers=gauges[0],
             idle_workers=gauges[1],
             callers=gauges[2],
@@ -342,6 +369,97 @@ class HashPool:
                 results[i] = Digest(algorithm, raw)
                 self._count(files_whole=1, jobs=1, bytes_hashed=size)
         return [r for r in results if r is not None]
+
+    def store_objects(
+        self,
+        objects_fd: int,
+        objects: Sequence[Sequence[bytes | memoryview]],
+        algorithm: Algorithm = Algorithm.SHA256,
+        *,
+        named_tmpfiles: bool = False,
+    ) -> list[tuple[Digest, bool]]:
+        """Store small objects (each given as its pieces) in a repository's ``objects/``.
+
+        One worker writes, hashes and links them all
+        (:func:`~trio_composefs.hashing._objstore.store_objects`: every object is
+        written before any is named; a name is always complete), so the calling
+        thread makes a handful of syscalls for the whole batch: the bytes go to the
+        worker in one memfd, the fd of ``objects_fd`` with them. At most
+        :data:`STORE_MAX_OBJECTS` objects. Blocking and thread-safe.
+
+        For repositories whose digests are computed in userspace (no kernel
+        fs-verity): the worker links each object under the digest it computes.
+
+        Returns:
+            ``(digest, already_present)`` for each object, in order.
+
+        Raises:
+            RuntimeError: the pool is closed.
+            ComposefsError: the worker died (the objects it had not named are
+                discarded; those named are complete).
+            OSError: the worker could not write or link an object (re-raised here).
+            ValueError: too many objects.
+        """
+        if self._closed:
+            raise RuntimeError("HashPool is closed")
+        if len(objects) > STORE_MAX_OBJECTS:
+            raise ValueError(f"{len(objects)} objects in one batch, at most {STORE_MAX_OBJECTS}")
+        sizes = [sum(len(part) for part in parts) for parts in objects]
+        total = sum(sizes)
+        flags = STORE_OBJECTS | (NAMED_TMPFILES if named_tmpfiles else 0)
+        fault = JOB_FAULT.get()
+        if fault is not None and fault():
+            flags |= DIE_MID_JOB
+        msg = JOB.pack(len(objects), total, algorithm.kernel_id, flags) + b"".join(
+            STORE_SIZE.pack(size) for size in sizes
+        )
+        memfd = os.memfd_create("trio-composefs-objects", os.MFD_CLOEXEC)
+        try:
+            _write_parts(memfd, [part for parts in objects for part in parts if len(part)])
+            with self._lock:
+                self._active += 1
+            try:
+                reply = self._run_one(msg, [objects_fd, memfd])
+            finally:
+                with self._lock:
+                    self._active -= 1
+        finally:
+            os.close(memfd)
+        width = algorithm.digest_size + 1
+        if len(reply) != width * len(objects):
+            raise ComposefsError(
+                f"hash worker: {len(reply)} bytes of store results for {len(objects)} objects"
+            )
+        self._count(objects_stored=len(objects), bytes_hashed=total)
+        return [
+            (Digest(algorithm, reply[i : i + width - 1]), reply[i + width - 1] != 0)
+            for i in range(0, len(reply), width)
+        ]
+
+    def _run_one(self, msg: bytes, fds: list[int]) -> bytes:
+        """Send one job message with ``fds`` to an idle worker; the payload of its reply."""
+        worker = self._acquire(block=True)
+        assert worker is not None
+        try:
+            socket.send_fds(worker.sock, [msg], fds)
+            reply = worker.sock.recv(REPLY_MAX)
+        except OSError as exc:
+            self._discard(worker)
+            raise ComposefsError(
+                f"hash worker {worker.pid} is gone ({exc}; exit code {worker.exitcode})"
+            ) from None
+        except BaseException:
+            self._discard(worker)  # a reply may be in flight: it cannot be reused
+            raise
+        if not reply:
+            self._discard(worker)
+            raise ComposefsError(f"hash worker {worker.pid} died (exit code {worker.exitcode})")
+        self._release(worker)
+        if reply[:1] != OK:
+            error = pickle.loads(reply[1:])
+            assert isinstance(error, BaseException)
+            raise error
+        return reply[1:]
 
     def _run_jobs(
         self, algorithm: Algorithm, job_ranges: list[tuple[int, int, int]], flags: int
@@ -498,6 +616,21 @@ class HashPool:
             worker.process.kill()
             worker.process.wait()
         worker.exitcode = worker.process.returncode
+
+
+_IOV_MAX = 1024
+
+
+def _write_parts(fd: int, parts: list[bytes | memoryview]) -> None:
+    """Write every part to ``fd`` in order, with as few ``writev`` calls as it takes."""
+    while parts:
+        head, parts = parts[:_IOV_MAX], parts[_IOV_MAX:]
+        want = sum(len(p) for p in head)
+        done = os.writev(fd, head)
+        if done < want:  # a short write: finish this group part by part
+            view = memoryview(b"".join(head))[done:]
+            while view:
+                view = view[os.write(fd, view) :]
 
 
 def _wait_readable(socks: list[socket.socket]) -> list[socket.socket]:

@@ -5,7 +5,12 @@ Started by the pool as ``python -P -m trio_composefs.hashing._worker SOCKET_FD P
 inherited fd. The package roots are lazy, so this imports neither trio nor the pool.
 Each job is a message carrying one file descriptor (``SCM_RIGHTS``) and a :data:`JOB`
 header; the reply is :data:`OK` and the level-1 digests of the range (or the file's
-digest), or :data:`FAILED` and a pickled exception. The worker exits when the socket
+digest), or :data:`FAILED` and a pickled exception. A :data:`STORE_OBJECTS` job
+carries two descriptors (a repository's ``objects/`` directory and a memfd holding
+a batch of small objects, one after the other), its header the number of objects
+and their total size, followed by each object's size (``<Q``); the worker stores
+them (:func:`~trio_composefs.hashing._objstore.store_objects`) and replies with
+each one's digest and "already present" byte. The worker exits when the socket
 reaches EOF, which happens when the pool closes it or the parent dies.
 
 This module is also imported by the pool for the protocol and the pread
@@ -23,6 +28,7 @@ import sys
 
 from .._errors import ComposefsError
 from ..formats._fsverity import Algorithm, digest_from_level1, level1_digests
+from ._objstore import store_objects
 
 #: Bytes read per pread; a multiple of both level-1 group sizes (512 KiB, 256 KiB).
 READ_SIZE = 1 << 20
@@ -33,6 +39,16 @@ WHOLE_FILE = 1
 #: Job flag, for fault-injection tests only (:mod:`trio_composefs.testing`): read half
 #: the range, then die by SIGKILL, as a worker that crashes mid-file would.
 DIE_MID_JOB = 2
+#: Job flag: store a batch of objects (offset: how many, length: their total size).
+STORE_OBJECTS = 4
+#: Job flag, with STORE_OBJECTS: use named temporary files (no ``O_TMPFILE``).
+NAMED_TMPFILES = 8
+#: Most objects in one STORE_OBJECTS job (each holds an fd until the batch is named).
+STORE_MAX_OBJECTS = 256
+#: One object size in a STORE_OBJECTS job message.
+STORE_SIZE = struct.Struct("<Q")
+#: Largest job message.
+JOB_MAX = JOB.size + STORE_SIZE.size * STORE_MAX_OBJECTS
 #: First byte of a reply: level-1 digests (or the digest) follow.
 OK = b"\0"
 #: First byte of a reply: a pickled exception follows.
@@ -77,6 +93,8 @@ def hash_range(fd: int, offset: int, length: int, algorithm: Algorithm, buf: mem
 def _run_job(msg: bytes, fds: list[int], buf: memoryview) -> bytes:
     """The reply to one job message."""
     try:
+        if len(msg) >= JOB.size and JOB.unpack_from(msg)[3] & STORE_OBJECTS:
+            return OK + _store_job(msg, fds)
         if len(msg) != JOB.size or len(fds) != 1:
             raise ComposefsError(f"hash worker: malformed job ({len(msg)} bytes, {len(fds)} fds)")
         offset, length, alg_id, flags = JOB.unpack(msg)
@@ -95,6 +113,35 @@ def _run_job(msg: bytes, fds: list[int], buf: memoryview) -> bytes:
             os.close(fd)
 
 
+_STORE_BUFFER = [memoryview(bytearray(0))]
+
+
+def _store_buffer(size: int) -> memoryview:
+    """``size`` bytes of the worker's one batch buffer, grown as needed and then kept:
+    a fresh buffer per batch would cost a page fault per 4 KiB, about one per object."""
+    if len(_STORE_BUFFER[0]) < size:
+        _STORE_BUFFER[0] = memoryview(bytearray(max(size, 2 * len(_STORE_BUFFER[0]))))
+    return _STORE_BUFFER[0][:size]
+
+
+def _store_job(msg: bytes, fds: list[int]) -> bytes:
+    """Store the batch of a STORE_OBJECTS job: ``fds`` are ``[objects dir, memfd]``."""
+    count, total, alg_id, flags = JOB.unpack_from(msg)
+    if len(fds) != 2 or len(msg) != JOB.size + STORE_SIZE.size * count:
+        raise ComposefsError(f"hash worker: malformed store job ({len(msg)} bytes, {len(fds)} fds)")
+    sizes = [size for (size,) in STORE_SIZE.iter_unpack(msg[JOB.size :])]
+    data = _store_buffer(total)
+    pread_exactly(fds[1], data, 0)
+    return store_objects(
+        fds[0],
+        data,
+        sizes,
+        Algorithm.from_kernel_id(alg_id),
+        named=bool(flags & NAMED_TMPFILES),
+        die_after=count // 2 if flags & DIE_MID_JOB else None,
+    )
+
+
 def _pickle_error(exc: Exception) -> bytes:
     try:
         data = pickle.dumps(exc)
@@ -111,7 +158,7 @@ def serve(sock: socket.socket) -> None:
     buf = memoryview(bytearray(READ_SIZE))
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, JOB.size, 1)
+            msg, fds, _flags, _addr = socket.recv_fds(sock, JOB_MAX, 2)
         except OSError:
             return
         if not msg:  # the parent closed its end, or died

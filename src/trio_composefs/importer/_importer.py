@@ -57,11 +57,19 @@ from ..repository._repository import check_ref_name
 from ._builder import Item, SplitStreamBuilder
 from ._bytesource import ByteSource
 from ._entries import EntryRun, EntrySink, EntryTap
-from ._reader import SMALL_OBJECT_MAX, Counters, LayerReader, new_splitter
+from ._reader import (
+    BATCH_OBJECTS,
+    SMALL_OBJECT_MAX,
+    STORE_BATCH_OBJECTS,
+    Counters,
+    LayerReader,
+    new_splitter,
+)
 from ._writers import (
     RepositoryLike,
     digester_for,
     many_digester_for,
+    many_storer_for,
     store_splitstream_with,
     sync_then_publish,
 )
@@ -244,6 +252,9 @@ class Importer:
         await trio.to_thread.run_sync(repo.ensure_writable, limiter=own)
 
         digester = digester_for(repo, self.hash_pool)
+        store_many = await trio.to_thread.run_sync(
+            many_storer_for, repo, self.hash_pool, limiter=own
+        )
         encoder = SplitStreamEncoder(repo.algorithm, ContentType.OCI_LAYER)
         splitter = new_splitter()
         tap = EntryTap.watching(entries, splitter) if entries is not None else None
@@ -286,6 +297,8 @@ class Importer:
                         many_digester=many_digester_for(repo, self.hash_pool),
                         tap=tap,
                         splitter=splitter,
+                        store_many=store_many,
+                        batch_objects=BATCH_OBJECTS if store_many is None else STORE_BATCH_OBJECTS,
                     )
                     # A decompressing stream hashes its output in its own thread.
                     own_sha = getattr(source, "sha256_of_output", None)

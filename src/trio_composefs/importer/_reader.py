@@ -25,7 +25,14 @@ from ._builder import Digester, Item, PendingObject
 from ._bytesource import ByteSource, iter_source
 from ._entries import EntryTap
 from ._handoff import Handoff, HandoffClosed
-from ._writers import NO_LIMIT, ManyDigester, RepositoryLike, store_batch, store_streamed
+from ._writers import (
+    NO_LIMIT,
+    ManyDigester,
+    RepositoryLike,
+    StoreMany,
+    store_batch,
+    store_streamed,
+)
 
 SMALL_OBJECT_MAX = 1 << 20
 """Objects up to this size are gathered in memory and stored without streaming."""
@@ -36,6 +43,10 @@ BATCH_OBJECTS = 32
 
 A hop costs ~100 µs of CPU on a small VM, more than writing a 64 KiB file: the
 benchmarks showed per-object hops, not bytes, bounding the import."""
+
+STORE_BATCH_OBJECTS = 256
+"""Small objects per batch when the hash processes store them (a batch then costs the
+writer thread a memfd and one message, however many objects it holds)."""
 
 FINISHING_JOBS = 4
 """Jobs of one layer whose bytes are written and whose digests are still being computed.
@@ -105,6 +116,10 @@ class LayerReader:
     many_digester: ManyDigester | None = None
     tap: EntryTap | None = None
     """Where the layer's entries go, if they are wanted (it watches this reader's splitter)."""
+    store_many: StoreMany | None = None
+    """Set: the hash processes store small objects themselves (see ``many_storer_for``)."""
+    batch_objects: int = BATCH_OBJECTS
+    """Most small objects in one batch (more when a batch costs a few syscalls in all)."""
     finishing: trio.CapacityLimiter = attrs.field(
         factory=lambda: trio.CapacityLimiter(FINISHING_JOBS)
     )
@@ -200,7 +215,7 @@ class LayerReader:
                 self._batch.append((self._pending, self._parts))
                 self._batch_bytes += self._pending.size
                 self._parts = None
-                if len(self._batch) >= BATCH_OBJECTS or self._batch_bytes >= BATCH_BYTES:
+                if len(self._batch) >= self.batch_objects or self._batch_bytes >= BATCH_BYTES:
                     await self._flush_batch()
             self._pending = None
         else:  # pragma: no cover - NEED_DATA and END are handled by the caller
@@ -275,10 +290,18 @@ class LayerReader:
         self.counters.in_flight += len(batch)
         repo, digester, many = self.repo, self.digester, self.many_digester
         jobs = [(parts, p.size) for p, parts in batch]
+        store_many = self.store_many
 
         async def job() -> list[tuple[Digest, bool]]:
             return await trio.to_thread.run_sync(
-                store_batch, repo, jobs, digester, many, release_from_thread, limiter=NO_LIMIT
+                store_batch,
+                repo,
+                jobs,
+                digester,
+                many,
+                release_from_thread,
+                store_many,
+                limiter=NO_LIMIT,
             )
 
         self.nursery.start_soon(

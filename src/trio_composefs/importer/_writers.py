@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 import trio
 
-from .._errors import InternalError
-from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
-from ..hashing._pool import DEFAULT_INLINE_BELOW, HashPool, digest_fd
+from .._errors import InternalError, VerityUnsupportedError
+from ..formats._fsverity import Algorithm, Digest, fsverity_digest
+from ..hashing._pool import DEFAULT_INLINE_BELOW, STORE_MAX_OBJECTS, HashPool, digest_fd
 from ..repository._writing import StreamName, publish_after_sync
 from ._builder import Digester
 
@@ -83,6 +84,63 @@ def many_digester_for(repo: RepositoryLike, hash_pool: HashPool | None) -> ManyD
     return lambda files: pool.digest_fds(files, alg)
 
 
+STORE_ELSEWHERE_FROM = 64
+"""A batch of at least this many objects is worth starting the hash processes for.
+
+(Starting them costs ~0.1 s of CPU each; smaller batches go to the hash processes
+only once they run, so that a layer of a few small files never starts them.)"""
+
+
+class StoreMany(Protocol):
+    """Stores several small objects (each given as its pieces) at once: ``(digest, present)``."""
+
+    def worth_it(self, objects: int) -> bool:
+        """Whether a batch of that many objects should be stored this way."""
+        ...
+
+    def __call__(self, objects: list[list[bytes | memoryview]], /) -> list[tuple[Digest, bool]]: ...
+
+
+@attrs.frozen
+class WorkerStore:
+    """Small objects stored by the hash processes (:meth:`HashPool.store_objects`)."""
+
+    pool: HashPool
+    objects_fd: int
+    named: bool
+    algorithm: Algorithm
+
+    def worth_it(self, objects: int) -> bool:
+        return objects >= STORE_ELSEWHERE_FROM or self.pool.has_workers
+
+    def __call__(self, objects: list[list[bytes | memoryview]], /) -> list[tuple[Digest, bool]]:
+        return self.pool.store_objects(
+            self.objects_fd, objects, self.algorithm, named_tmpfiles=self.named
+        )
+
+
+def many_storer_for(repo: RepositoryLike, hash_pool: HashPool | None) -> StoreMany | None:
+    """Let the hash processes store whole batches of small objects themselves, or None.
+
+    Only with a hash pool, and a repository that offers ``helper_store_target()``
+    (a :class:`~trio_composefs.repository.Repository`; test wrappers that inject
+    faults per object do not) and whose digests are computed in userspace.
+    """
+    if hash_pool is None or repo.verity_supported:
+        return None
+    target_of = getattr(repo, "helper_store_target", None)
+    if target_of is None:
+        return None
+    try:
+        target = target_of()
+    except VerityUnsupportedError:
+        return None  # the objects' own path says so, with the object at fault
+    if target is None:
+        return None
+    objects_fd, named = target
+    return WorkerStore(hash_pool, objects_fd, named, repo.algorithm)
+
+
 HASH_FROM_MEMORY_BELOW = DEFAULT_INLINE_BELOW
 """Objects smaller than this are hashed from the bytes in memory, in the writer thread.
 
@@ -100,8 +158,16 @@ def store_batch(
     digester: Digester | None,
     many: ManyDigester | None = None,
     release: Callable[[], None] = _no_release,
+    store_many: StoreMany | None = None,
 ) -> list[tuple[Digest, bool]]:
     """Store several small objects, in order, in one thread hop.
+
+    With ``store_many`` (:func:`many_storer_for`) and a batch it finds worth it
+    (:data:`STORE_ELSEWHERE_FROM` objects, or hash processes already running), they store the
+    objects themselves, :data:`~trio_composefs.hashing._pool.STORE_MAX_OBJECTS` at
+    a time, every object of such a run written before any is named; ``release``
+    is called once the sizes are checked (the bytes are then copied out by
+    ``store_many``). Otherwise, in this thread:
 
     Every object of the batch is written to its own temporary file first; then
     ``release`` is called (the caller gives its writer token back, so that the next
@@ -115,6 +181,8 @@ def store_batch(
     Every object not linked when it stops, by cancellation or error, is discarded
     (its temporary file was never visible); those linked are complete.
     """
+    if store_many is not None and store_many.worth_it(len(batch)):
+        return _store_batch_elsewhere(batch, release, store_many)
     tmps: list[ObjectTmpfileLike] = []
     try:
         for parts, size in batch:
@@ -134,10 +202,8 @@ def store_batch(
             big = []
             for i, (parts, size) in enumerate(batch):
                 if size < HASH_FROM_MEMORY_BELOW:
-                    hasher = FsVerityHasher(algorithm)
-                    for part in parts:
-                        hasher.update(part)
-                    digests[i] = hasher.digest()
+                    data = parts[0] if len(parts) == 1 else b"".join(parts)
+                    digests[i] = fsverity_digest(data, algorithm)
                 else:
                     big.append(i)
                 parts.clear()
@@ -159,6 +225,28 @@ def store_batch(
     finally:
         for tmp in tmps:
             tmp.abort()  # idempotent: a no-op for those linked
+
+
+def _store_batch_elsewhere(
+    batch: list[tuple[list[bytes | memoryview], int]],
+    release: Callable[[], None],
+    store_many: StoreMany,
+) -> list[tuple[Digest, bool]]:
+    """:func:`store_batch` through ``store_many``: runs of at most STORE_MAX_OBJECTS."""
+    for parts, size in batch:
+        got = sum(len(part) for part in parts)
+        if got != size:
+            raise InternalError(f"object job got {got} bytes, expected {size}")
+    trio.from_thread.check_cancelled()
+    release()
+    results: list[tuple[Digest, bool]] = []
+    for start in range(0, len(batch), STORE_MAX_OBJECTS):
+        trio.from_thread.check_cancelled()
+        run = batch[start : start + STORE_MAX_OBJECTS]
+        results += store_many([parts for parts, _size in run])
+        for parts, _size in run:
+            parts.clear()
+    return results
 
 
 def store_streamed(

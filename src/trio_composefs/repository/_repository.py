@@ -53,6 +53,7 @@ from .._errors import (
 )
 from ..formats._fsverity import Algorithm, Digest, FsVerityHasher
 from ..hashing._fd import digest_fd
+from ..hashing._objstore import link_tmpfile
 from ._layout import (
     IMAGES,
     LAYOUT,
@@ -943,6 +944,33 @@ class Repository:
         fd, name, objects = self._create_tmp()
         return ObjectTmpfile(repo=self, fd=fd, name=name, objects_fd=objects)
 
+    def helper_store_target(self) -> tuple[int, bool] | None:
+        """What a helper process needs to store objects here itself: ``(objects fd, named)``.
+
+        ``objects fd`` is this repository's open ``objects/`` directory (still owned
+        by the repository: send it, do not close it); ``named`` says to write
+        named temporary files instead of ``O_TMPFILE`` ones (``force_named_tmpfile``).
+        The helper (:meth:`~trio_composefs.hashing.HashPool.store_objects`) names
+        each object by the fs-verity digest it computes in userspace, as
+        :meth:`ObjectTmpfile.finish` does with a caller's digest in an insecure
+        repository.
+
+        Returns ``None`` where the kernel measures objects (fs-verity enabled on
+        each): those go through :meth:`begin_object`.
+
+        Raises:
+            VerityUnsupportedError: a secure repository on a filesystem without
+                fs-verity (it cannot store objects at all).
+        """
+        if self.verity_supported:
+            return None
+        if not self.insecure:
+            raise VerityUnsupportedError(
+                f"the filesystem holding {self.path} lacks fs-verity support, which this"
+                " secure repository requires (use --insecure)"
+            )
+        return self._writable_objects_fd(), self.force_named_tmpfile
+
     def store_object(self, data: bytes) -> Digest:
         """Store ``data`` (held in memory) as an object and return its digest.
 
@@ -1580,7 +1608,7 @@ class ObjectTmpfile:
             self.name = None
             return False
         try:
-            os.link(_proc_fd(self.fd), path, dst_dir_fd=objects, follow_symlinks=True)
+            link_tmpfile(objects, self.fd, path)  # AT_EMPTY_PATH where allowed, else /proc
         except FileExistsError:
             return True
         return False

@@ -37,7 +37,10 @@ starts, and pytest-trio from a fixture to its test):
     32 KiB to 1 MiB hashed whole by a worker; a larger file is split into one
     job per worker). The chosen worker reads half its range and dies by
     SIGKILL. Files hashed in the calling thread (under 32 KiB, or under 1 MiB
-    when nothing else is hashing) are not jobs. Arming it makes the wrapper
+    when nothing else is hashing) are not jobs. Where the hash processes store
+    small objects themselves (an insecure repository without kernel fs-verity, and
+    no fault at ``begin``, ``write`` or ``finish``), a batch of them is one job:
+    the worker dies after writing half of it, before naming any. Arming it makes the wrapper
     report ``verity_supported = False``, so digests are computed by the pool
     (the kernel still checks them where it can).
 ``decompress`` (:meth:`FaultyRepository.fail_decompression`)
@@ -73,6 +76,8 @@ __all__ = ["FaultPoint", "FaultyRepository", "Gate", "open_fds"]
 FaultPoint = Literal["begin", "write", "finish", "sync", "publish", "hash", "decompress"]
 _POINTS = ("begin", "write", "finish", "sync", "publish")
 _STAGES = ("hash", "decompress")
+_OBJECT_POINTS = ("begin", "write", "finish")
+"""Points met only on the per-object path (see :meth:`FaultyRepository.helper_store_target`)."""
 
 
 @attrs.define(eq=False)
@@ -300,6 +305,22 @@ class FaultyRepository:
             self._counts["write"] += 1
             index = self._counts["write"]
         return _FaultyTmpfile(self, self.repo.begin_object(), index)
+
+    def helper_store_target(self) -> tuple[int, bool] | None:
+        """The repository's, unless a fault, gate or delay is armed at an object point.
+
+        Batches of small objects may be stored by the hash processes
+        (:meth:`Repository.helper_store_target`), where the ``begin``, ``write`` and
+        ``finish`` points are not met: with any of those armed (or a
+        ``write_delay``), objects take the per-object path, through this wrapper.
+        """
+        with self._lock:
+            points = [f.point for f in self._faults] + [g.point for g in self._gates]
+            per_object = self.write_delay > 0 or any(p in _OBJECT_POINTS for p in points)
+        if per_object:
+            return None
+        target: tuple[int, bool] | None = self.repo.helper_store_target()
+        return target
 
     def sync(self) -> None:
         self._arrive("sync")
