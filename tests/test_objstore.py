@@ -353,3 +353,17 @@ async def test_a_layer_of_a_few_small_files_starts_no_hash_process(tmp_path: Pat
             assert pool.statistics().objects_stored == 0
         assert stats.objects_written > 0
         assert_consistent(Path(repo.path), repo.algorithm)
+
+
+def test_the_worker_spells_the_repository_layout() -> None:
+    """The hash worker imports no repository code (it starts lean), so it spells the two
+    layout names it needs itself: they must be the layout module's."""
+    from trio_composefs.hashing import _objstore
+    from trio_composefs.repository import _layout
+
+    assert _objstore.TMP_OBJECT_PREFIX == _layout.TMP_OBJECT_PREFIX
+    for alg in (Algorithm.SHA256, Algorithm.SHA512):
+        digest = fsverity_digest(b"x", alg)
+        assert f"{_layout.OBJECTS}/{_objstore.object_name(digest.raw)}" == _layout.object_path(
+            digest
+        )

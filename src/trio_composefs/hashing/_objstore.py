@@ -38,7 +38,13 @@ from typing import Any
 
 from ..formats._fsverity import Algorithm, fsverity_digest_raw
 
-__all__ = ["NO_TMPFILE_ERRNOS", "TMP_OBJECT_PREFIX", "link_tmpfile", "store_objects"]
+__all__ = [
+    "NO_TMPFILE_ERRNOS",
+    "TMP_OBJECT_PREFIX",
+    "link_tmpfile",
+    "object_name",
+    "store_objects",
+]
 
 #: ``open(O_TMPFILE)`` errors that mean "not supported here": use a named file.
 NO_TMPFILE_ERRNOS = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
@@ -48,6 +54,14 @@ TMP_OBJECT_PREFIX = ".tmp-object-"
 _ALNUM = string.ascii_letters + string.digits
 _TMPFILE_FLAGS = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
 _NAMED_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def object_name(raw: bytes) -> str:
+    """An object's path below ``objects/`` from its raw digest: ``XX/rest`` (the
+    repository's layout, ``repository/_layout.py``, spelled again here because the
+    worker imports no repository code; a test keeps the two equal)."""
+    hexdigest = raw.hex()
+    return f"{hexdigest[:2]}/{hexdigest[2:]}"
 
 
 def _open_tmp(objects_fd: int, named: bool) -> tuple[int, str | None]:
@@ -177,8 +191,7 @@ def store_objects(
         for (fd, name), size in zip(tmps, sizes, strict=True):
             raw = fsverity_digest_raw(data[offset : offset + size], algorithm)
             offset += size
-            hexdigest = raw.hex()
-            present = _link(objects_fd, fd, name, f"{hexdigest[:2]}/{hexdigest[2:]}")
+            present = _link(objects_fd, fd, name, object_name(raw))
             out.append(raw + (b"\1" if present else b"\0"))
         return b"".join(out)
     finally:
