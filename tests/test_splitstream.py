@@ -31,6 +31,7 @@ from trio_composefs.formats import (
 )
 from trio_composefs.formats._splitstream import (
     END,
+    MAGIC_PROBE_BYTES,
     NEED_DATA,
     ChunkDecoder,
     ContentType,
@@ -42,6 +43,7 @@ from trio_composefs.formats._splitstream import (
     SplitStreamInfo,
     describe_content_type,
     encode_splitstream,
+    has_splitstream_magic,
     iter_chunks,
     parse_splitstream,
 )
@@ -674,6 +676,11 @@ def test_parse_old_header_layout() -> None:
     assert not info_new.old_header
     assert attrs_equal_except_old(info_old, info_new)
     assert coalesce(iter_chunks(old, info_old, SIZES.__getitem__)) == chunks
+    # the quick probe gc and copy use knows both layouts, from their first 29 bytes
+    for head in (old, new):
+        assert has_splitstream_magic(head[:MAGIC_PROBE_BYTES])
+    assert not has_splitstream_magic(new[1:])
+    assert not has_splitstream_magic(b"\x28\xb5\x2f\xfd" + new[4:])  # zstd data, not a stream
     # the hand assembler agrees
     assert parse_splitstream(assemble(old=True), algorithm=SHA256).old_header
     with pytest.raises(SplitStreamError, match="version 3"):

@@ -67,6 +67,7 @@ __all__ = [
     "describe_content_type",
     "encode_splitstream",
     "iter_chunks",
+    "has_splitstream_magic",
     "parse_splitstream",
 ]
 
@@ -89,6 +90,9 @@ _PIECE_SIZE: Final = 64 * 1024
 _NAMED_REFS_LIMIT: Final = 64 * 1024 * 1024
 
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+
+MAGIC_PROBE_BYTES: Final = _OLD_HEADER.size
+"""Leading bytes of a file that :func:`has_splitstream_magic` looks at (29)."""
 _ZSTD_BLOCK_MAX: Final = 128 * 1024
 #: The encoder gathers pieces smaller than this and feeds zstd once this much is
 #: pending (zstd compresses 128 KiB blocks; how the input is cut does not change its output).
@@ -551,6 +555,13 @@ def _read_named_refs(
         refs[name] = stream_refs[index]
         pos = nul + 1
     return refs
+
+
+def has_splitstream_magic(head: bytes) -> bool:
+    """Whether a file starting with ``head`` (its first :data:`MAGIC_PROBE_BYTES` bytes or
+    more) says it is a splitstream: ``SplitStream`` at byte 0, or at byte 18 in the header
+    layout of bootc <= 1.15. A quick probe; :func:`parse_splitstream` checks the rest."""
+    return head[:11] == MAGIC or head[18:29] == MAGIC
 
 
 def parse_splitstream(

@@ -57,7 +57,7 @@ from .._errors import (
     SplitStreamError,
 )
 from ..formats._fsverity import Digest
-from ..formats._splitstream import SplitStreamInfo, parse_splitstream
+from ..formats._splitstream import SplitStreamInfo, has_splitstream_magic, parse_splitstream
 from ..fs.erofs import read_erofs_header
 from ..repository import (
     IMAGES,
@@ -187,25 +187,14 @@ def _roots(repo: Repository, top: str, damaged: list[str]) -> list[Digest]:
     return out
 
 
-_SPLITSTREAM_MAGIC = b"SplitStream"
-
-
-def _read_head(repo: Repository, digest: Digest, size: int) -> bytes:
-    fd = repo.open_object(digest)
-    try:
-        return os.pread(fd, size, 0)
-    finally:
-        os.close(fd)
-
-
 def _kind(repo: Repository, digest: Digest) -> str:
     """``"stream"``, ``"image"`` or ``"object"``: what the stored object looks like.
 
     A splitstream has its magic at byte 0 (or 18, in the header of bootc <= 1.15);
     an image has a composefs header and an EROFS superblock.
     """
-    head = _read_head(repo, digest, _HEAD)
-    if head[:11] == _SPLITSTREAM_MAGIC or head[18:29] == _SPLITSTREAM_MAGIC:
+    head = repo.read_object_head(digest, _HEAD)
+    if has_splitstream_magic(head):
         return "stream"
     try:
         read_erofs_header(head)

@@ -33,7 +33,7 @@ import trio
 
 from .._errors import DigestMismatchError, RepositoryError
 from ..formats._fsverity import Digest
-from ..formats._splitstream import parse_splitstream
+from ..formats._splitstream import MAGIC_PROBE_BYTES, has_splitstream_magic, parse_splitstream
 from ..importer._importer import layer_content_id
 from ..repository import Repository, referenced_objects, stream_is_complete
 from ..repository._writing import ImageName, StreamName, publish_after_sync
@@ -45,8 +45,6 @@ __all__ = ["CopyStats", "copy_image"]
 
 #: Objects added at once (each addition is a thread hop: open, hash, link or copy).
 DEFAULT_JOBS = 4
-
-_SPLITSTREAM_MAGIC = b"SplitStream"
 
 
 @attrs.frozen
@@ -83,14 +81,6 @@ class _Closure:
     objects: dict[Digest, None] = attrs.field(factory=dict)  # an ordered set
     streams: list[tuple[str, Digest]] = attrs.field(factory=list)
     images: list[Digest] = attrs.field(factory=list)
-
-
-def _read_head(repo: Repository, digest: Digest, n: int) -> bytes:
-    fd = repo.open_object(digest)
-    try:
-        return os.pread(fd, n, 0)
-    finally:
-        os.close(fd)
 
 
 def _stream_refs(repo: Repository, digest: Digest) -> tuple[list[Digest], list[Digest]]:
@@ -132,7 +122,7 @@ def _closure(src: Repository, dst: Repository, stored: StoredImage) -> _Closure:
         for ref in streams:
             if ref in images:
                 add_image(ref)
-            elif _read_head(src, ref, len(_SPLITSTREAM_MAGIC)) == _SPLITSTREAM_MAGIC:
+            elif has_splitstream_magic(src.read_object_head(ref, MAGIC_PROBE_BYTES)):
                 if ref in layers and stream_is_complete(dst, ref):
                     walked.add(ref)  # a layer (no stream refs): its objects are in dst already
                     closure.objects.setdefault(ref)

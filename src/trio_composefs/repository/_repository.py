@@ -1075,6 +1075,15 @@ class Repository:
         finally:
             os.close(fd)
 
+    def read_object_head(self, digest: Digest, size: int) -> bytes:
+        """The first ``size`` bytes of an object (fewer if it is shorter), unchecked:
+        for telling what kind of object it is, not for trusting its content."""
+        fd = self.open_object(digest)
+        try:
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+
     def add_object_from(self, source: Repository, digest: Digest) -> str:
         """Add object ``digest`` of repository ``source`` to this one, verified first.
 
