@@ -125,7 +125,9 @@ class LayerReader:
     )
     """Jobs written but not yet digested and linked (their writer tokens are back)."""
     splitter: TarSplitter = attrs.field(factory=lambda: new_splitter())
-    _inline: bytearray = attrs.field(factory=bytearray, init=False)
+    # Inline runs not yet posted (coalesced runs are large: join them once, or not at all).
+    _inline: list[bytes] = attrs.field(factory=list, init=False)
+    _inline_bytes: int = attrs.field(default=0, init=False)
     # The file being read: gathered in memory (small) or streamed to its writer (large).
     _pending: PendingObject | None = attrs.field(default=None, init=False)
     _parts: list[bytes | memoryview] | None = attrs.field(default=None, init=False)
@@ -181,10 +183,11 @@ class LayerReader:
 
     async def _handle(self, event: Event | Sentinel) -> None:
         if isinstance(event, Inline):
-            self._inline += event.data
+            self._inline.append(event.data)
+            self._inline_bytes += len(event.data)
             if self.tap is not None and (parts := self.tap.inline(event)):
                 self._outbox += parts  # cheap to carry: not counted as items
-            if len(self._inline) >= _INLINE_BATCH:
+            if self._inline_bytes >= _INLINE_BATCH:
                 await self._flush_inline()
         elif isinstance(event, FileData):
             if self._stream is not None:
@@ -223,8 +226,9 @@ class LayerReader:
 
     async def _flush_inline(self) -> None:
         if self._inline:
-            data = bytes(self._inline)
-            self._inline.clear()
+            parts = self._inline
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._inline, self._inline_bytes = [], 0
             await self._post(data)
 
     async def _post(self, item: Item) -> None:
